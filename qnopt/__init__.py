@@ -1,3 +1,23 @@
-"""qnopt: stochastic quasi-Newton and Kronecker-factored optimizers as optax transformations."""
+"""qnopt: stochastic quasi-Newton and Kronecker-factored optimizers as optax transformations.
+
+Every method is an ``optax.GradientTransformationExtraArgs``: ``qnopt.<method>(learning_rate, ...)``
+is the ready-made alias, ``qnopt.scale_by_<method>(...)`` the transformation without the
+learning rate. The primitives they are built from live in ``qnopt.linalg`` and ``qnopt.damping``.
+"""
 
 __version__ = "0.1.0"
+
+from qnopt import base, damping, linalg, sharding
+from qnopt.alias import slimqn
+from qnopt.methods import ScaleBySlimQNState, scale_by_slimqn
+
+__all__ = [
+    "__version__",
+    "base",
+    "damping",
+    "linalg",
+    "sharding",
+    "slimqn",
+    "scale_by_slimqn",
+    "ScaleBySlimQNState",
+]

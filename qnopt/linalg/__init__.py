@@ -1,0 +1,47 @@
+"""Linear-algebra primitives: dense and limited-memory BFGS, compact forms, SMW solves, pytree helpers."""
+
+from qnopt.linalg.bfgs import bfgs_inverse_update
+from qnopt.linalg.lbfgs import (
+    LbfgsMemory,
+    compact_inverse_coefficients,
+    lbfgs_compact,
+    lbfgs_compact_matrix,
+    lbfgs_gamma,
+    lbfgs_memory_init,
+    lbfgs_memory_push,
+    lbfgs_two_loop,
+)
+from qnopt.linalg.smw import smw_solve
+from qnopt.linalg.tree import (
+    accumulation_dtype,
+    tree_all_finite,
+    tree_axpy,
+    tree_lincomb,
+    tree_scale,
+    tree_stack_combine,
+    tree_stack_dot,
+    tree_stack_set,
+    tree_vdot,
+)
+
+__all__ = [
+    "bfgs_inverse_update",
+    "LbfgsMemory",
+    "compact_inverse_coefficients",
+    "lbfgs_compact",
+    "lbfgs_compact_matrix",
+    "lbfgs_gamma",
+    "lbfgs_memory_init",
+    "lbfgs_memory_push",
+    "lbfgs_two_loop",
+    "smw_solve",
+    "accumulation_dtype",
+    "tree_all_finite",
+    "tree_axpy",
+    "tree_lincomb",
+    "tree_scale",
+    "tree_stack_combine",
+    "tree_stack_dot",
+    "tree_stack_set",
+    "tree_vdot",
+]

@@ -1,0 +1,75 @@
+"""One function per method: ``chain(scale_by_<method>(...), learning rate)``."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import optax
+
+from qnopt.methods.slimqn import scale_by_slimqn
+
+__all__ = ["slimqn"]
+
+
+def slimqn(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    momentum: float = 0.9,
+    beta1: float = 0.9,
+    beta2: float = 0.9,
+    update_every: int = 30,
+    memory_size: int = 10,
+    damping: float = 0.05,
+    sigma_l: float = 0.01,
+    sigma_h: float = 1.0,
+    weight_decay: float = 0.0,
+    warmup: Optional[int] = None,
+    preconditioner: str = "compact",
+    max_step_norm: Optional[float] = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""SLIM-QN (stochastic, light, momentumized quasi-Newton).
+
+    ``θ_{t+1} = θ_t − η_t · buf_t`` with ``buf_t = m·buf_{t−1} + Ĥ⁻¹ g_t`` — see
+    :func:`qnopt.scale_by_slimqn` for the algorithm (SLIM-QN paper §3, Alg. 2) and every
+    argument. ``max_step_norm`` optionally clips the global norm of the preconditioned,
+    momentum-averaged direction before the learning rate is applied (so the parameter step
+    is at most ``η·max_step_norm``), a safeguard for the first steps after the warm-up;
+    it is ``optax.clip_by_global_norm`` placed in the chain, and any other optax transform
+    can be chained the same way.
+
+    Args:
+      learning_rate: a scalar or an optax schedule (the paper decays it stepwise and warms
+        it up linearly; use ``optax.warmup_cosine_decay_schedule`` or similar).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, qnopt
+      >>> opt = optax.chain(optax.clip_by_global_norm(1.0),
+      ...                   qnopt.slimqn(0.1, update_every=5, memory_size=5))
+      >>> params = {"w": jnp.ones((3,))}
+      >>> state = opt.init(params)
+      >>> loss = lambda p: jnp.sum(p["w"] ** 2)
+      >>> for _ in range(30):
+      ...     updates, state = opt.update(jax.grad(loss)(params), state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> bool(loss(params) < 1e-2)
+      True
+    """
+    parts = [
+        scale_by_slimqn(
+            momentum=momentum,
+            beta1=beta1,
+            beta2=beta2,
+            update_every=update_every,
+            memory_size=memory_size,
+            damping=damping,
+            sigma_l=sigma_l,
+            sigma_h=sigma_h,
+            weight_decay=weight_decay,
+            warmup=warmup,
+            preconditioner=preconditioner,
+        )
+    ]
+    if max_step_norm is not None:
+        parts.append(optax.clip_by_global_norm(max_step_norm))
+    parts.append(optax.scale_by_learning_rate(learning_rate))
+    return optax.chain(*parts)

@@ -1,0 +1,78 @@
+"""Small helpers every qnopt transformation shares: argument checks and the non-finite guard."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from qnopt.linalg.tree import tree_all_finite
+
+PyTree = Any
+
+__all__ = ["require_params", "guard_nonfinite", "check_range", "cast_like", "tree_all_finite", "check_like"]
+
+
+def require_params(params: PyTree, method: str) -> PyTree:
+    """Raise a clear error when a method that needs the current parameters did not get them."""
+    if params is None:
+        raise ValueError(
+            f"{method} needs the current parameters: call "
+            f"`updates, state = opt.update(grads, state, params)` (params is required, "
+            f"as for optax.add_decayed_weights)."
+        )
+    return params
+
+
+def check_range(name: str, value: Any, low: float | None = None, high: float | None = None,
+                *, low_open: bool = False, high_open: bool = False) -> None:
+    """Validate a hyper-parameter when it is a concrete Python number (skipped for traced values,
+    e.g. under ``optax.inject_hyperparams``)."""
+    if not isinstance(value, (int, float)):
+        return
+    bad_low = low is not None and (value <= low if low_open else value < low)
+    bad_high = high is not None and (value >= high if high_open else value > high)
+    if bad_low or bad_high:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        raise ValueError(
+            f"{name}={value} is out of range: expected {lo}{low if low is not None else '-inf'}, "
+            f"{high if high is not None else 'inf'}{hi}."
+        )
+
+
+def cast_like(tree: PyTree, like: PyTree) -> PyTree:
+    """Cast every leaf of ``tree`` to the dtype of the matching leaf of ``like``."""
+    return jax.tree.map(lambda x, y: x.astype(y.dtype), tree, like)
+
+
+def guard_nonfinite(ok: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+    """Select ``new`` where the step is valid and ``old`` otherwise, leaf by leaf.
+
+    Every qnopt transformation computes ``ok = tree_all_finite(grads)`` once and uses it
+    twice: folded into the predicate of its periodic ``lax.cond`` work (so large curvature
+    memory is never touched by a bad step), and through this function for the cheap
+    per-step state and the updates (``old`` = zeros for updates). A step whose gradients
+    hold NaN or Inf therefore returns zero updates and leaves the state exactly as it was:
+    no recompilation, no host synchronisation.
+    """
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o.astype(n.dtype)), new, old)
+
+
+def check_like(tree: PyTree, ref: PyTree, what: str, method: str) -> None:
+    """Raise a clear error when ``tree`` does not have the structure and leaf shapes of ``ref``
+    (``ref`` is state built from the params given to ``init``)."""
+    ts, rs = jax.tree.structure(tree), jax.tree.structure(ref)
+    if ts != rs:
+        raise ValueError(
+            f"{method}: {what} has tree structure {ts}, but the optimizer state was initialised "
+            f"for {rs}. Call opt.init(params) with the same params you pass gradients for."
+        )
+    for path_leaf, r in zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(ref)):
+        path, x = path_leaf
+        if tuple(x.shape) != tuple(r.shape):
+            raise ValueError(
+                f"{method}: {what} leaf {jax.tree_util.keystr(path)} has shape {tuple(x.shape)}, "
+                f"but the state was initialised for shape {tuple(r.shape)}."
+            )

@@ -1,0 +1,198 @@
+r"""SLIM-QN: stochastic, light, momentumized quasi-Newton (SLIM-QN paper §3, Alg. 1–2, eq. 3–4).
+
+Per step ``t`` (Alg. 2, line numbers in brackets)::
+
+    g_t  = g_t + wd·θ_t                                   [4]
+    Mθ_t = β1 Mθ_{t-1} + (1-β1) θ_t,   Mθ_0 = θ_0          [5]
+    Mg_t = β2 Mg_{t-1} + (1-β2) g_t,   Mg_0 = g_first      [6]
+    Δ_t  = g_t                          if t ≤ 2L (SGD warm-up)        [7–8]
+    Δ_t  = Ĥ_k⁻¹ g_t                    otherwise (L-BFGS, Alg. 1)     [10]
+    if t mod L == 0 and t > L:                                         [12–17]
+        s_k = Mθ_t − Mθ_{t−L},  y_k = Mg_t − Mg_{t−L}
+        ŷ_k = τ y_k + (1−τ) s_k      (τ from eq. 4: σ_L ≤ sᵀŷ/sᵀs ≤ σ_H)
+        push (s_k, ŷ_k) into the M-pair memory;  H0 = sᵀŷ/ŷᵀŷ of the newest pair
+    buf_t = m·buf_{t−1} + Δ_t           (momentum on the update, §3.3)
+    output buf_t                        (the alias multiplies by −η_t)
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from qnopt.base import check_like, check_range, guard_nonfinite, require_params
+from qnopt.damping import slimqn_damp
+from qnopt.linalg import (
+    LbfgsMemory,
+    accumulation_dtype,
+    lbfgs_compact,
+    lbfgs_memory_init,
+    lbfgs_memory_push,
+    lbfgs_two_loop,
+    tree_all_finite,
+    tree_vdot,
+)
+
+PyTree = Any
+
+__all__ = ["ScaleBySlimQNState", "scale_by_slimqn"]
+
+_PRECONDITIONERS = {"compact": lbfgs_compact, "two_loop": lbfgs_two_loop}
+
+
+class ScaleBySlimQNState(NamedTuple):
+    """State of :func:`scale_by_slimqn`.
+
+    Attributes:
+      count: steps taken (int32); the paper's ``t`` is ``count + 1``.
+      mtheta: momentum of the parameters ``Mθ``.
+      mgrad: momentum of the (weight-decayed) gradients ``Mg``.
+      mtheta_prev: ``Mθ`` at the last multiple of ``L`` (``Mθ_{t−L}`` at the next one).
+      mgrad_prev: ``Mg`` at the last multiple of ``L``.
+      memory: the L-BFGS pair memory (s_k, ŷ_k), stacked on a leading axis.
+      momentum: momentum buffer of the preconditioned update.
+      tau: the damping coefficient τ of the newest pair (diagnostic).
+    """
+
+    count: jax.Array
+    mtheta: PyTree
+    mgrad: PyTree
+    mtheta_prev: PyTree
+    mgrad_prev: PyTree
+    memory: LbfgsMemory
+    momentum: PyTree
+    tau: jax.Array
+
+
+def scale_by_slimqn(
+    momentum: float = 0.9,
+    beta1: float = 0.9,
+    beta2: float = 0.9,
+    update_every: int = 30,
+    memory_size: int = 10,
+    damping: float = 0.05,
+    sigma_l: float = 0.01,
+    sigma_h: float = 1.0,
+    weight_decay: float = 0.0,
+    warmup: Optional[int] = None,
+    preconditioner: str = "compact",
+) -> optax.GradientTransformationExtraArgs:
+    r"""Precondition gradients with SLIM-QN's momentumized, damped L-BFGS (Alg. 2).
+
+    Defaults are the paper's ResNet-50/ImageNet settings (App. B, Table 3): ``L = 30``,
+    ``M = 10``, ``β1 = β2 = 0.9``, damping ``1 − τ0 = 0.05``, ``(σ_L, σ_H) = (0.01, 1)``,
+    momentum 0.9. The learning rate is applied by :func:`qnopt.slimqn`.
+
+    Args:
+      momentum: momentum ``m`` of the update buffer (SGD-style, applied after
+        preconditioning; 0 disables it).
+      beta1: momentum ``β1`` of the parameters used to form ``s``.
+      beta2: momentum ``β2`` of the gradients used to form ``y``.
+      update_every: ``L``, a curvature pair every ``L`` steps.
+      memory_size: ``M``, pairs kept (static: pass it in ``static_args`` of
+        ``optax.inject_hyperparams``).
+      damping: ``1 − τ0`` of eq. 4 (the paper's "damping" column).
+      sigma_l, sigma_h: eigenvalue bounds ``σ_L ≤ 1 ≤ σ_H`` of eq. 4 / Lemma 1.
+      weight_decay: ``wd`` added to the gradient before everything (Alg. 2 line 4), so it
+        is preconditioned too, as the paper recommends.
+      warmup: steps of SGD before preconditioning (default ``2L`` as in the paper).
+      preconditioner: ``"compact"`` (Byrd–Nocedal–Schnabel compact form, two passes over
+        the memory; default) or ``"two_loop"`` (Alg. 1 literally). Same matrix.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``params``,
+      ignores any extra keyword arguments, and skips (zero update, state unchanged) a step
+      whose gradients hold NaN/Inf.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, qnopt
+      >>> opt = optax.chain(qnopt.scale_by_slimqn(update_every=2, memory_size=3),
+      ...                   optax.scale_by_learning_rate(0.1))
+      >>> params = {"w": jnp.ones(3)}
+      >>> state = opt.init(params)
+      >>> for _ in range(8):
+      ...     grads = {"w": 2 * params["w"]}
+      ...     updates, state = opt.update(grads, state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> bool(jnp.linalg.norm(params["w"]) < 0.5)
+      True
+    """
+    if preconditioner not in _PRECONDITIONERS:
+        raise ValueError(f"preconditioner must be one of {sorted(_PRECONDITIONERS)}, got {preconditioner!r}.")
+    check_range("momentum", momentum, 0.0, 1.0, high_open=True)
+    check_range("beta1", beta1, 0.0, 1.0, high_open=True)
+    check_range("beta2", beta2, 0.0, 1.0, high_open=True)
+    check_range("update_every", update_every, 1)
+    check_range("damping", damping, 0.0, 1.0, high_open=True)
+    check_range("sigma_l", sigma_l, 0.0, 1.0, low_open=True)
+    check_range("sigma_h", sigma_h, 1.0)
+    check_range("weight_decay", weight_decay, 0.0)
+    apply_h = _PRECONDITIONERS[preconditioner]
+    tau0 = 1.0 - damping
+
+    def init_fn(params: PyTree) -> ScaleBySlimQNState:
+        acc = jax.tree.map(lambda p: jnp.asarray(p).astype(accumulation_dtype(jnp.asarray(p).dtype)), params)
+        zeros = jax.tree.map(jnp.zeros_like, acc)
+        return ScaleBySlimQNState(
+            count=jnp.zeros((), jnp.int32),
+            mtheta=acc,  # Mθ_0 = θ_0
+            mgrad=zeros,
+            mtheta_prev=acc,
+            mgrad_prev=zeros,
+            memory=lbfgs_memory_init(acc, memory_size),
+            momentum=zeros,
+            tau=jnp.asarray(tau0, jnp.float32),
+        )
+
+    def update_fn(updates: PyTree, state: ScaleBySlimQNState, params: Optional[PyTree] = None, **extra_args):
+        del extra_args
+        params = require_params(params, "scale_by_slimqn")
+        check_like(updates, state.mtheta, "the gradient", "scale_by_slimqn")
+        check_like(params, state.mtheta, "params", "scale_by_slimqn")
+        L = update_every
+        t = state.count + 1
+        ok = tree_all_finite(updates)
+        cast = lambda tree: jax.tree.map(lambda x, r: x.astype(r.dtype), tree, state.mtheta)
+        theta = cast(params)
+        g = jax.tree.map(lambda gi, th: gi + weight_decay * th, cast(updates), theta)  # line 4
+        mtheta = jax.tree.map(lambda m, th: beta1 * m + (1 - beta1) * th, state.mtheta, theta)  # line 5
+        mgrad = jax.tree.map(  # line 6, Mg_0 = g_first
+            lambda m, gi: jnp.where(state.count == 0, gi, beta2 * m + (1 - beta2) * gi), state.mgrad, g
+        )
+
+        # Lines 7-11: SGD warm-up, then precondition with the pairs gathered so far.
+        n_warm = 2 * L if warmup is None else warmup
+        use_qn = (t > n_warm) & (state.memory.num_pushed > 0)
+        delta = jax.lax.cond(use_qn, lambda: apply_h(state.memory, g), lambda: g)
+        buf = jax.tree.map(lambda b, d: momentum * b + d, state.momentum, delta)
+
+        # Lines 12-17: every L steps, a damped pair from the momenta (only on finite steps).
+        def new_pair(memory: LbfgsMemory, tau):
+            s = jax.tree.map(jnp.subtract, mtheta, state.mtheta_prev)
+            y = jax.tree.map(jnp.subtract, mgrad, state.mgrad_prev)
+            y_hat, tau_k = slimqn_damp(s, y, sigma_l, sigma_h, tau0)
+            keep = tree_vdot(s, s) > 0  # a zero step carries no curvature
+            memory = jax.lax.cond(keep, lambda: lbfgs_memory_push(memory, s, y_hat), lambda: memory)
+            return memory, jnp.where(keep, tau_k, tau).astype(jnp.float32)
+
+        def periodic():
+            memory, tau = jax.lax.cond(t > L, new_pair, lambda m, tau: (m, tau), state.memory, state.tau)
+            return mtheta, mgrad, memory, tau
+
+        def idle():
+            return state.mtheta_prev, state.mgrad_prev, state.memory, state.tau
+
+        mtheta_prev, mgrad_prev, memory, tau = jax.lax.cond((t % L == 0) & ok, periodic, idle)
+
+        small_new = (t.astype(jnp.int32), mtheta, mgrad, buf)
+        small_old = (state.count, state.mtheta, state.mgrad, state.momentum)
+        count, mtheta, mgrad, buf = guard_nonfinite(ok, small_new, small_old)
+        out = guard_nonfinite(ok, buf, jax.tree.map(jnp.zeros_like, buf))
+        out = jax.tree.map(lambda o, u: o.astype(jnp.asarray(u).dtype), out, updates)
+        new_state = ScaleBySlimQNState(count, mtheta, mgrad, mtheta_prev, mgrad_prev, memory, buf, tau)
+        return out, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,97 @@
+"""Shardings for optimizer state, derived from the parameters' shardings.
+
+State leaves that are shaped like a parameter follow that parameter's sharding; pair
+memory stacked on a leading axis (shape ``(m, *param.shape)``) gets ``P(None, *spec)``;
+everything else (counters, small Gram matrices, scalars) is replicated unless a user rule
+says otherwise. Use the result as ``out_shardings`` of a jitted ``init`` and as in/out
+shardings of the training step::
+
+    mesh = jax.make_mesh((8,), ("model",))
+    p_shard = jax.tree.map(lambda p: NamedSharding(mesh, P(None, "model")), params)
+    s_shard = qnopt.sharding.state_shardings(opt, params, p_shard)
+    state = jax.jit(opt.init, out_shardings=s_shard)(params)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+PyTree = Any
+Rule = Callable[[tuple, jax.ShapeDtypeStruct, Mesh], Optional[jax.sharding.Sharding]]
+
+__all__ = ["state_shardings"]
+
+
+def _spec_tuple(sharding: NamedSharding, ndim: int) -> tuple:
+    spec = tuple(sharding.spec)
+    return spec + (None,) * (ndim - len(spec))
+
+
+def state_shardings(
+    opt: Any,
+    params: PyTree,
+    param_shardings: PyTree,
+    mesh: Optional[Mesh] = None,
+    rule: Optional[Rule] = None,
+) -> PyTree:
+    """A ``NamedSharding`` for every leaf of ``opt.init(params)``.
+
+    Args:
+      opt: an optax transformation (anything with ``init``).
+      params: the parameters (arrays or ``jax.ShapeDtypeStruct``; nothing is computed).
+      param_shardings: a pytree like ``params`` of ``NamedSharding``.
+      mesh: the device mesh (default: the mesh of the first parameter sharding).
+      rule: optional ``rule(path, leaf, mesh) -> Sharding | None`` consulted first for every
+        state leaf (e.g. to split large Kronecker factors across the mesh); ``None`` falls
+        back to the default placement.
+
+    Returns:
+      A pytree with the structure of the optimizer state.
+    """
+    p_leaves, p_tree = jax.tree.flatten(params)
+    s_leaves = jax.tree.leaves(param_shardings)
+    if len(s_leaves) != len(p_leaves):
+        raise ValueError(
+            "param_shardings must have one sharding per parameter leaf "
+            f"({len(p_leaves)} parameters, {len(s_leaves)} shardings)."
+        )
+    if mesh is None:
+        if not s_leaves or not isinstance(s_leaves[0], NamedSharding):
+            raise ValueError("Pass mesh=, or give NamedSharding parameter shardings.")
+        mesh = s_leaves[0].mesh
+    replicated = NamedSharding(mesh, P())
+    state = jax.eval_shape(opt.init, params)
+
+    def follow(leaf, p, sh) -> NamedSharding:
+        pshape = tuple(p.shape)
+        spec = _spec_tuple(sh, len(pshape)) if isinstance(sh, NamedSharding) else (None,) * len(pshape)
+        if tuple(leaf.shape) == pshape:
+            return NamedSharding(mesh, P(*spec))
+        if tuple(leaf.shape[1:]) == pshape:
+            return NamedSharding(mesh, P(None, *spec))
+        return replicated
+
+    def choose(path, leaf, default):
+        chosen = rule(path, leaf, mesh) if rule is not None else None
+        return chosen if chosen is not None else default
+
+    if p_tree.num_leaves == 1:  # a single array: match state leaves by shape alone
+        return jax.tree_util.tree_map_with_path(
+            lambda path, leaf: choose(path, leaf, follow(leaf, p_leaves[0], s_leaves[0])), state
+        )
+
+    def like_params(node) -> bool:
+        return jax.tree.structure(node) == p_tree
+
+    def place(path, node):
+        if like_params(node):
+            sub = jax.tree_util.tree_leaves_with_path(node)
+            out = [choose(path + sub_path, leaf, follow(leaf, p, sh))
+                   for (sub_path, leaf), p, sh in zip(sub, p_leaves, s_leaves)]
+            return jax.tree.unflatten(p_tree, out)
+        return choose(path, node, replicated)
+
+    return jax.tree_util.tree_map_with_path(place, state, is_leaf=like_params)

@@ -1,0 +1,281 @@
+"""The common test matrix every qnopt method must pass (DEVELOPERS.md, "The common matrix").
+
+Each check is a plain function that raises ``AssertionError`` with a message; the test
+suite parametrises them over a list of :class:`MethodCase` (one line per method), and a
+downstream user can run them on their own transformation too.
+
+Checks: converges faster than SGD-momentum at an equal step budget; one trace under
+``jax.jit`` across calls; unknown extra arguments accepted; works inside ``optax.chain``
+with clipping and weight decay; works under ``optax.inject_hyperparams``; float32 and
+bfloat16 parameters; state sharded on a device mesh gives the numbers of an unsharded
+run; NaN/Inf gradients skip the update and leave the state intact; bad input raises a
+clear error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+PyTree = Any
+
+__all__ = [
+    "MethodCase",
+    "Problem",
+    "logreg_problem",
+    "run_steps",
+    "check_faster_than_sgd",
+    "check_no_recompilation",
+    "check_extra_args",
+    "check_chain",
+    "check_inject_hyperparams",
+    "check_dtype",
+    "check_sharding",
+    "check_nonfinite_skip",
+    "check_bad_input",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """A deterministic full-batch problem: ``loss(params) -> scalar``."""
+
+    name: str
+    params: PyTree
+    loss: Callable[[PyTree], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodCase:
+    """How the matrix builds and drives one method.
+
+    Attributes:
+      name: test id.
+      make: ``make(learning_rate) -> optax transformation``.
+      lrs: learning rates tried; the best final loss counts.
+      factory: the alias itself, for ``optax.inject_hyperparams(factory, static_args)``.
+      factory_kwargs: keyword arguments for ``factory`` besides ``learning_rate``.
+      static_args: non-numeric-hyperparameter argument names for ``inject_hyperparams``.
+      steps: step budget for the convergence check.
+      extra_args: ``fn(params, loss) -> dict`` of keyword arguments the method needs in
+        ``update`` (a curvature oracle, ``value_fn``...); ``None`` for gradient-only methods.
+    """
+
+    name: str
+    make: Callable[[float], optax.GradientTransformation]
+    lrs: Sequence[float]
+    factory: Callable[..., optax.GradientTransformation]
+    factory_kwargs: dict
+    static_args: tuple = ()
+    steps: int = 150
+    extra_args: Optional[Callable[[PyTree, Callable], dict]] = None
+
+
+def logreg_problem(n: int = 256, d: int = 12, correlation: float = 0.9, l2: float = 1e-3, seed: int = 0) -> Problem:
+    """L2-regularised logistic regression on standardised, strongly correlated features.
+
+    Correlation makes the Hessian ill-conditioned (condition number ~ d/(1−ρ)), the
+    regime where curvature pays off; parameters are a dict ``{"w": (d,), "b": ()}``.
+    """
+    rng = np.random.default_rng(seed)
+    cov = correlation * np.ones((d, d)) + (1 - correlation) * np.eye(d)
+    x = rng.multivariate_normal(np.zeros(d), cov, size=n)
+    x = (x - x.mean(0)) / x.std(0)
+    w_true = rng.normal(size=d)
+    y = (x @ w_true + 0.5 * rng.normal(size=n) > 0).astype(np.float32)
+    x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y)
+
+    def loss(p):
+        logits = x @ p["w"].astype(jnp.float32) + p["b"].astype(jnp.float32)
+        data = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, y))
+        return data + 0.5 * l2 * jnp.sum(p["w"].astype(jnp.float32) ** 2)
+
+    return Problem("logreg", {"w": jnp.zeros((d,), jnp.float32), "b": jnp.zeros((), jnp.float32)}, loss)
+
+
+def _extra(case: Optional[MethodCase], params, loss) -> dict:
+    return {} if case is None or case.extra_args is None else case.extra_args(params, loss)
+
+
+def run_steps(opt, problem: Problem, steps: int, case: Optional[MethodCase] = None, params=None):
+    """Run ``steps`` jitted full-batch steps; returns ``(params, state, losses)``."""
+    params = problem.params if params is None else params
+    state = opt.init(params)
+
+    @jax.jit
+    def step(params, state):
+        value, grads = jax.value_and_grad(problem.loss)(params)
+        updates, state = opt.update(grads, state, params, **_extra(case, params, problem.loss))
+        return optax.apply_updates(params, updates), state, value
+
+    losses = []
+    for _ in range(steps):
+        params, state, value = step(params, state)
+        losses.append(float(value))
+    losses.append(float(problem.loss(params)))
+    return params, state, np.asarray(losses)
+
+
+def _final(losses: np.ndarray) -> float:
+    return float(losses[-1]) if np.isfinite(losses[-1]) else float("inf")
+
+
+def check_faster_than_sgd(case: MethodCase, problem: Problem,
+                          sgd_lrs: Sequence[float] = (3.0, 1.0, 0.3, 0.1, 0.03)) -> tuple[float, float]:
+    """Best final loss over ``case.lrs`` beats SGD-momentum(0.9)'s best over ``sgd_lrs`` at
+    the same step budget. Returns ``(method_best, sgd_best)``."""
+    ours = min(_final(run_steps(case.make(lr), problem, case.steps, case)[2]) for lr in case.lrs)
+    sgd = min(_final(run_steps(optax.sgd(lr, momentum=0.9), problem, case.steps)[2]) for lr in sgd_lrs)
+    assert ours < sgd, f"{case.name}: best final loss {ours:.6g} does not beat SGD-momentum's {sgd:.6g}"
+    return ours, sgd
+
+
+def check_no_recompilation(case: MethodCase, problem: Problem) -> None:
+    """The jitted step is traced once, however many times it is called."""
+    opt = case.make(case.lrs[0])
+    traces = []
+
+    @jax.jit
+    def step(params, state):
+        traces.append(1)
+        grads = jax.grad(problem.loss)(params)
+        updates, state = opt.update(grads, state, params, **_extra(case, params, problem.loss))
+        return optax.apply_updates(params, updates), state
+
+    params, state = problem.params, opt.init(problem.params)
+    for _ in range(3):
+        params, state = step(params, state)
+    jax.block_until_ready(params)
+    assert len(traces) == 1, f"{case.name}: step traced {len(traces)} times in 3 calls"
+
+
+def check_extra_args(case: MethodCase, problem: Problem) -> None:
+    """Unknown keyword arguments to ``update`` are ignored, not an error."""
+    opt = case.make(case.lrs[0])
+    params = problem.params
+    grads = jax.grad(problem.loss)(params)
+    state = opt.init(params)
+    u1, _ = opt.update(grads, state, params, **_extra(case, params, problem.loss))
+    u2, _ = opt.update(grads, state, params, unknown_flag=True, another=jnp.ones(3),
+                       **_extra(case, params, problem.loss))
+    chex_equal(u1, u2, f"{case.name}: extra args changed the update")
+
+
+def chex_equal(a, b, msg, rtol=0.0, atol=0.0) -> None:
+    """Assert two pytrees have the same structure and (close to) equal leaves."""
+    assert jax.tree.structure(a) == jax.tree.structure(b), f"{msg}: structures differ"
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol, atol=atol, err_msg=msg)
+
+
+def check_chain(case: MethodCase, problem: Problem) -> None:
+    """Inside ``optax.chain`` with gradient clipping and decoupled weight decay the loss still falls."""
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.add_decayed_weights(1e-4), case.make(case.lrs[0]))
+    _, _, losses = run_steps(opt, problem, min(case.steps, 60), case)
+    assert np.isfinite(losses).all() and losses[-1] < losses[0], f"{case.name}: chained run did not decrease: {losses[[0, -1]]}"
+
+
+def check_inject_hyperparams(case: MethodCase, problem: Problem) -> None:
+    """Under ``optax.inject_hyperparams`` the method gives the plain run's numbers, and the
+    learning rate lives in the state where a schedule or a user can change it."""
+    lr = case.lrs[0]
+    injected = optax.inject_hyperparams(case.factory, static_args=case.static_args)(
+        learning_rate=lr, **case.factory_kwargs)
+    plain = case.factory(learning_rate=lr, **case.factory_kwargs)
+    p1, s1, l1 = run_steps(injected, problem, 25, case)
+    p2, _, l2 = run_steps(plain, problem, 25, case)
+    chex_equal(p1, p2, f"{case.name}: inject_hyperparams changed the result", rtol=1e-5, atol=1e-6)
+    assert "learning_rate" in s1.hyperparams
+    s1.hyperparams["learning_rate"] = jnp.zeros_like(s1.hyperparams["learning_rate"])
+    grads = jax.grad(problem.loss)(p1)
+    updates, _ = injected.update(grads, s1, p1, **_extra(case, p1, problem.loss))
+    assert all(float(jnp.max(jnp.abs(u))) == 0.0 for u in jax.tree.leaves(updates)), \
+        f"{case.name}: learning rate 0 injected into the state still moved the parameters"
+
+
+def check_dtype(case: MethodCase, problem: Problem, dtype: Any) -> None:
+    """Parameters of ``dtype`` get updates of ``dtype``; state stays finite; the loss falls."""
+    params = jax.tree.map(lambda p: p.astype(dtype), problem.params)
+    opt = case.make(case.lrs[0])
+    p, state, losses = run_steps(opt, problem, min(case.steps, 60), case, params=params)
+    for leaf in jax.tree.leaves(p):
+        assert leaf.dtype == dtype, f"{case.name}: parameters changed dtype to {leaf.dtype}"
+    for leaf in jax.tree.leaves(state):
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            assert bool(jnp.all(jnp.isfinite(leaf))), f"{case.name}: non-finite state with {dtype} params"
+    assert losses[-1] < losses[0], f"{case.name}: loss did not fall with {dtype} params: {losses[[0, -1]]}"
+
+
+def check_sharding(case: MethodCase, problem: Problem, steps: int = 30) -> None:
+    """State placed by :func:`qnopt.sharding.state_shardings` on a 1-D mesh over all devices
+    gives the same parameters as an unsharded run (to float32 round-off)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from qnopt.sharding import state_shardings
+
+    n = len(jax.devices())
+    assert n > 1, "check_sharding needs several devices (jax_num_cpu_devices)"
+    mesh = jax.make_mesh((n,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+    opt = case.make(case.lrs[0])
+
+    def spec(p):
+        return P("x") if p.ndim >= 1 and p.shape[0] % n == 0 else P()
+
+    p_shard = jax.tree.map(lambda p: NamedSharding(mesh, spec(p)), problem.params)
+    s_shard = state_shardings(opt, problem.params, p_shard)
+    params = jax.device_put(problem.params, p_shard)
+    state = jax.jit(opt.init, out_shardings=s_shard)(params)
+
+    def step(params, state):
+        grads = jax.grad(problem.loss)(params)
+        updates, state = opt.update(grads, state, params, **_extra(case, params, problem.loss))
+        return optax.apply_updates(params, updates), state
+
+    sharded_step = jax.jit(step, in_shardings=(p_shard, s_shard), out_shardings=(p_shard, s_shard))
+    for _ in range(steps):
+        params, state = sharded_step(params, state)
+    for leaf, sh in zip(jax.tree.leaves(state), jax.tree.leaves(s_shard)):
+        assert leaf.sharding.is_equivalent_to(sh, leaf.ndim), f"{case.name}: state leaf not placed as asked"
+    ref, _, _ = run_steps(opt, problem, steps, case)
+    chex_equal(params, ref, f"{case.name}: sharded run differs", rtol=2e-4, atol=2e-5)
+
+
+def check_nonfinite_skip(case: MethodCase, problem: Problem, warm_steps: int = 12) -> None:
+    """A NaN or Inf gradient gives a zero update and leaves the state exactly as it was."""
+    opt = case.make(case.lrs[0])
+    params, state, _ = run_steps(opt, problem, warm_steps, case)
+    grads = jax.grad(problem.loss)(params)
+    update = jax.jit(lambda g, s, p: opt.update(g, s, p, **_extra(case, p, problem.loss)))
+    for bad in (jnp.nan, jnp.inf):
+        leaves, tree = jax.tree.flatten(grads)
+        leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(bad)
+        updates, new_state = update(jax.tree.unflatten(tree, leaves), state, params)
+        for u in jax.tree.leaves(updates):
+            assert bool(jnp.all(u == 0)), f"{case.name}: non-finite gradient ({bad}) produced a non-zero update"
+        chex_equal(new_state, state, f"{case.name}: non-finite gradient ({bad}) changed the state")
+
+
+def check_bad_input(case: MethodCase, problem: Problem) -> None:
+    """Missing params and gradients of the wrong shape raise ``ValueError`` saying what to do."""
+    opt = case.make(case.lrs[0])
+    params = problem.params
+    state = opt.init(params)
+    grads = jax.grad(problem.loss)(params)
+    try:
+        opt.update(grads, state, None, **_extra(case, params, problem.loss))
+    except ValueError as err:
+        assert "params" in str(err), f"{case.name}: unclear error for missing params: {err}"
+    else:
+        raise AssertionError(f"{case.name}: update without params did not raise")
+    wrong = jax.tree.map(lambda g: jnp.zeros(g.shape + (2,), g.dtype), grads)
+    try:
+        opt.update(wrong, state, params, **_extra(case, params, problem.loss))
+    except ValueError as err:
+        assert "shape" in str(err), f"{case.name}: unclear error for wrong gradient shape: {err}"
+    else:
+        raise AssertionError(f"{case.name}: gradients of the wrong shape did not raise")
