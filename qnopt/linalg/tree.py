@@ -7,19 +7,22 @@ accumulate in at least float32 whatever the leaf dtype.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 PyTree = Any
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 __all__ = [
     "accumulation_dtype",
     "tree_vdot",
     "tree_axpy",
     "tree_scale",
-    "tree_lincomb",
+    "tree_lerp",
     "tree_stack_dot",
     "tree_stack_combine",
     "tree_stack_set",
@@ -33,27 +36,47 @@ def accumulation_dtype(dtype: Any) -> jnp.dtype:
 
 
 def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:
-    """Σ_leaves ⟨a, b⟩ accumulated in at least float32; returns a scalar."""
-    parts = [
-        jnp.vdot(x.astype(accumulation_dtype(x.dtype)).ravel(), y.astype(accumulation_dtype(y.dtype)).ravel())
-        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
-    ]
-    return sum(parts, jnp.zeros((), jnp.float32))
+    """Σ_leaves ⟨a, b⟩ in at least float32 (float64 stays float64), full matmul precision.
+
+    The one inner product of the library: bf16/fp16 leaves are cast up before the
+    product, and ``Precision.HIGHEST`` keeps accelerators from using TF32.
+    """
+
+    def leaf_vdot(x, y):
+        dt = jnp.promote_types(accumulation_dtype(jnp.result_type(x)), accumulation_dtype(jnp.result_type(y)))
+        return jnp.vdot(jnp.asarray(x, dt), jnp.asarray(y, dt), precision=_HIGHEST)
+
+    return functools.reduce(jnp.add, jax.tree.leaves(jax.tree.map(leaf_vdot, a, b)), jnp.zeros((), jnp.float32))
 
 
-def tree_axpy(alpha: jax.Array, x: PyTree, y: PyTree) -> PyTree:
-    """α·x + y leafwise, in the dtype of ``y``."""
-    return jax.tree.map(lambda xi, yi: (alpha * xi + yi).astype(yi.dtype), x, y)
+def tree_axpy(alpha: ArrayLike, x: PyTree, y: PyTree) -> PyTree:
+    """α·x + y leafwise, formed in at least float32 and returned in the dtypes of ``y``."""
+    alpha = jnp.asarray(alpha)
+
+    def leaf(xi, yi):
+        yi = jnp.asarray(yi)
+        dt = jnp.promote_types(accumulation_dtype(yi.dtype), alpha.dtype)
+        return (alpha.astype(dt) * jnp.asarray(xi).astype(dt) + yi.astype(dt)).astype(yi.dtype)
+
+    return jax.tree.map(leaf, x, y)
 
 
-def tree_scale(alpha: jax.Array, x: PyTree) -> PyTree:
-    """α·x leafwise, keeping each leaf's dtype."""
-    return jax.tree.map(lambda xi: (alpha * xi).astype(xi.dtype), x)
+def tree_scale(alpha: ArrayLike, x: PyTree) -> PyTree:
+    """α·x leafwise, formed in at least float32 and returned in the dtypes of ``x``."""
+    return tree_axpy(alpha, x, jax.tree.map(jnp.zeros_like, x))
 
 
-def tree_lincomb(alpha: jax.Array, x: PyTree, beta: jax.Array, y: PyTree) -> PyTree:
-    """α·x + β·y leafwise, in the dtype of ``x``."""
-    return jax.tree.map(lambda xi, yi: (alpha * xi + beta * yi).astype(xi.dtype), x, y)
+def tree_lerp(theta: ArrayLike, a: PyTree, b: PyTree) -> PyTree:
+    """θ·a + (1−θ)·b leafwise, formed in at least float32 and returned in the dtypes of ``a``."""
+    theta = jnp.asarray(theta)
+
+    def leaf(x, y):
+        x = jnp.asarray(x)
+        dt = jnp.promote_types(accumulation_dtype(x.dtype), theta.dtype)
+        th = theta.astype(dt)
+        return (th * x.astype(dt) + (1 - th) * jnp.asarray(y).astype(dt)).astype(x.dtype)
+
+    return jax.tree.map(leaf, a, b)
 
 
 def tree_stack_dot(stack: PyTree, v: PyTree) -> jax.Array:
@@ -65,7 +88,7 @@ def tree_stack_dot(stack: PyTree, v: PyTree) -> jax.Array:
     parts = []
     for st, x in zip(jax.tree.leaves(stack), jax.tree.leaves(v)):
         dt = accumulation_dtype(jnp.promote_types(st.dtype, x.dtype))
-        parts.append(st.reshape(st.shape[0], -1).astype(dt) @ x.reshape(-1).astype(dt))
+        parts.append(jnp.matmul(st.reshape(st.shape[0], -1).astype(dt), x.reshape(-1).astype(dt), precision=_HIGHEST))
     return sum(parts[1:], parts[0]).astype(jnp.float32)
 
 
@@ -73,7 +96,7 @@ def tree_stack_combine(stack: PyTree, coeffs: jax.Array) -> PyTree:
     """Σ_i coeffs[i]·stack[i], shaped like one stacked vector (one pass over the memory)."""
     def leaf(st):
         c = coeffs.astype(accumulation_dtype(st.dtype))
-        out = c @ st.reshape(st.shape[0], -1).astype(c.dtype)
+        out = jnp.matmul(c, st.reshape(st.shape[0], -1).astype(c.dtype), precision=_HIGHEST)
         return out.reshape(st.shape[1:]).astype(st.dtype)
 
     return jax.tree.map(leaf, stack)
