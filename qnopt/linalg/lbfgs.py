@@ -13,6 +13,7 @@ chronological order, to ``H0 = γ I``.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -49,8 +50,8 @@ class LbfgsMemory(NamedTuple):
     Attributes:
       s: parameter-shaped pytree with a leading axis ``m`` (the steps ``s_i``).
       y: same for the gradient changes ``y_i``.
-      sy: ``(m, m)`` float32, ``sy[i, j] = s_iᵀ y_j``.
-      yy: ``(m, m)`` float32, ``yy[i, j] = y_iᵀ y_j``.
+      sy: ``(m, m)``, ``sy[i, j] = s_iᵀ y_j`` (float32, or float64 for float64 pairs).
+      yy: ``(m, m)``, ``yy[i, j] = y_iᵀ y_j``.
       written_at: ``(m,)`` int32, the push index that filled slot ``i`` (−1 if empty).
       num_pushed: int32 scalar, number of pairs pushed so far.
     """
@@ -79,11 +80,13 @@ def lbfgs_memory_init(like: PyTree, memory_size: int, dtype: Optional[Any] = Non
         dt = dtype if dtype is not None else accumulation_dtype(x.dtype)
         return jnp.zeros((m,) + tuple(x.shape), dt)
 
+    s = jax.tree.map(zeros, like)
+    gram_dtype = functools.reduce(jnp.promote_types, [x.dtype for x in jax.tree.leaves(s)], jnp.float32)
     return LbfgsMemory(
-        s=jax.tree.map(zeros, like),
+        s=s,
         y=jax.tree.map(zeros, like),
-        sy=jnp.zeros((m, m), jnp.float32),
-        yy=jnp.zeros((m, m), jnp.float32),
+        sy=jnp.zeros((m, m), gram_dtype),
+        yy=jnp.zeros((m, m), gram_dtype),
         written_at=jnp.full((m,), -1, jnp.int32),
         num_pushed=jnp.zeros((), jnp.int32),
     )
@@ -171,7 +174,7 @@ def lbfgs_two_loop(memory: LbfgsMemory, g: PyTree, gamma: Optional[jax.Array] = 
         a = rho[i] * tree_vdot(take(memory.s, i), q)
         return tree_axpy(-a, take(memory.y, i), q), alphas.at[i].set(a)
 
-    q, alphas = jax.lax.fori_loop(0, m, first, (q, jnp.zeros((m,), jnp.float32)))
+    q, alphas = jax.lax.fori_loop(0, m, first, (q, jnp.zeros((m,), memory.sy.dtype)))
     r = tree_scale(gamma, q)
 
     def second(k, r):

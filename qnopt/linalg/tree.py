@@ -89,7 +89,7 @@ def tree_stack_dot(stack: PyTree, v: PyTree) -> jax.Array:
     for st, x in zip(jax.tree.leaves(stack), jax.tree.leaves(v)):
         dt = accumulation_dtype(jnp.promote_types(st.dtype, x.dtype))
         parts.append(jnp.matmul(st.reshape(st.shape[0], -1).astype(dt), x.reshape(-1).astype(dt), precision=_HIGHEST))
-    return sum(parts[1:], parts[0]).astype(jnp.float32)
+    return functools.reduce(jnp.add, parts)
 
 
 def tree_stack_combine(stack: PyTree, coeffs: jax.Array) -> PyTree:
