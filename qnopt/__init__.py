@@ -7,7 +7,7 @@ learning rate. The primitives they are built from live in ``qnopt.linalg`` and `
 
 __version__ = "0.1.0"
 
-from qnopt import base, damping, linalg, sharding
+from qnopt import base, damping, data, linalg, sharding, testing
 from qnopt.alias import slimqn
 from qnopt.methods import ScaleBySlimQNState, scale_by_slimqn
 
@@ -15,6 +15,8 @@ __all__ = [
     "__version__",
     "base",
     "damping",
+    "data",
+    "testing",
     "linalg",
     "sharding",
     "slimqn",

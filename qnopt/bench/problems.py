@@ -1,0 +1,268 @@
+"""Benchmark problems: parameters, a loss and the data it is trained on.
+
+Every problem's ``loss_fn(params, batch)`` takes a batch ``(x, y)`` and returns
+a scalar: the mean over the batch (plus, for ``logreg``, an L2 penalty). The
+neural networks are ``flax.linen`` modules built only from plain ``nn.Dense``
+layers, so they can be inspected or intercepted (``nn.intercept_methods``);
+``params`` is the module's ``"params"`` collection.
+
+Problems (``data="auto"`` picks Fashion-MNIST when
+:func:`qnopt.data.available_fashion_mnist` is true, else digits):
+
+``autoencoder``
+    The deep auto-encoder of Hinton & Salakhutdinov (2006) as used by the
+    K-FAC / SLIM-QN papers: 784-1000-500-250-30-250-500-1000-784, ReLU hidden
+    units, linear 30-unit code, sigmoid outputs, loss = binary cross-entropy
+    **summed over pixels, averaged over the batch**; batch 1000, on
+    Fashion-MNIST. On digits a scaled-down copy with the same shape,
+    64-128-64-32-8-32-64-128-64 (8-unit code), batch 100.
+``classifier``
+    MLP with one ReLU hidden layer and softmax cross-entropy: 784-256-10
+    (batch 250) on Fashion-MNIST, 64-128-10 (batch 100) on digits.
+``logreg``
+    Binary logistic regression on standardised breast-cancer data (30
+    features) with L2 penalty ``0.5 * 1e-3 * ||w||^2`` on the weights (not the
+    bias); batch 128 (455 training rows).
+
+Initialisation: He-normal for layers followed by ReLU, Glorot-uniform for
+linear layers (code, logits), zero biases; ``logreg`` starts at zero.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from qnopt import data as qdata
+
+__all__ = [
+    "MLP",
+    "PROBLEMS",
+    "Problem",
+    "autoencoder",
+    "classifier",
+    "logreg",
+    "make_problem",
+    "resolve_data",
+]
+
+Params = Any
+Batch = tuple[jax.Array, jax.Array]
+
+DATA_CHOICES = ("auto", "digits", "fashion_mnist")
+LOGREG_L2 = 1e-3
+
+
+@dataclass
+class Problem:
+    """A training problem.
+
+    Attributes:
+      name: problem name (``autoencoder``, ...).
+      init: ``init(key) -> params``.
+      loss_fn: ``loss_fn(params, (x, y)) -> scalar`` mean over the batch.
+      data: the :class:`qnopt.data.Dataset` trained/evaluated on.
+      batch_size: default minibatch size.
+      description: one line, e.g. the architecture.
+      model: the flax module, or ``None`` for pure-JAX problems.
+      metric_fn: optional ``metric_fn(params, (x, y)) -> scalar`` mean over the
+        batch (accuracy for classifiers); reported on the test set.
+      metric_name: name of ``metric_fn``'s value.
+    """
+
+    name: str
+    init: Callable[[jax.Array], Params]
+    loss_fn: Callable[[Params, Batch], jax.Array]
+    data: qdata.Dataset
+    batch_size: int
+    description: str
+    model: nn.Module | None = None
+    metric_fn: Callable[[Params, Batch], jax.Array] | None = None
+    metric_name: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def num_params(self, params: Params) -> int:
+        """Total number of scalar parameters."""
+        return int(sum(np.size(leaf) for leaf in jax.tree.leaves(params)))
+
+
+class MLP(nn.Module):
+    """Stack of ``nn.Dense`` layers.
+
+    Attributes:
+      widths: output width of each layer.
+      linear: indices of layers *without* a ReLU after them (code and output).
+    """
+
+    widths: Sequence[int]
+    linear: Sequence[int] = ()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i, width in enumerate(self.widths):
+            is_linear = i in self.linear
+            init = nn.initializers.glorot_uniform() if is_linear else nn.initializers.he_normal()
+            x = nn.Dense(width, kernel_init=init, name=f"Dense_{i}")(x)
+            if not is_linear:
+                x = nn.relu(x)
+        return x
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def resolve_data(data: str) -> str:
+    """Map ``auto`` to ``fashion_mnist`` if its files are installed, else ``digits``."""
+    if data not in DATA_CHOICES:
+        raise ValueError(f"data must be one of {DATA_CHOICES}, got {data!r}")
+    if data == "auto":
+        return "fashion_mnist" if qdata.available_fashion_mnist() else "digits"
+    return data
+
+
+@functools.lru_cache(maxsize=4)
+def _load(name: str) -> qdata.Dataset:
+    if name == "fashion_mnist":
+        return qdata.fashion_mnist()
+    if name == "digits":
+        return qdata.digits()
+    if name == "breast_cancer":
+        return qdata.breast_cancer(standardize=True)
+    raise ValueError(name)
+
+
+def _flax_init(model: nn.Module, n_in: int) -> Callable[[jax.Array], Params]:
+    @jax.jit  # one compiled program instead of many eager ops (much faster on CPU)
+    def init(key: jax.Array) -> Params:
+        return model.init(key, jnp.zeros((1, n_in), jnp.float32))["params"]
+
+    return init
+
+
+# ----------------------------------------------------------------------------- problems
+
+
+def autoencoder(data: str = "auto", batch_size: int | None = None) -> Problem:
+    """Deep auto-encoder with summed sigmoid cross-entropy (see module docstring)."""
+    data = resolve_data(data)
+    ds = _load(data)
+    if data == "fashion_mnist":
+        hidden, default_bs = (1000, 500, 250, 30, 250, 500, 1000), 1000
+    else:
+        hidden, default_bs = (128, 64, 32, 8, 32, 64, 128), 100
+    n_in = ds.x_train.shape[1]
+    widths = (*hidden, n_in)
+    code = len(hidden) // 2
+    model = MLP(widths=widths, linear=(code, len(widths) - 1))
+
+    def loss_fn(params: Params, batch: Batch) -> jax.Array:
+        x, _ = batch
+        logits = model.apply({"params": params}, x)
+        return optax.sigmoid_binary_cross_entropy(logits, x).sum(axis=-1).mean()
+
+    arch = "-".join(str(w) for w in (n_in, *widths))
+    return Problem(
+        name="autoencoder",
+        init=_flax_init(model, n_in),
+        loss_fn=loss_fn,
+        data=ds,
+        batch_size=batch_size or default_bs,
+        description=f"autoencoder {arch} on {data}, sigmoid BCE summed over pixels",
+        model=model,
+    )
+
+
+def _accuracy(apply: Callable[[Params, jax.Array], jax.Array]) -> Callable[[Params, Batch], jax.Array]:
+    def metric(params: Params, batch: Batch) -> jax.Array:
+        x, y = batch
+        return jnp.mean(jnp.argmax(apply(params, x), axis=-1) == y)
+
+    return metric
+
+
+def classifier(data: str = "auto", batch_size: int | None = None) -> Problem:
+    """One-hidden-layer ReLU MLP with softmax cross-entropy."""
+    data = resolve_data(data)
+    ds = _load(data)
+    hidden, default_bs = (256, 250) if data == "fashion_mnist" else (128, 100)
+    n_in = ds.x_train.shape[1]
+    model = MLP(widths=(hidden, 10), linear=(1,))
+
+    def apply(params: Params, x: jax.Array) -> jax.Array:
+        return model.apply({"params": params}, x)
+
+    def loss_fn(params: Params, batch: Batch) -> jax.Array:
+        x, y = batch
+        return optax.softmax_cross_entropy_with_integer_labels(apply(params, x), y).mean()
+
+    return Problem(
+        name="classifier",
+        init=_flax_init(model, n_in),
+        loss_fn=loss_fn,
+        data=ds,
+        batch_size=batch_size or default_bs,
+        description=f"MLP {n_in}-{hidden}-10 on {data}, softmax CE",
+        model=model,
+        metric_fn=_accuracy(apply),
+        metric_name="accuracy",
+    )
+
+
+def logreg(data: str = "auto", batch_size: int | None = None, l2: float = LOGREG_L2) -> Problem:
+    """L2-regularised logistic regression on breast cancer (``data`` is ignored)."""
+    del data  # always breast cancer
+    ds = _load("breast_cancer")
+    n_in = ds.x_train.shape[1]
+
+    def init(key: jax.Array) -> Params:
+        del key
+        return {"w": jnp.zeros((n_in,), jnp.float32), "b": jnp.zeros((), jnp.float32)}
+
+    def logits(params: Params, x: jax.Array) -> jax.Array:
+        return x @ params["w"] + params["b"]
+
+    def loss_fn(params: Params, batch: Batch) -> jax.Array:
+        x, y = batch
+        ce = optax.sigmoid_binary_cross_entropy(logits(params, x), y.astype(jnp.float32)).mean()
+        return ce + 0.5 * l2 * jnp.sum(params["w"] ** 2)
+
+    def accuracy(params: Params, batch: Batch) -> jax.Array:
+        x, y = batch
+        return jnp.mean((logits(params, x) > 0) == (y == 1))
+
+    return Problem(
+        name="logreg",
+        init=init,
+        loss_fn=loss_fn,
+        data=ds,
+        batch_size=batch_size or 128,
+        description=f"logistic regression on breast_cancer (standardised), l2={l2:g}",
+        metric_fn=accuracy,
+        metric_name="accuracy",
+        extra={"l2": l2},
+    )
+
+
+#: name -> builder ``(data, batch_size) -> Problem``.
+PROBLEMS: dict[str, Callable[..., Problem]] = {
+    "autoencoder": autoencoder,
+    "classifier": classifier,
+    "logreg": logreg,
+}
+
+
+def make_problem(name: str, *, data: str = "auto", batch_size: int | None = None) -> Problem:
+    """Build a registered problem by name."""
+    try:
+        builder = PROBLEMS[name]
+    except KeyError:
+        raise KeyError(f"unknown problem {name!r}; known: {', '.join(PROBLEMS)}") from None
+    return builder(data=data, batch_size=batch_size)

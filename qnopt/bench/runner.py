@@ -1,0 +1,288 @@
+"""Train one (problem, optimizer, learning rate) combination and time it.
+
+Timing conventions (all in seconds, ``time.perf_counter``):
+
+* ``compile_time``: ahead-of-time ``jax.jit(step).lower(...).compile()`` plus
+  one discarded warm-up call.
+* ``step_times``: every training step, dispatch to ``block_until_ready`` of
+  the new parameters and loss (host-to-device copy of the batch excluded).
+  ``step_time`` is their median, ``step_time_mean`` their mean (which, unlike
+  the median, includes the cost of occasional expensive steps such as a
+  periodic curvature update).
+* ``wall_time``: training time after compilation, i.e. the epoch loops
+  including batching, *excluding* the per-epoch full-training-set evaluation
+  (reported separately as ``eval_time``). ``wall_times[e]`` is cumulative at
+  the end of epoch ``e + 1``.
+
+A run whose loss becomes non-finite is marked ``diverged`` and stopped; the
+remaining epochs are recorded as ``nan``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from qnopt.bench.optimizers import OptimizerSpec
+from qnopt.bench.problems import Batch, Params, Problem
+from qnopt.data import batches
+
+__all__ = ["RunResult", "Evaluator", "make_step", "run_one", "measure_step_time"]
+
+NAN = float("nan")
+EVAL_CHUNK = 5000
+
+
+@dataclass
+class RunResult:
+    """Everything recorded for one training run (serialised to JSON as is)."""
+
+    problem: str
+    optimizer: str
+    lr: float
+    epochs: int
+    steps_per_epoch: int
+    batch_size: int
+    initial_train_loss: float = NAN
+    epoch_mean_loss: list[float] = field(default_factory=list)  # mean of minibatch losses
+    train_loss: list[float] = field(default_factory=list)  # full training set, epoch end
+    wall_times: list[float] = field(default_factory=list)  # cumulative training time
+    final_train_loss: float = NAN
+    test_loss: float = NAN
+    test_metric: float | None = None
+    metric_name: str | None = None
+    best_epoch: int | None = None  # 1-based, by full training loss
+    wall_time: float = 0.0
+    eval_time: float = 0.0
+    compile_time: float = NAN
+    step_time: float = NAN  # median seconds per step
+    step_time_mean: float = NAN  # mean seconds per step (shows periodic expensive steps)
+    step_time_ratio: float = NAN  # step_time / Adam's step_time on the same problem
+    n_steps: int = 0
+    diverged: bool = False
+    error: str | None = None
+    selected: bool = True  # best of its sweep (or the only run)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form."""
+        return asdict(self)
+
+
+def _finite(x: float) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+class Evaluator:
+    """Full-data-set loss / metric in fixed-size jitted chunks (compiled once per problem)."""
+
+    def __init__(self, problem: Problem, chunk: int = EVAL_CHUNK) -> None:
+        self.problem = problem
+        self.chunk = chunk
+        self._loss = jax.jit(problem.loss_fn)
+        self._metric = jax.jit(problem.metric_fn) if problem.metric_fn is not None else None
+
+    def _mean(self, fn: Callable[[Params, Batch], jax.Array], params: Params, x: np.ndarray, y: np.ndarray) -> float:
+        total, n = 0.0, x.shape[0]
+        for start in range(0, n, self.chunk):
+            xb, yb = x[start : start + self.chunk], y[start : start + self.chunk]
+            total += float(fn(params, (xb, yb))) * xb.shape[0]
+        return total / n
+
+    def loss(self, params: Params, split: str = "train") -> float:
+        """Loss (mean over examples) on ``split`` (``train`` or ``test``)."""
+        d = self.problem.data
+        x, y = (d.x_train, d.y_train) if split == "train" else (d.x_test, d.y_test)
+        return self._mean(self._loss, params, x, y)
+
+    def metric(self, params: Params, split: str = "test") -> float | None:
+        """The problem's metric (e.g. accuracy) on ``split``, or ``None``."""
+        if self._metric is None:
+            return None
+        d = self.problem.data
+        x, y = (d.x_train, d.y_train) if split == "train" else (d.x_test, d.y_test)
+        return self._mean(self._metric, params, x, y)
+
+
+def make_step(
+    loss_fn: Callable[[Params, Batch], jax.Array],
+    opt: optax.GradientTransformation,
+    needs_value_fn: bool = False,
+) -> Callable[[Params, Any, Batch], tuple[Params, Any, jax.Array]]:
+    """One optimisation step ``(params, opt_state, batch) -> (params, opt_state, loss)``.
+
+    With ``needs_value_fn`` the update also gets ``value``, ``grad`` and
+    ``value_fn`` (the loss on this minibatch as a function of the parameters),
+    as optax's line searches (``optax.lbfgs``) require.
+    """
+
+    def step(params: Params, opt_state: Any, batch: Batch) -> tuple[Params, Any, jax.Array]:
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        if needs_value_fn:
+            updates, opt_state = opt.update(
+                grads, opt_state, params, value=loss, grad=grads,
+                value_fn=lambda p: loss_fn(p, batch),
+            )
+        else:
+            updates, opt_state = opt.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, loss
+
+    return step
+
+
+def _epoch_batches(problem: Problem, batch_size: int, seed: int, epoch: int, cap: int | None) -> Iterable[Batch]:
+    """The epoch's minibatches; the order depends on (seed, epoch) only, so every optimizer sees the same data."""
+    d = problem.data
+    rng = np.random.default_rng([seed, epoch])
+    for i, b in enumerate(batches(d.x_train, d.y_train, batch_size, rng, drop_last=True)):
+        if cap is not None and i >= cap:
+            break
+        yield b
+
+
+def _steps_per_epoch(problem: Problem, batch_size: int, cap: int | None) -> int:
+    n = problem.data.x_train.shape[0] // batch_size
+    return min(n, cap) if cap is not None else n
+
+
+def _effective_batch_size(problem: Problem, batch_size: int | None) -> int:
+    bs = batch_size or problem.batch_size
+    return max(1, min(bs, problem.data.x_train.shape[0]))
+
+
+def _compile(problem: Problem, spec: OptimizerSpec, lr: float, params: Params, batch_size: int):
+    """Build the optimizer, its state, and the AOT-compiled step. Returns (compiled, opt_state, seconds)."""
+    if spec.needs_oracle:
+        raise NotImplementedError(f"{spec.name}: optimizers needing an oracle are not supported by the runner yet")
+    opt = spec.make(lr)
+    opt_state = opt.init(params)
+    step = make_step(problem.loss_fn, opt, spec.needs_value_fn)
+    d = problem.data
+    example = (jnp.asarray(d.x_train[:batch_size]), jnp.asarray(d.y_train[:batch_size]))
+    t0 = time.perf_counter()
+    compiled = jax.jit(step).lower(params, opt_state, example).compile()
+    # One discarded warm-up call (first-call allocations), counted as compile time.
+    jax.block_until_ready(compiled(params, opt_state, example))
+    return compiled, opt_state, time.perf_counter() - t0
+
+
+def _progress(total: int, desc: str, quiet: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, disable=quiet or not sys.stderr.isatty(), file=sys.stderr)
+
+
+def run_one(
+    problem: Problem,
+    spec: OptimizerSpec,
+    lr: float,
+    *,
+    epochs: int,
+    seed: int = 0,
+    batch_size: int | None = None,
+    steps_per_epoch: int | None = None,
+    evaluator: Evaluator | None = None,
+    quiet: bool = False,
+) -> RunResult:
+    """Train ``problem`` with ``spec.make(lr)`` for ``epochs`` epochs and record losses and timings.
+
+    Errors (e.g. a factory that cannot be built) are caught and stored in
+    ``RunResult.error`` so that one broken optimizer does not stop a benchmark.
+    """
+    bs = _effective_batch_size(problem, batch_size)
+    spe = _steps_per_epoch(problem, bs, steps_per_epoch)
+    res = RunResult(problem.name, spec.name, float(lr), epochs, spe, bs, metric_name=problem.metric_name)
+    evaluator = evaluator or Evaluator(problem)
+    params = problem.init(jax.random.key(seed))
+    try:
+        compiled, opt_state, res.compile_time = _compile(problem, spec, lr, params, bs)
+    except Exception as e:  # noqa: BLE001 - reported, not hidden
+        res.error = f"{type(e).__name__}: {e}"
+        if not quiet:
+            traceback.print_exc(file=sys.stderr)
+        return res
+
+    res.initial_train_loss = evaluator.loss(params)
+    step_times: list[float] = []
+    wall = 0.0
+    with _progress(epochs * spe, f"{problem.name}/{spec.name} lr={lr:g}", quiet) as bar:
+        for epoch in range(epochs):
+            t_epoch = time.perf_counter()
+            losses: list[float] = []
+            for xb, yb in _epoch_batches(problem, bs, seed, epoch, steps_per_epoch):
+                batch = jax.device_put((xb, yb))
+                t0 = time.perf_counter()
+                params, opt_state, loss = compiled(params, opt_state, batch)
+                jax.block_until_ready((params, loss))
+                step_times.append(time.perf_counter() - t0)
+                losses.append(float(loss))
+                bar.update(1)
+                if not math.isfinite(losses[-1]):
+                    break
+            wall += time.perf_counter() - t_epoch
+            res.wall_times.append(wall)
+            res.epoch_mean_loss.append(float(np.mean(losses)) if losses else NAN)
+            t_eval = time.perf_counter()
+            full = evaluator.loss(params)
+            res.eval_time += time.perf_counter() - t_eval
+            res.train_loss.append(full)
+            bar.set_postfix(loss=f"{full:.4g}")
+            if not (_finite(res.epoch_mean_loss[-1]) and _finite(full)):
+                res.diverged = True
+                break
+
+    done = len(res.train_loss)
+    res.epoch_mean_loss += [NAN] * (epochs - done)
+    res.train_loss += [NAN] * (epochs - done)
+    res.wall_times += [wall] * (epochs - done)
+    res.wall_time = wall
+    res.n_steps = len(step_times)
+    res.step_time = statistics.median(step_times) if step_times else NAN
+    res.step_time_mean = statistics.fmean(step_times) if step_times else NAN
+    res.final_train_loss = NAN if res.diverged else res.train_loss[-1]
+    finite = [(v, i) for i, v in enumerate(res.train_loss) if _finite(v)]
+    res.best_epoch = min(finite)[1] + 1 if finite else None
+    if not res.diverged:
+        res.test_loss = evaluator.loss(params, "test")
+        res.test_metric = evaluator.metric(params, "test")
+    return res
+
+
+def measure_step_time(
+    problem: Problem,
+    spec: OptimizerSpec,
+    lr: float | None = None,
+    *,
+    n_steps: int = 20,
+    seed: int = 0,
+    batch_size: int | None = None,
+) -> float:
+    """Median seconds per step of ``spec`` on ``problem`` over ``n_steps`` steps (no evaluation).
+
+    Used for the Adam reference when Adam is not among the benchmarked optimizers.
+    """
+    bs = _effective_batch_size(problem, batch_size)
+    params = problem.init(jax.random.key(seed))
+    compiled, opt_state, _ = _compile(problem, spec, spec.default_lr if lr is None else lr, params, bs)
+    times: list[float] = []
+    epoch = 0
+    while len(times) < n_steps:
+        for xb, yb in _epoch_batches(problem, bs, seed, epoch, n_steps - len(times)):
+            batch = jax.device_put((xb, yb))
+            t0 = time.perf_counter()
+            params, opt_state, loss = compiled(params, opt_state, batch)
+            jax.block_until_ready((params, loss))
+            times.append(time.perf_counter() - t0)
+        epoch += 1
+    return statistics.median(times)
