@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also documents every flag in ``--help``)."""
     opt_lines = "\n".join(
         f"  {s.name:<8s} lr {s.default_lr:<6g} sweep {', '.join(f'{v:g}' for v in s.lr_grid):<20s} {s.description}"
+        + "".join(f"\n      on {k}: lr {v.lr:g}, sweep {', '.join(f'{g:g}' for g in v.grid)}"
+                  + (f", {v.kwargs}" if v.kwargs else "") for k, v in s.tuned.items())
         for s in OPTIMIZERS.values()
     )
     p = argparse.ArgumentParser(

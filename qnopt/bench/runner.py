@@ -165,7 +165,7 @@ def _compile(problem: Problem, spec: OptimizerSpec, lr: float, params: Params, b
     """Build the optimizer, its state, and the AOT-compiled step. Returns (compiled, opt_state, seconds)."""
     if spec.needs_oracle:
         raise NotImplementedError(f"{spec.name}: optimizers needing an oracle are not supported by the runner yet")
-    opt = spec.make(lr)
+    opt = spec.build(lr, problem)
     opt_state = opt.init(params)
     step = make_step(problem.loss_fn, opt, spec.needs_value_fn)
     d = problem.data
@@ -195,7 +195,7 @@ def run_one(
     evaluator: Evaluator | None = None,
     quiet: bool = False,
 ) -> RunResult:
-    """Train ``problem`` with ``spec.make(lr)`` for ``epochs`` epochs and record losses and timings.
+    """Train ``problem`` with ``spec.build(lr, problem)`` for ``epochs`` epochs and record losses and timings.
 
     Errors (e.g. a factory that cannot be built) are caught and stored in
     ``RunResult.error`` so that one broken optimizer does not stop a benchmark.
@@ -274,7 +274,7 @@ def measure_step_time(
     """
     bs = _effective_batch_size(problem, batch_size)
     params = problem.init(jax.random.key(seed))
-    compiled, opt_state, _ = _compile(problem, spec, spec.default_lr if lr is None else lr, params, bs)
+    compiled, opt_state, _ = _compile(problem, spec, spec.lr_for(problem) if lr is None else lr, params, bs)
     times: list[float] = []
     epoch = 0
     while len(times) < n_steps:

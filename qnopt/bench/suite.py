@@ -101,7 +101,7 @@ def run_suite(
         _log(quiet, f"[{pname}] {problem.description}; {info.n_params} params, batch {bs}")
         p_runs: list[RunResult] = []
         for spec in specs:
-            grid = list(spec.lr_grid) if sweep else list(lrs.get(spec.name, [spec.default_lr]))
+            grid = list(spec.grid_for(problem)) if sweep else list(lrs.get(spec.name, [spec.lr_for(problem)]))
             runs = []
             for lr in grid:
                 r = run_one(problem, spec, lr, epochs=epochs, seed=seed, batch_size=batch_size,

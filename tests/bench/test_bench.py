@@ -29,6 +29,10 @@ def test_registry_is_table_like():
     assert {"adam", "sgd", "lbfgs", "slimqn"} <= set(OPTIMIZERS)
     assert OPTIMIZERS["lbfgs"].needs_value_fn and not OPTIMIZERS["adam"].needs_value_fn
     assert OPTIMIZERS["slimqn"].default_lr == 0.1 and OPTIMIZERS["slimqn"].lr_grid == (0.3, 0.1, 0.03)
+    # per-problem settings: keyed by "problem/dataset" first, then "problem"
+    slim = OPTIMIZERS["slimqn"]
+    assert slim.lr_for("autoencoder") == 0.1 and slim.grid_for("logreg") == (0.3, 0.1, 0.03)
+    assert slim.build(0.1, "logreg") is not None and slim.tuned["logreg"].kwargs == {"update_every": 5}
     assert OPTIMIZERS["adam"].default_lr == 1e-3
 
 
@@ -116,7 +120,7 @@ def test_cli_sweep_without_adam_uses_separate_timing(tmp_path, capsys):
                    "--steps-per-epoch", "2", "--adam-timing-steps", "3", "--out", str(tmp_path), "--quiet"])
     assert rc == 0
     report = json.loads((tmp_path / "results.json").read_text())
-    assert len(report["runs"]) == len(OPTIMIZERS["sgd"].lr_grid)
+    assert len(report["runs"]) == len(OPTIMIZERS["sgd"].grid_for("logreg"))
     assert sum(r["selected"] for r in report["runs"]) == 1
     assert "separate timing" in report["problems"][0]["adam_step_time_source"]
     assert all(r["step_time_ratio"] > 0 for r in report["runs"])
