@@ -20,6 +20,7 @@ from qnopt.linalg.tree import (
     tree_scale,
     tree_stack_combine,
     tree_stack_dot,
+    tree_stack_dot_many,
     tree_stack_set,
     tree_vdot,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "tree_scale",
     "tree_stack_combine",
     "tree_stack_dot",
+    "tree_stack_dot_many",
     "tree_stack_set",
     "tree_vdot",
 ]

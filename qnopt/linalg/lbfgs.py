@@ -19,6 +19,7 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
+from jax.typing import ArrayLike
 
 from qnopt.linalg.tree import (
     accumulation_dtype,
@@ -92,28 +93,51 @@ def lbfgs_memory_init(like: PyTree, memory_size: int, dtype: Optional[Any] = Non
     )
 
 
-def lbfgs_memory_push(memory: LbfgsMemory, s: PyTree, y: PyTree) -> LbfgsMemory:
+def lbfgs_memory_push(memory: LbfgsMemory, s: PyTree, y: PyTree, accept: ArrayLike = True) -> LbfgsMemory:
     """Store the pair ``(s, y)``, overwriting the oldest one when the memory is full.
 
-    The caller guarantees ``sᵀy > 0`` (damping); the Gram matrices are refreshed in one
-    pass over the memory.
+    The caller guarantees ``sᵀy > 0`` for accepted pairs (damping). With ``accept`` False
+    (a traced boolean is fine) the memory comes back unchanged, and the Gram update (one
+    pass over the memory) is skipped by a ``lax.cond``.
+
+    The new pair is written into its slot in place (with the state donated to
+    ``jax.jit`` nothing else is copied). For that, every read of the memory in the same
+    step must come before the write as a *data* dependency, or XLA copies the whole memory
+    to protect the reads: the Gram products are folded into the write's predicate here
+    (a non-finite Gram row rejects the pair), and a caller that also reads the memory
+    (e.g. to precondition) should fold those results into ``accept`` the same way
+    (see :func:`qnopt.scale_by_slimqn`).
     """
     m = memory.written_at.shape[0]
+    accept = jnp.asarray(accept, bool)
     slot = memory.num_pushed % m
-    new_s = tree_stack_set(memory.s, slot, s)
-    new_y = tree_stack_set(memory.y, slot, y)
-    s_dot_y = tree_stack_dot(new_y, s)  # s_newᵀ y_j for every slot j
-    y_dot_s = tree_stack_dot(new_s, y)  # s_iᵀ y_new for every slot i
-    y_dot_y = tree_stack_dot(new_y, y)  # y_iᵀ y_new
-    sy = memory.sy.at[slot, :].set(s_dot_y).at[:, slot].set(y_dot_s)
-    yy = memory.yy.at[slot, :].set(y_dot_y).at[:, slot].set(y_dot_y)
+
+    def grams():
+        # Products with the *old* memory (read before the slot is overwritten), then the
+        # slot's own entries from the new pair.
+        sy_new, yy_new = tree_vdot(s, y), tree_vdot(y, y)
+        s_dot_y = tree_stack_dot(memory.y, s).at[slot].set(sy_new)  # s_newᵀ y_j for every slot j
+        y_dot_s = tree_stack_dot(memory.s, y).at[slot].set(sy_new)  # s_iᵀ y_new for every slot i
+        y_dot_y = tree_stack_dot(memory.y, y).at[slot].set(yy_new)  # y_iᵀ y_new
+        sy = memory.sy.at[slot, :].set(s_dot_y.astype(memory.sy.dtype)).at[:, slot].set(y_dot_s.astype(memory.sy.dtype))
+        yy = memory.yy.at[slot, :].set(y_dot_y.astype(memory.yy.dtype)).at[:, slot].set(y_dot_y.astype(memory.yy.dtype))
+        return sy, yy
+
+    sy, yy = jax.lax.cond(accept, grams, lambda: (memory.sy, memory.yy))
+    accept = accept & jnp.all(jnp.isfinite(sy)) & jnp.all(jnp.isfinite(yy))
+
+    def write(stack, new):
+        return jax.tree.map(
+            lambda st, x: st.at[slot].set(jnp.where(accept, x.astype(st.dtype), st[slot])), stack, new
+        )
+
     return LbfgsMemory(
-        s=new_s,
-        y=new_y,
-        sy=sy,
-        yy=yy,
-        written_at=memory.written_at.at[slot].set(memory.num_pushed),
-        num_pushed=memory.num_pushed + 1,
+        s=write(memory.s, s),
+        y=write(memory.y, y),
+        sy=jnp.where(accept, sy, memory.sy),
+        yy=jnp.where(accept, yy, memory.yy),
+        written_at=jnp.where(accept, memory.written_at.at[slot].set(memory.num_pushed), memory.written_at),
+        num_pushed=memory.num_pushed + accept.astype(memory.num_pushed.dtype),
     )
 
 
@@ -242,7 +266,11 @@ def _memory_order(memory: LbfgsMemory) -> tuple[jax.Array, jax.Array]:
     return jnp.argsort(memory.written_at), valid
 
 
-def lbfgs_compact(memory: LbfgsMemory, g: PyTree, gamma: Optional[jax.Array] = None) -> PyTree:
+def lbfgs_compact(
+    memory: LbfgsMemory,
+    g: PyTree,
+    gamma: Optional[jax.Array] = None,
+) -> PyTree:
     r"""Apply the L-BFGS inverse approximation to ``g`` through the compact form.
 
     Same matrix as :func:`lbfgs_two_loop` (see :func:`compact_inverse_coefficients`), but
@@ -266,9 +294,7 @@ def lbfgs_compact(memory: LbfgsMemory, g: PyTree, gamma: Optional[jax.Array] = N
     p, q = compact_inverse_coefficients(memory.sy, memory.yy, a, b, gamma, order, valid)
     sp = tree_stack_combine(memory.s, p[:, 0])
     yq = tree_stack_combine(memory.y, q[:, 0])
-    return jax.tree.map(
-        lambda gi, u, v: (gamma * gi.astype(u.dtype) + u + v).astype(gi.dtype), g, sp, yq
-    )
+    return jax.tree.map(lambda gi, u, v: (gamma * gi.astype(u.dtype) + u + v).astype(gi.dtype), g, sp, yq)
 
 
 def lbfgs_compact_matrix(S: jax.Array, Y: jax.Array, X: jax.Array, gamma: jax.Array) -> jax.Array:

@@ -8,7 +8,7 @@ accumulate in at least float32 whatever the leaf dtype.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,7 @@ __all__ = [
     "tree_scale",
     "tree_lerp",
     "tree_stack_dot",
+    "tree_stack_dot_many",
     "tree_stack_combine",
     "tree_stack_set",
     "tree_all_finite",
@@ -85,10 +86,21 @@ def tree_stack_dot(stack: PyTree, v: PyTree) -> jax.Array:
     ``stack`` has the structure of ``v`` with an extra leading axis of size m on each leaf.
     One matrix-vector product per leaf (a single pass over the memory).
     """
+    return tree_stack_dot_many(stack, [v])[:, 0]
+
+
+def tree_stack_dot_many(stack: PyTree, vs: Sequence[PyTree]) -> jax.Array:
+    """``(m, k)`` inner products of every stacked vector with each of ``k`` vectors ``vs``.
+
+    The memory is read once (one ``(m, n) @ (n, k)`` product per leaf): on
+    bandwidth-bound hardware projecting several vectors costs what projecting one does.
+    """
     parts = []
-    for st, x in zip(jax.tree.leaves(stack), jax.tree.leaves(v)):
-        dt = accumulation_dtype(jnp.promote_types(st.dtype, x.dtype))
-        parts.append(jnp.matmul(st.reshape(st.shape[0], -1).astype(dt), x.reshape(-1).astype(dt), precision=_HIGHEST))
+    for leaves in zip(jax.tree.leaves(stack), *[jax.tree.leaves(v) for v in vs]):
+        st, xs = leaves[0], leaves[1:]
+        dt = functools.reduce(jnp.promote_types, [x.dtype for x in xs], accumulation_dtype(st.dtype))
+        rhs = jnp.stack([x.reshape(-1).astype(dt) for x in xs], axis=1)
+        parts.append(jnp.matmul(st.reshape(st.shape[0], -1).astype(dt), rhs, precision=_HIGHEST))
     return functools.reduce(jnp.add, parts)
 
 

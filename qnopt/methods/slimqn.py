@@ -26,7 +26,6 @@ import optax
 from qnopt.base import check_like, check_range, guard_nonfinite, require_params
 from qnopt.damping import slimqn_damp
 from qnopt.linalg import (
-    LbfgsMemory,
     accumulation_dtype,
     lbfgs_compact,
     lbfgs_memory_init,
@@ -40,7 +39,7 @@ PyTree = Any
 
 __all__ = ["ScaleBySlimQNState", "scale_by_slimqn"]
 
-_PRECONDITIONERS = {"compact": lbfgs_compact, "two_loop": lbfgs_two_loop}
+_PRECONDITIONERS = ("compact", "two_loop")
 
 
 class ScaleBySlimQNState(NamedTuple):
@@ -130,20 +129,25 @@ def scale_by_slimqn(
     check_range("sigma_l", sigma_l, 0.0, 1.0, low_open=True)
     check_range("sigma_h", sigma_h, 1.0)
     check_range("weight_decay", weight_decay, 0.0)
-    apply_h = _PRECONDITIONERS[preconditioner]
     tau0 = 1.0 - damping
 
     def init_fn(params: PyTree) -> ScaleBySlimQNState:
-        acc = jax.tree.map(lambda p: jnp.asarray(p).astype(accumulation_dtype(jnp.asarray(p).dtype)), params)
-        zeros = jax.tree.map(jnp.zeros_like, acc)
+        # Fresh buffers for every leaf (never the params' own buffers, never one buffer twice),
+        # so the state can be donated to a jitted step together with the params.
+        def acc():
+            return jax.tree.map(lambda p: jnp.array(p, dtype=accumulation_dtype(jnp.asarray(p).dtype), copy=True), params)
+
+        def zeros():
+            return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), accumulation_dtype(jnp.asarray(p).dtype)), params)
+
         return ScaleBySlimQNState(
             count=jnp.zeros((), jnp.int32),
-            mtheta=acc,  # Mθ_0 = θ_0
-            mgrad=zeros,
-            mtheta_prev=acc,
-            mgrad_prev=zeros,
-            memory=lbfgs_memory_init(acc, memory_size),
-            momentum=zeros,
+            mtheta=acc(),  # Mθ_0 = θ_0
+            mgrad=zeros(),
+            mtheta_prev=acc(),
+            mgrad_prev=zeros(),
+            memory=lbfgs_memory_init(params, memory_size),
+            momentum=zeros(),
             tau=jnp.asarray(tau0, jnp.float32),
         )
 
@@ -163,29 +167,42 @@ def scale_by_slimqn(
             lambda m, gi: jnp.where(state.count == 0, gi, beta2 * m + (1 - beta2) * gi), state.mgrad, g
         )
 
-        # Lines 7-11: SGD warm-up, then precondition with the pairs gathered so far.
-        n_warm = 2 * L if warmup is None else warmup
-        use_qn = (t > n_warm) & (state.memory.num_pushed > 0)
-        delta = jax.lax.cond(use_qn, lambda: apply_h(state.memory, g), lambda: g)
-        buf = jax.tree.map(lambda b, d: momentum * b + d, state.momentum, delta)
+        # Lines 12-17 (their inputs): every L steps (t > L), a damped pair from the momenta,
+        # only on finite steps; formed in a cond whose outputs are parameter-sized.
+        pair_step = (t % L == 0) & (t > L) & ok
 
-        # Lines 12-17: every L steps, a damped pair from the momenta (only on finite steps).
-        def new_pair(memory: LbfgsMemory, tau):
+        def new_pair():
             s = jax.tree.map(jnp.subtract, mtheta, state.mtheta_prev)
             y = jax.tree.map(jnp.subtract, mgrad, state.mgrad_prev)
             y_hat, tau_k = slimqn_damp(s, y, sigma_l, sigma_h, tau0)
             keep = tree_vdot(s, s) > 0  # a zero step carries no curvature
-            memory = jax.lax.cond(keep, lambda: lbfgs_memory_push(memory, s, y_hat), lambda: memory)
-            return memory, jnp.where(keep, tau_k, tau).astype(jnp.float32)
+            return s, y_hat, jnp.asarray(tau_k, state.tau.dtype), keep
 
-        def periodic():
-            memory, tau = jax.lax.cond(t > L, new_pair, lambda m, tau: (m, tau), state.memory, state.tau)
-            return mtheta, mgrad, memory, tau
+        def no_pair():
+            zeros = jax.tree.map(jnp.zeros_like, mtheta)
+            return zeros, zeros, state.tau, jnp.asarray(False)
 
-        def idle():
-            return state.mtheta_prev, state.mgrad_prev, state.memory, state.tau
+        s, y_hat, tau_k, keep = jax.lax.cond(pair_step, new_pair, no_pair)
 
-        mtheta_prev, mgrad_prev, memory, tau = jax.lax.cond((t % L == 0) & ok, periodic, idle)
+        # Lines 7-11: SGD warm-up, then precondition with the pairs gathered so far (the
+        # memory as it was before this step's pair). H·g is computed every step and selected
+        # (not in a cond): reading the memory inside a cond that precedes the in-place write
+        # of the new pair makes XLA copy the whole memory. The warm-up wastes 2L such reads.
+        n_warm = 2 * L if warmup is None else warmup
+        use_qn = (t > n_warm) & (state.memory.num_pushed > 0)
+        hg = (lbfgs_compact if preconditioner == "compact" else lbfgs_two_loop)(state.memory, g)
+        delta = guard_nonfinite(use_qn, hg, g)
+        buf = jax.tree.map(lambda bu, d: momentum * bu + d, state.momentum, delta)
+
+        # Lines 13-17: push the damped pair (one slot written in place).
+        # The push is conditioned on the step's read of the memory (H·g) being finite. Besides never storing a pair from a broken step, this makes the
+        # in-place write data-dependent on every read, so XLA orders them without copying
+        # the memory (an explicit dependency; an optimization_barrier does not prevent it).
+        memory = lbfgs_memory_push(state.memory, s, y_hat, keep & tree_all_finite(hg))
+        tau = jnp.where(keep, tau_k, state.tau)
+        snapshot = (t % L == 0) & ok  # Mθ_{t-L}, Mg_{t-L} for the next pair
+        mtheta_prev = guard_nonfinite(snapshot, mtheta, state.mtheta_prev)
+        mgrad_prev = guard_nonfinite(snapshot, mgrad, state.mgrad_prev)
 
         small_new = (t.astype(jnp.int32), mtheta, mgrad, buf)
         small_old = (state.count, state.mtheta, state.mgrad, state.momentum)
