@@ -166,7 +166,9 @@ def _compile(problem: Problem, spec: OptimizerSpec, lr: float, params: Params, b
     if spec.needs_oracle:
         raise NotImplementedError(f"{spec.name}: optimizers needing an oracle are not supported by the runner yet")
     opt = spec.build(lr, problem)
-    opt_state = opt.init(params)
+    # Fresh buffers per leaf: an optimizer state may hold one buffer twice or share the
+    # params' buffers (optax.lbfgs does), which donation would reject.
+    opt_state = jax.tree.map(jnp.copy, opt.init(params))
     step = make_step(problem.loss_fn, opt, spec.needs_value_fn)
     d = problem.data
     example = (jnp.asarray(d.x_train[:batch_size]), jnp.asarray(d.y_train[:batch_size]))
