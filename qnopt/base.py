@@ -11,7 +11,7 @@ from qnopt.linalg.tree import tree_all_finite
 
 PyTree = Any
 
-__all__ = ["require_params", "guard_nonfinite", "check_range", "cast_like", "tree_all_finite", "check_like"]
+__all__ = ["require_params", "check_range", "cast_like", "tree_all_finite", "check_like"]
 
 
 def require_params(params: PyTree, method: str) -> PyTree:
@@ -45,19 +45,6 @@ def check_range(name: str, value: Any, low: float | None = None, high: float | N
 def cast_like(tree: PyTree, like: PyTree) -> PyTree:
     """Cast every leaf of ``tree`` to the dtype of the matching leaf of ``like``."""
     return jax.tree.map(lambda x, y: x.astype(y.dtype), tree, like)
-
-
-def guard_nonfinite(ok: jax.Array, new: PyTree, old: PyTree) -> PyTree:
-    """Select ``new`` where the step is valid and ``old`` otherwise, leaf by leaf.
-
-    Every qnopt transformation computes ``ok = tree_all_finite(grads)`` once and uses it
-    twice: folded into the predicate of its periodic ``lax.cond`` work (so large curvature
-    memory is never touched by a bad step), and through this function for the cheap
-    per-step state and the updates (``old`` = zeros for updates). A step whose gradients
-    hold NaN or Inf therefore returns zero updates and leaves the state exactly as it was:
-    no recompilation, no host synchronisation.
-    """
-    return jax.tree.map(lambda n, o: jnp.where(ok, n, o.astype(n.dtype)), new, old)
 
 
 def check_like(tree: PyTree, ref: PyTree, what: str, method: str) -> None:

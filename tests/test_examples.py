@@ -26,3 +26,11 @@ def test_quickstart_notebook_code_cells_run(tmp_path, monkeypatch):
     exec(compile(code, "quickstart.ipynb", "exec"), scope)
     assert set(scope["curves"]) == {"slimqn", "sgd-momentum", "adam"}
     assert (tmp_path / "nb.png").exists()
+
+
+def test_readme_quickstart_runs():
+    readme = (ROOT / "README.md").read_text()
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert float(scope["loss"]) < 2.3  # it trained (log 10 ≈ 2.30 at chance)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from qnopt.base import check_like, check_range, guard_nonfinite, require_params
+from qnopt.base import check_like, check_range, require_params
 from qnopt.damping import slimqn_damp
 from qnopt.linalg import (
     accumulation_dtype,
@@ -162,9 +162,14 @@ def scale_by_slimqn(
         cast = lambda tree: jax.tree.map(lambda x, r: x.astype(r.dtype), tree, state.mtheta)
         theta = cast(params)
         g = jax.tree.map(lambda gi, th: gi + weight_decay * th, cast(updates), theta)  # line 4
-        mtheta = jax.tree.map(lambda m, th: beta1 * m + (1 - beta1) * th, state.mtheta, theta)  # line 5
+        # Each per-step state update is guarded where it is computed (one fused pass per
+        # leaf): a non-finite step leaves it as it was.
+        mtheta = jax.tree.map(  # line 5
+            lambda m, th: jnp.where(ok, beta1 * m + (1 - beta1) * th, m), state.mtheta, theta
+        )
         mgrad = jax.tree.map(  # line 6, Mg_0 = g_first
-            lambda m, gi: jnp.where(state.count == 0, gi, beta2 * m + (1 - beta2) * gi), state.mgrad, g
+            lambda m, gi: jnp.where(ok, jnp.where(state.count == 0, gi, beta2 * m + (1 - beta2) * gi), m),
+            state.mgrad, g,
         )
 
         # Lines 12-17 (their inputs): every L steps (t > L), a damped pair from the momenta,
@@ -191,24 +196,22 @@ def scale_by_slimqn(
         n_warm = 2 * L if warmup is None else warmup
         use_qn = (t > n_warm) & (state.memory.num_pushed > 0)
         hg = (lbfgs_compact if preconditioner == "compact" else lbfgs_two_loop)(state.memory, g)
-        delta = guard_nonfinite(use_qn, hg, g)
-        buf = jax.tree.map(lambda bu, d: momentum * bu + d, state.momentum, delta)
+        delta = optax.tree.where(use_qn, hg, g)
+        buf = jax.tree.map(lambda bu, d: jnp.where(ok, momentum * bu + d, bu), state.momentum, delta)
 
         # Lines 13-17: push the damped pair (one slot written in place).
-        # The push is conditioned on the step's read of the memory (H·g) being finite. Besides never storing a pair from a broken step, this makes the
-        # in-place write data-dependent on every read, so XLA orders them without copying
-        # the memory (an explicit dependency; an optimization_barrier does not prevent it).
+        # The push is conditioned on the step's read of the memory (H·g) being finite.
+        # Besides never storing a pair from a broken step, this makes the in-place write
+        # data-dependent on every read, so XLA orders them without copying the memory (an
+        # explicit dependency; an optimization_barrier does not prevent the copy).
         memory = lbfgs_memory_push(state.memory, s, y_hat, keep & tree_all_finite(hg))
         tau = jnp.where(keep, tau_k, state.tau)
         snapshot = (t % L == 0) & ok  # Mθ_{t-L}, Mg_{t-L} for the next pair
-        mtheta_prev = guard_nonfinite(snapshot, mtheta, state.mtheta_prev)
-        mgrad_prev = guard_nonfinite(snapshot, mgrad, state.mgrad_prev)
+        mtheta_prev = optax.tree.where(snapshot, mtheta, state.mtheta_prev)
+        mgrad_prev = optax.tree.where(snapshot, mgrad, state.mgrad_prev)
 
-        small_new = (t.astype(jnp.int32), mtheta, mgrad, buf)
-        small_old = (state.count, state.mtheta, state.mgrad, state.momentum)
-        count, mtheta, mgrad, buf = guard_nonfinite(ok, small_new, small_old)
-        out = guard_nonfinite(ok, buf, jax.tree.map(jnp.zeros_like, buf))
-        out = jax.tree.map(lambda o, u: o.astype(jnp.asarray(u).dtype), out, updates)
+        count = jnp.where(ok, t, state.count).astype(jnp.int32)
+        out = jax.tree.map(lambda b, u: jnp.where(ok, b, 0).astype(jnp.asarray(u).dtype), buf, updates)
         new_state = ScaleBySlimQNState(count, mtheta, mgrad, mtheta_prev, mgrad_prev, memory, buf, tau)
         return out, new_state
 
