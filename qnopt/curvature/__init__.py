@@ -1,0 +1,43 @@
+"""Curvature estimators: Kronecker factors of dense and convolutional layers.
+
+* Conv input patches in the flattening order of a Flax ``Conv`` kernel: :func:`conv_patches`.
+* Factors ``A = E[ā āᵀ]`` and ``G = E[g gᵀ]`` (empirical or sampled Fisher, depending on the
+  gradients passed): :func:`dense_A`, :func:`dense_G`, :func:`conv_A`, :func:`conv_G`, with
+  the homogeneous coordinate :func:`append_ones` and the mean input :func:`mean_input`.
+* ``A @ s`` without forming ``A`` (Ren thesis eq. 3.15, "minibatched Hessian-action"):
+  :func:`dense_A_matvec`, :func:`conv_A_matvec`.
+* Kronecker products in the layer-matrix layout ``(d_out, d_in)``: :func:`kron_matvec`,
+  :func:`kron_inverse_apply`.
+* Moving averages of factors: :func:`ema_update`, :func:`warmup_decay`, :func:`init_factor`.
+
+Conventions. ``W = [weight, bias]`` has shape ``(d_out, d_in + 1)`` and acts on ``ā = [a, 1]``;
+``vec`` stacks columns, so ``vec(g āᵀ) = ā ⊗ g`` and the layer curvature is ``A ⊗ G``. ``G``
+is built from *per-example* gradients (``batch_mean=True`` when passing gradients of the mean
+loss). Convolutions follow thesis eq. (3.9) / KFC: ``A`` sums over spatial positions, ``G``
+averages over them (``spatial=`` selects ``"sum"``, ``"mean"`` or the §3.4.3 ``"sqrt"``
+rebalancing). All functions are pure and jit-compatible.
+"""
+
+from qnopt.curvature.ema import ema_update, init_factor, warmup_decay
+from qnopt.curvature.kronecker import (Spatial, append_ones, conv_A, conv_A_matvec, conv_G,
+                                       dense_A, dense_A_matvec, dense_G, kron_inverse_apply,
+                                       kron_matvec, mean_input)
+from qnopt.curvature.patches import conv_patches
+
+__all__ = [
+    "Spatial",
+    "append_ones",
+    "conv_A",
+    "conv_A_matvec",
+    "conv_G",
+    "conv_patches",
+    "dense_A",
+    "dense_A_matvec",
+    "dense_G",
+    "ema_update",
+    "init_factor",
+    "kron_inverse_apply",
+    "kron_matvec",
+    "mean_input",
+    "warmup_decay",
+]
