@@ -7,13 +7,15 @@ learning rate. The primitives they are built from live in ``qnopt.linalg`` and `
 
 __version__ = "0.1.0"
 
-from qnopt import base, damping, data, linalg, sharding, testing
+from qnopt import base, capture, curvature, damping, data, linalg, sharding, testing
 from qnopt.alias import slimqn
 from qnopt.methods import ScaleBySlimQNState, scale_by_slimqn
 
 __all__ = [
     "__version__",
     "base",
+    "capture",
+    "curvature",
     "damping",
     "data",
     "testing",
