@@ -204,8 +204,9 @@ def scale_by_slimqn(
         # Besides never storing a pair from a broken step, this makes the in-place write
         # data-dependent on every read, so XLA orders them without copying the memory (an
         # explicit dependency; an optimization_barrier does not prevent the copy).
-        memory = lbfgs_memory_push(state.memory, s, y_hat, keep & tree_all_finite(hg))
-        tau = jnp.where(keep, tau_k, state.tau)
+        accept = keep & tree_all_finite(hg)
+        memory = lbfgs_memory_push(state.memory, s, y_hat, accept)
+        tau = jnp.where(accept, tau_k, state.tau)
         snapshot = (t % L == 0) & ok  # Mθ_{t-L}, Mg_{t-L} for the next pair
         mtheta_prev = optax.tree.where(snapshot, mtheta, state.mtheta_prev)
         mgrad_prev = optax.tree.where(snapshot, mgrad, state.mgrad_prev)
