@@ -8,6 +8,8 @@
   :func:`dense_A_matvec`, :func:`conv_A_matvec`.
 * Kronecker products in the layer-matrix layout ``(d_out, d_in)``: :func:`kron_matvec`,
   :func:`kron_inverse_apply`.
+* Curvature-vector products and per-example Gram matrices: :func:`hvp`, :func:`ggn_vp`,
+  :func:`layer_gram`, :func:`gram`.
 * Moving averages of factors: :func:`ema_update`, :func:`warmup_decay`, :func:`init_factor`.
 
 Conventions. ``W = [weight, bias]`` has shape ``(d_out, d_in + 1)`` and acts on ``ā = [a, 1]``;
@@ -23,6 +25,7 @@ from qnopt.curvature.kronecker import (Spatial, append_ones, conv_A, conv_A_matv
                                        dense_A, dense_A_matvec, dense_G, kron_inverse_apply,
                                        kron_matvec, mean_input)
 from qnopt.curvature.patches import conv_patches
+from qnopt.curvature.products import ggn_vp, gram, hvp, layer_gram
 
 __all__ = [
     "Spatial",
@@ -34,10 +37,14 @@ __all__ = [
     "dense_A",
     "dense_A_matvec",
     "dense_G",
+    "ggn_vp",
+    "gram",
+    "hvp",
     "ema_update",
     "init_factor",
     "kron_inverse_apply",
     "kron_matvec",
+    "layer_gram",
     "mean_input",
     "warmup_decay",
 ]
