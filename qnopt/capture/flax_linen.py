@@ -1,0 +1,609 @@
+"""Capture of layer statistics from Flax Linen models, and the curvature oracle built on it.
+
+:func:`linen_capture` wraps a ``flax.linen`` model and a registered loss (see
+:mod:`qnopt.capture.losses`). Its :meth:`LinenCapture.oracle` runs ONE forward/backward pass
+on a minibatch and exposes, lazily, what curvature methods need:
+
+* the mean loss, its gradient, the model outputs;
+* for every captured layer ``h = W a + b`` the layer input ``a`` and the gradient ``Dh`` of the
+  *mean* loss with respect to the pre-activation ``h`` (``layers``);
+* a second pass at new parameters on the same batch (``at``), the loss at trial parameters
+  (``value``) and per-example gradients (``per_example_grads``, the reference path).
+
+How it captures. Only Flax's public API is used, no jaxpr matching: an interceptor registered
+with :func:`flax.linen.intercept_methods` acts on ``__call__`` of :class:`flax.linen.Dense`,
+:class:`flax.linen.DenseGeneral` and :class:`flax.linen.Conv` (subclasses included) and passes
+every other call through untouched. For a captured call it
+
+1. records the layer input ``a`` with ``module.sow`` into the collection ``"qnopt_capture"``
+   (together with the output ``h``);
+2. routes the output through ``module.perturb("qnopt_dh", h, collection="qnopt_perturbations")``:
+   a zero variable is added to ``h``, so the gradient with respect to that variable is ``Dh``.
+
+The perturbation shapes come from :func:`jax.eval_shape` of an ``apply`` with the perturbation
+collection mutable (Flax then creates the zero variables); the mean loss is differentiated
+with respect to ``(params, perturbations)`` in one :func:`jax.value_and_grad` pass.
+
+Conventions. ``dh`` is the gradient of the MEAN loss ``(1/N) Σ_n ℓ_n``, so it carries the
+factor ``1/N``: the kernel gradient is ``Σ_n a_nᵀ dh_n`` (dense) or ``Σ_{n,t} patches_{n,t}ᵀ
+dh_{n,t}`` (conv, kernel reshaped ``(-1, c_out)``) and the bias gradient is ``Σ dh``; the
+per-example pre-activation gradients are ``N · dh``. ``a`` is stored WITHOUT the homogeneous 1
+(see :attr:`LayerStats.a_bar` and :func:`qnopt.curvature.append_ones`).
+
+Supported layers and restrictions (a captured call outside them raises ``NotImplementedError``
+naming the layer; exclude it with ``layers=`` to leave it to the fallback):
+
+* ``Dense``: inputs ``(N, ..., d_in)``; extra middle axes are treated like spatial positions.
+* ``DenseGeneral``: ``batch_dims=()`` and ``axis`` a set of *trailing* axes (default ``-1``);
+  it is the dense map from the flattened contracted axes to the flattened ``features``.
+* ``Conv``: 1-, 2- or 3-D, one leading batch axis, any strides / padding / kernel dilation /
+  input dilation, ``feature_group_count=1``, no ``mask``.
+* A module called more than once per apply (weight sharing) is not supported.
+
+Parameters of other modules (normalisation scales, embeddings, ...) are not captured; their
+gradients are still in :attr:`Oracle.grads`, and :meth:`LinenCapture.table` reports them as
+``fallback``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Iterable, Optional, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qnopt.capture.losses import Loss, get_loss
+from qnopt.curvature.kronecker import append_ones
+from qnopt.curvature.patches import conv_patches
+
+__all__ = ["LayerInfo", "LayerStats", "LinenCapture", "Oracle", "linen_capture"]
+
+SOW_COLLECTION = "qnopt_capture"
+PERTURB_COLLECTION = "qnopt_perturbations"
+_A = "qnopt_a"
+_H = "qnopt_h"
+_DH = "qnopt_dh"
+
+CAPTURED_CLASSES = (nn.Dense, nn.DenseGeneral, nn.Conv)
+_CAPTURED_NAMES = "flax.linen.Dense, flax.linen.DenseGeneral and flax.linen.Conv"
+
+
+def _path_name(path: tuple) -> str:
+    return "/".join(str(p) for p in path) if path else "<root>"
+
+
+def _to_tuple(x, n: int) -> tuple:
+    if x is None:
+        return (1,) * n
+    if isinstance(x, int):
+        return (x,) * n
+    return tuple(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerInfo:
+    """Static description of one captured layer (hashable, known at trace time).
+
+    Attributes:
+      name: the module path joined with ``/`` (``"<root>"`` for the top module).
+      path: the module path as a tuple of names.
+      kind: ``"dense"`` (Dense, DenseGeneral) or ``"conv"``.
+      module_class: the module's class name.
+      param_paths: ``{"kernel": path}`` plus ``"bias": path`` if the layer has a bias; paths are
+        tuples of keys into the ``params`` tree.
+      kernel_shape: shape of the kernel parameter.
+      has_bias: whether the layer has a bias.
+      d_in, d_out: sizes of the layer as a matrix map ``(d_out, d_in)``; the kernel reshaped to
+        ``(d_in, d_out)`` is the matrix acting on ``a`` (conv: ``d_in = prod(kernel_size)·c_in``).
+      spatial_size: number of positions ``|T|`` the map is applied at per example (1 for a dense
+        layer on ``(N, d_in)`` inputs; conv: the number of output positions).
+      in_shape, out_shape: shapes of ``a`` and ``h``.
+      bias_shape: shape of the bias (the output feature axes; also when there is no bias).
+      kernel_size, strides, padding, dilation, input_dilation: conv geometry, as needed by
+        :func:`qnopt.curvature.conv_patches` (``None`` for dense layers).
+    """
+
+    name: str
+    path: tuple
+    kind: str
+    module_class: str
+    param_paths: tuple  # ((role, path), ...) kept as a tuple for hashability
+    kernel_shape: tuple
+    has_bias: bool
+    d_in: int
+    d_out: int
+    spatial_size: int
+    in_shape: tuple
+    out_shape: tuple
+    bias_shape: tuple = ()
+    kernel_size: Optional[tuple] = None
+    strides: Optional[tuple] = None
+    padding: Any = None
+    dilation: Optional[tuple] = None
+    input_dilation: Optional[tuple] = None
+
+    @property
+    def params(self) -> dict:
+        """``{"kernel": path, "bias": path}`` (bias only when present)."""
+        return dict(self.param_paths)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerStats:
+    """Statistics of one captured layer on one minibatch.
+
+    Attributes:
+      a: the layer input as the module received it, WITHOUT the homogeneous 1: ``(N, d_in)``
+        for a dense layer on 2-D inputs, ``(N, ..., d_in)`` in general, the raw image
+        ``(N, *spatial, c_in)`` for a conv (see :meth:`patches`).
+      h: the layer output (pre-activation), ``(N, ..., d_out)``.
+      dh: gradient of the MEAN loss with respect to ``h`` (shape of ``h``); it carries the
+        factor ``1/N``: per-example pre-activation gradients are ``N · dh``.
+      spatial_size: ``|T|``, positions per example (1 for plain dense layers).
+      info: the static :class:`LayerInfo`.
+    """
+
+    a: jax.Array
+    h: jax.Array
+    dh: jax.Array
+    spatial_size: int
+    info: LayerInfo
+
+    @property
+    def a_bar(self) -> jax.Array:
+        """``ā = [a, 1]`` for dense layers (``append_ones(a)``); for convs, of the patches."""
+        if self.info.kind == "conv":
+            return append_ones(self.patches())
+        return append_ones(self.a)
+
+    def patches(self) -> jax.Array:
+        """Conv input patches ``(N, T, prod(kernel_size)·c_in)`` in the order of
+        ``kernel.reshape(-1, c_out)`` (computed on each call). Dense layers: :meth:`a_rows`."""
+        i = self.info
+        if i.kind != "conv":
+            return self.a_rows()
+        return conv_patches(self.a, i.kernel_size, strides=i.strides, padding=i.padding,
+                            dilation=i.dilation, input_dilation=i.input_dilation)
+
+    def a_rows(self) -> jax.Array:
+        """Inputs as ``(N, T, d_in)``: dense inputs with middle axes flattened, conv patches."""
+        if self.info.kind == "conv":
+            return self.patches()
+        n = self.a.shape[0]
+        return self.a.reshape(n, self.spatial_size, self.info.d_in)
+
+    def dh_rows(self) -> jax.Array:
+        """``dh`` as ``(N, T, d_out)`` (row ``(n, t)`` pairs with row ``(n, t)`` of
+        :meth:`a_rows`)."""
+        return self.dh.reshape(self.dh.shape[0], self.spatial_size, self.info.d_out)
+
+    def kernel_grad(self) -> jax.Array:
+        """``Σ_{n,t} a_{n,t}ᵀ dh_{n,t}`` reshaped to the kernel's shape (equals the gradient of
+        the mean loss with respect to the kernel)."""
+        g = jnp.einsum("nti,nto->io", self.a_rows(), self.dh_rows(),
+                       precision=jax.lax.Precision.HIGHEST)
+        return g.reshape(self.info.kernel_shape)
+
+    def bias_grad(self) -> jax.Array:
+        """``Σ_{n,t} dh_{n,t}`` in the bias's shape (the gradient of the mean loss w.r.t. it)."""
+        return jnp.sum(self.dh_rows(), axis=(0, 1)).reshape(self.info.bias_shape)
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _has(tree, path) -> bool:
+    try:
+        _get(tree, path)
+        return True
+    except (KeyError, TypeError, IndexError):
+        return False
+
+
+def _key_name(k) -> Any:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return getattr(k, attr)
+    return str(k)
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree)
+
+
+def _signature(*trees):
+    leaves, treedef = jax.tree.flatten(trees)
+    return treedef, tuple((tuple(jnp.shape(l)), str(jnp.result_type(l))) for l in leaves)
+
+
+def _layer_info(module, path: tuple, a_shape: tuple, h_shape: tuple) -> LayerInfo:
+    """Static geometry of a captured call; raises NotImplementedError for unsupported configs."""
+    name = _path_name(path)
+    cls = type(module).__name__
+    use_bias = bool(getattr(module, "use_bias", True))
+    roles = (("kernel", path + ("kernel",)),) + ((("bias", path + ("bias",)),) if use_bias else ())
+    if isinstance(module, nn.Conv):
+        kernel_size = ((module.kernel_size,) if isinstance(module.kernel_size, int)
+                       else tuple(module.kernel_size))
+        n = len(kernel_size)
+        if module.feature_group_count != 1:
+            raise NotImplementedError(
+                f"Layer {name!r} ({cls}): feature_group_count={module.feature_group_count} is not "
+                f"supported by qnopt.capture.linen (only 1). Exclude it with layers=... to leave "
+                f"its parameters to the fallback.")
+        if getattr(module, "mask", None) is not None:
+            raise NotImplementedError(f"Layer {name!r} ({cls}): masked convolutions are not "
+                                      f"supported by qnopt.capture.linen.")
+        if len(a_shape) != n + 2:
+            raise NotImplementedError(
+                f"Layer {name!r} ({cls}): input of shape {a_shape}; qnopt.capture.linen needs "
+                f"exactly one leading batch axis, (N, *spatial[{n}], c_in).")
+        c_in, c_out = a_shape[-1], h_shape[-1]
+        t = math.prod(h_shape[1:-1])
+        return LayerInfo(
+            name=name, path=path, kind="conv", module_class=cls, param_paths=roles,
+            kernel_shape=tuple(kernel_size) + (c_in, c_out), has_bias=use_bias,
+            d_in=math.prod(kernel_size) * c_in, d_out=c_out, spatial_size=t,
+            in_shape=tuple(a_shape), out_shape=tuple(h_shape), bias_shape=(c_out,),
+            kernel_size=kernel_size,
+            strides=_to_tuple(module.strides, n), padding=module.padding,
+            dilation=_to_tuple(module.kernel_dilation, n),
+            input_dilation=_to_tuple(module.input_dilation, n))
+    if len(a_shape) < 2:
+        raise NotImplementedError(f"Layer {name!r} ({cls}): input of shape {a_shape}; "
+                                  f"qnopt.capture.linen needs a leading batch axis.")
+    if isinstance(module, nn.DenseGeneral):
+        if _to_tuple(module.batch_dims, 1) != ():
+            raise NotImplementedError(
+                f"Layer {name!r} (DenseGeneral): batch_dims={module.batch_dims} is not supported "
+                f"by qnopt.capture.linen (only batch_dims=()).")
+        axis = (module.axis,) if isinstance(module.axis, int) else tuple(module.axis)
+        nd = len(a_shape)
+        axis = tuple(sorted(ax % nd for ax in axis))
+        k = len(axis)
+        if axis != tuple(range(nd - k, nd)) or k >= nd:
+            raise NotImplementedError(
+                f"Layer {name!r} (DenseGeneral): axis={module.axis} on inputs of shape {a_shape} "
+                f"is not supported by qnopt.capture.linen (only trailing axes, e.g. -1 or "
+                f"(-2, -1), and never the batch axis 0).")
+        features = ((module.features,) if isinstance(module.features, int)
+                    else tuple(module.features))
+        in_feat = tuple(a_shape[nd - k:])
+        t = math.prod(a_shape[1:nd - k])
+        return LayerInfo(
+            name=name, path=path, kind="dense", module_class=cls, param_paths=roles,
+            kernel_shape=in_feat + features, has_bias=use_bias, d_in=math.prod(in_feat),
+            d_out=math.prod(features), spatial_size=t, in_shape=tuple(a_shape),
+            out_shape=tuple(h_shape), bias_shape=features)
+    # nn.Dense
+    d_in, d_out = a_shape[-1], h_shape[-1]
+    return LayerInfo(
+        name=name, path=path, kind="dense", module_class=cls, param_paths=roles,
+        kernel_shape=(d_in, d_out), has_bias=use_bias, d_in=d_in, d_out=d_out,
+        spatial_size=math.prod(a_shape[1:-1]), in_shape=tuple(a_shape), out_shape=tuple(h_shape),
+        bias_shape=(d_out,))
+
+
+@dataclasses.dataclass
+class _Discovery:
+    """What one abstract trace of the model found."""
+
+    infos: dict          # name -> LayerInfo (captured layers, call order)
+    modules: dict        # path tuple -> class name, for every module called
+    excluded: dict       # path tuple -> reason (capturable class, but not captured)
+    perturbations: Any   # abstract perturbation tree
+    outputs: Any         # abstract outputs
+
+
+class LinenCapture:
+    """A Flax Linen model with a loss, ready to build :class:`Oracle` objects.
+
+    Build with :func:`linen_capture`. Stateless apart from a cache of the abstract trace per
+    input/parameter shape; safe to use inside and outside :func:`jax.jit`.
+    """
+
+    def __init__(self, model: nn.Module, loss: Union[str, Loss], *,
+                 layers: Union[None, Iterable[str], Callable[[str], bool]] = None,
+                 input_key: Any = 0, target_key: Any = 1,
+                 apply_kwargs: Optional[dict] = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"linen_capture expects a flax.linen.Module, got "
+                            f"{type(model).__name__}.")
+        self.model = model
+        self.loss: Loss = get_loss(loss)
+        if layers is None or callable(layers):
+            self._select = layers
+            self._names = None
+        else:
+            self._names = frozenset(layers)
+            self._select = lambda name: name in self._names
+        self.input_key = input_key
+        self.target_key = target_key
+        self.apply_kwargs = dict(apply_kwargs or {})
+        self._cache: dict = {}
+
+    # -- batch helpers ------------------------------------------------------------------------
+
+    def split_batch(self, batch) -> tuple:
+        """``(inputs, targets)`` of a batch (``batch[input_key]``, ``batch[target_key]``)."""
+        return batch[self.input_key], batch[self.target_key]
+
+    # -- interception -------------------------------------------------------------------------
+
+    def _interceptor(self, record: Optional[dict]):
+        def interceptor(next_fun, args, kwargs, context):
+            module = context.module
+            if record is not None and context.method_name == "__call__":
+                record["modules"].setdefault(tuple(module.path), type(module).__name__)
+            if context.method_name != "__call__" or not isinstance(module, CAPTURED_CLASSES):
+                return next_fun(*args, **kwargs)
+            path = tuple(module.path)
+            name = _path_name(path)
+            if self._select is not None and not self._select(name):
+                if record is not None:
+                    record["excluded"][path] = "excluded by layers="
+                return next_fun(*args, **kwargs)
+            a = args[0] if args else kwargs["inputs"]
+            if record is not None and path in record["calls"]:
+                raise NotImplementedError(
+                    f"Layer {name!r} ({type(module).__name__}) is called more than once per "
+                    f"apply (weight sharing); qnopt.capture.linen does not support that. Exclude "
+                    f"it with layers=... to leave its parameters to the fallback.")
+            module.sow(SOW_COLLECTION, _A, a)
+            h = next_fun(*args, **kwargs)
+            if record is not None:
+                record["calls"][path] = _layer_info(module, path, tuple(jnp.shape(a)),
+                                                    tuple(jnp.shape(h)))
+            module.sow(SOW_COLLECTION, _H, h)
+            return module.perturb(_DH, h, collection=PERTURB_COLLECTION)
+
+        return interceptor
+
+    def _apply(self, variables, x, *, mutable, record=None):
+        with nn.intercept_methods(self._interceptor(record)):
+            return self.model.apply(variables, x, mutable=mutable, **self.apply_kwargs)
+
+    def _discover(self, params, x, targets=None) -> _Discovery:
+        key = _signature(params, x, targets)
+        if key in self._cache:
+            return self._cache[key]
+        record = {"modules": {}, "excluded": {}, "calls": {}}
+
+        def f(p, x_, t):
+            out, state = self._apply({"params": p}, x_, mutable=[PERTURB_COLLECTION,
+                                                                 SOW_COLLECTION], record=record)
+            if t is not None:
+                self.loss.per_example(out, t)  # shape checks: the loss's ValueError
+            return out, state.get(PERTURB_COLLECTION, {})
+
+        outputs, perts = jax.eval_shape(f, _abstract(params), _abstract(x),
+                                        None if targets is None else _abstract(targets))
+        infos = {}
+        for path, info in record["calls"].items():
+            for role, ppath in info.param_paths:
+                if not _has(params, ppath):
+                    raise ValueError(f"Layer {info.name!r}: expected parameter "
+                                     f"{'/'.join(map(str, ppath))} ({role}) in params.")
+            infos[info.name] = info
+        if self._names is not None:
+            capturable = set(infos) | {_path_name(p) for p in record["excluded"]}
+            unknown = self._names - capturable
+            if unknown:
+                raise ValueError(f"layers= names {sorted(unknown)} are not capturable layers of "
+                                 f"the model; capturable: {sorted(capturable)}.")
+        if not infos:
+            excl = (f" ({len(record['excluded'])} capturable layer(s) were excluded by layers=)"
+                    if record["excluded"] else "")
+            raise ValueError(
+                f"qnopt.capture.linen found no capturable layer in {type(self.model).__name__}"
+                f"{excl}. Captured layer classes are {_CAPTURED_NAMES} (and their subclasses). "
+                f"Build the model from these layers, or use a gradient-only method (which needs "
+                f"no curvature oracle).")
+        d = _Discovery(infos=infos, modules=dict(record["modules"]),
+                       excluded=dict(record["excluded"]), perturbations=perts, outputs=outputs)
+        self._cache[key] = d
+        return d
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def layer_info(self, params, batch) -> dict:
+        """``{name: LayerInfo}`` of the captured layers for this batch's input shape."""
+        x, t = self.split_batch(batch)
+        return dict(self._discover(params, x, t).infos)
+
+    def oracle(self, params, batch, key: Optional[jax.Array] = None) -> "Oracle":
+        """The curvature oracle at ``params`` on ``batch = (inputs, targets)``.
+
+        Shapes are checked now (trace time): mismatched targets raise the loss's
+        ``ValueError``. The forward/backward pass runs when a result is first asked for.
+        """
+        x, t = self.split_batch(batch)
+        disc = self._discover(params, x, t)
+        return Oracle(self, params, batch, key, disc)
+
+    def table(self, params, batch=None) -> str:
+        """A printable table: every parameter leaf with its treatment.
+
+        ``"dense layer X kernel"``, ``"conv layer Y bias"`` or ``"fallback (not captured:
+        <reason>)"``. Finding the layers needs an abstract trace of the model, hence an input:
+        pass ``batch`` (only shapes are used), or call it after an :meth:`oracle` call, whose
+        trace is reused (the most recent one).
+        """
+        if batch is not None:
+            x, t = self.split_batch(batch)
+            disc = self._discover(params, x, t)
+        elif self._cache:
+            disc = next(reversed(self._cache.values()))
+        else:
+            raise ValueError("LinenCapture.table needs a batch (for the input shape) unless an "
+                             "oracle was built before: call capture.table(params, batch).")
+        owner = {}
+        for info in disc.infos.values():
+            for role, ppath in info.param_paths:
+                owner[tuple(ppath)] = f"{info.kind} layer {info.name} {role}"
+        rows = []
+        for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+            path = tuple(_key_name(k) for k in kp)
+            if path in owner:
+                treat = owner[path]
+            else:
+                treat = f"fallback (not captured: {self._reason(path, disc)})"
+            rows.append(("/".join(map(str, path)), str(tuple(jnp.shape(leaf))), treat))
+        header = ("parameter", "shape", "treatment")
+        widths = [max(len(r[i]) for r in rows + [header]) for i in range(3)]
+        fmt = "  ".join("{:<%d}" % w for w in widths)
+        lines = [fmt.format(*header).rstrip(), fmt.format(*("-" * w for w in widths))]
+        lines += [fmt.format(*r).rstrip() for r in rows]
+        n_cap = sum(1 for r in rows if not r[2].startswith("fallback"))
+        lines.append(f"{n_cap} of {len(rows)} parameter arrays captured "
+                     f"({len(disc.infos)} layers); {len(rows) - n_cap} fallback.")
+        return "\n".join(lines)
+
+    @staticmethod
+    def _reason(path: tuple, disc: _Discovery) -> str:
+        # The deepest called module whose path is a prefix of the parameter's path.
+        best = None
+        for mpath, cls in disc.modules.items():
+            if path[:len(mpath)] == mpath and len(mpath) < len(path):
+                if best is None or len(mpath) > len(best[0]):
+                    best = (mpath, cls)
+        if best is None:
+            return "owning module not called in apply"
+        mpath, cls = best
+        where = f"{cls} {_path_name(mpath)}"
+        if mpath in disc.excluded:
+            return f"{where} {disc.excluded[mpath]}"
+        if _path_name(mpath) in disc.infos:
+            return f"{where}: parameter other than kernel/bias"
+        return f"{where} is not a {_CAPTURED_NAMES.replace('flax.linen.', '')} layer"
+
+
+def linen_capture(model: nn.Module, loss: Union[str, Loss], *,
+                  layers: Union[None, Iterable[str], Callable[[str], bool]] = None,
+                  input_key: Any = 0, target_key: Any = 1,
+                  apply_kwargs: Optional[dict] = None) -> LinenCapture:
+    """Captures the Dense/DenseGeneral/Conv layers of a Flax Linen model for curvature methods.
+
+    Args:
+      model: a ``flax.linen.Module``; ``model.apply({"params": params}, x, **apply_kwargs)``
+        must give the outputs.
+      loss: a registered loss name or a :class:`qnopt.capture.Loss` (unknown names raise the
+        registry's ``KeyError``).
+      layers: which capturable layers to capture: ``None`` (all), an iterable of layer names
+        (module paths joined with ``/``, e.g. ``"Dense_0"``), or a predicate on the name.
+        Layers left out are handled by the fallback like any non-captured parameter.
+      input_key, target_key: ``batch[input_key]`` is the model input, ``batch[target_key]``
+        the targets (defaults: a tuple ``(x, targets)``).
+      apply_kwargs: extra static keyword arguments of ``model.apply`` (e.g. ``train=False``).
+
+    Returns:
+      A :class:`LinenCapture`; ``capture.oracle(params, batch, key)`` builds an :class:`Oracle`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> from qnopt.capture import linen_capture
+      >>> model = nn.Sequential([nn.Dense(4), nn.relu, nn.Dense(2)])
+      >>> x, y = jnp.ones((3, 5)), jnp.zeros((3, 2))
+      >>> params = model.init(jax.random.key(0), x)["params"]
+      >>> oracle = linen_capture(model, "mse").oracle(params, (x, y))
+      >>> sorted(oracle.layers), oracle.layers["layers_0"].dh.shape
+      (['layers_0', 'layers_2'], (3, 4))
+    """
+    return LinenCapture(model, loss, layers=layers, input_key=input_key, target_key=target_key,
+                        apply_kwargs=apply_kwargs)
+
+
+
+
+class Oracle:
+    """Curvature oracle for one minibatch at one parameter point (lazy; use inside ``jit``).
+
+    Attributes (computed on first access, all from ONE forward/backward pass):
+      loss: mean loss ``(1/N) Σ_n ℓ_n``.
+      grads: its gradient, same tree as ``params`` (all parameters, captured or not).
+      outputs: model outputs.
+      layers: ``{name: LayerStats}`` for the captured layers; ``dh`` is the gradient of the MEAN
+        loss with respect to the layer output (it carries ``1/N``).
+      layer_info: ``{name: LayerInfo}`` (static).
+      params, batch, key: what the oracle was built with.
+    """
+
+    def __init__(self, capture: LinenCapture, params, batch, key, discovery: _Discovery):
+        self.capture = capture
+        self.params = params
+        self.batch = batch
+        self.key = key
+        self._disc = discovery
+        self.inputs, self.targets = capture.split_batch(batch)
+
+    @property
+    def layer_info(self) -> dict:
+        return dict(self._disc.infos)
+
+    @functools.cached_property
+    def _pass(self):
+        cap = self.capture
+        perts0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._disc.perturbations)
+
+        def f(params, perts):
+            out, state = cap._apply({"params": params, PERTURB_COLLECTION: perts}, self.inputs,
+                                    mutable=[SOW_COLLECTION])
+            value = jnp.mean(cap.loss.per_example(out, self.targets))
+            return value, (out, state[SOW_COLLECTION])
+
+        (value, (out, sown)), (g_params, g_perts) = jax.value_and_grad(
+            f, argnums=(0, 1), has_aux=True)(self.params, perts0)
+        return value, out, sown, g_params, g_perts
+
+    @functools.cached_property
+    def loss(self) -> jax.Array:
+        return self._pass[0]
+
+    @functools.cached_property
+    def outputs(self):
+        return self._pass[1]
+
+    @functools.cached_property
+    def grads(self):
+        return self._pass[3]
+
+    @functools.cached_property
+    def layers(self) -> dict:
+        _, _, sown, _, g_perts = self._pass
+        stats = {}
+        for name, info in self._disc.infos.items():
+            s = _get(sown, info.path)
+            stats[name] = LayerStats(a=s[_A][0], h=s[_H][0], dh=_get(g_perts, info.path)[_DH],
+                                     spatial_size=info.spatial_size, info=info)
+        return stats
+
+    def at(self, new_params) -> "Oracle":
+        """A new oracle for the same batch (and key) at ``new_params``."""
+        x, t = self.inputs, self.targets
+        disc = self.capture._discover(new_params, x, t)
+        return Oracle(self.capture, new_params, self.batch, self.key, disc)
+
+    def value(self, params) -> jax.Array:
+        """Mean loss at ``params`` on this batch (forward pass only)."""
+        out = self.capture.model.apply({"params": params}, self.inputs,
+                                       **self.capture.apply_kwargs)
+        return jnp.mean(self.capture.loss.per_example(out, self.targets))
+
+    def per_example_grads(self):
+        """``vmap(grad(ℓ_n))``: per-example gradients (not divided by N), tree with leading N."""
+        cap = self.capture
+
+        def single(p, xi, ti):
+            add = lambda z: jax.tree.map(lambda u: u[None], z)
+            out = cap.model.apply({"params": p}, add(xi), **cap.apply_kwargs)
+            return cap.loss.per_example(out, add(ti))[0]
+
+        return jax.vmap(jax.grad(single), in_axes=(None, 0, 0))(self.params, self.inputs,
+                                                                self.targets)
