@@ -59,6 +59,7 @@ import jax.numpy as jnp
 from qnopt.capture.losses import Loss, get_loss
 from qnopt.curvature.kronecker import append_ones
 from qnopt.curvature.patches import conv_patches
+from qnopt.curvature.products import ggn_vp, hvp, layer_gram
 
 __all__ = ["LayerInfo", "LayerStats", "LinenCapture", "Oracle", "linen_capture"]
 
@@ -191,6 +192,16 @@ class LayerStats:
     def bias_grad(self) -> jax.Array:
         """``Σ_{n,t} dh_{n,t}`` in the bias's shape (the gradient of the mean loss w.r.t. it)."""
         return jnp.sum(self.dh_rows(), axis=(0, 1)).reshape(self.info.bias_shape)
+
+
+def _replace(batch, key, value):
+    """``batch`` with ``batch[key]`` replaced (tuples, lists and dicts)."""
+    if isinstance(batch, dict):
+        return {**batch, key: value}
+    items = list(batch)
+    items[key] = value
+    return type(batch)(items) if isinstance(batch, tuple) and not hasattr(batch, "_fields") else (
+        type(batch)(*items) if hasattr(batch, "_fields") else items)
 
 
 def _get(tree, path):
@@ -595,6 +606,71 @@ class Oracle:
         out = self.capture.model.apply({"params": params}, self.inputs,
                                        **self.capture.apply_kwargs)
         return jnp.mean(self.capture.loss.per_example(out, self.targets))
+
+    # -- curvature products ---------------------------------------------------------------
+
+    def _apply_fn(self):
+        cap = self.capture
+        return lambda p: cap.model.apply({"params": p}, self.inputs, **cap.apply_kwargs)
+
+    def jvp(self, v):
+        """``J v``: directional derivative of the outputs at ``params`` along ``v``."""
+        return jax.jvp(self._apply_fn(), (self.params,), (v,))[1]
+
+    def vjp(self, u):
+        """``Jᵀ u`` for ``u`` shaped like the outputs (a tree like ``params``)."""
+        return jax.vjp(self._apply_fn(), self.params)[1](u)[0]
+
+    def ggn_vp(self, v):
+        """Generalised Gauss-Newton product of the mean loss, ``(1/N) Σ_n J_nᵀ H_n J_n v``
+        (:func:`qnopt.curvature.ggn_vp`); the Fisher product when the loss is an NLL."""
+        return ggn_vp(self._apply_fn(), self.params, v, self.capture.loss, self.targets)
+
+    def hvp(self, v):
+        """Hessian of the mean loss at ``params`` times ``v`` (:func:`qnopt.curvature.hvp`)."""
+        return hvp(self.value, self.params, v)
+
+    def fisher(self, key: Optional[jax.Array] = None) -> "Oracle":
+        """An oracle on the same inputs with targets sampled from the model's predictive
+        distribution ``p(y | f(x; θ))`` (the loss's ``sample``). Its ``grads`` and
+        ``layers[...].dh`` are the sampled-Fisher quantities (K-FAC's G, TNT, SMW-NG).
+
+        Raises ``ValueError`` without a key (pass one here or to ``capture.oracle``), and for
+        losses that are not a negative log-likelihood (``loss.is_nll`` False: e.g. BCE averaged
+        over outputs, whose sampled Fisher is not its GGN).
+        """
+        key = self.key if key is None else key
+        if key is None:
+            raise ValueError("Sampling labels needs a PRNG key: capture.oracle(params, batch, key) "
+                             "or oracle.fisher(key).")
+        loss = self.capture.loss
+        if not loss.is_nll:
+            raise ValueError(f"Loss {loss.name!r} is not a negative log-likelihood (is_nll=False); "
+                             "its sampled Fisher does not match its curvature. Use ggn_vp, or a "
+                             "sum-reduced loss.")
+        sampled = jax.lax.stop_gradient(loss.sample(key, jax.lax.stop_gradient(self.outputs)))
+        batch = _replace(self.batch, self.capture.target_key, sampled)
+        return self.capture.oracle(self.params, batch, key)
+
+    def fisher_grads(self, key: Optional[jax.Array] = None):
+        """Gradient of the mean loss under labels sampled from the model (see :meth:`fisher`);
+        an unbiased estimate of zero whose outer products estimate the Fisher."""
+        return self.fisher(key).grads
+
+    def gram(self, kind: str = "empirical", key: Optional[jax.Array] = None) -> jax.Array:
+        """``N × N`` Gram matrix of per-example gradients of the captured layers' parameters,
+        ``Σ_l (Ā_l Ā_lᵀ) ∘ (G_l G_lᵀ)`` (positions summed for convs), without forming
+        per-example gradients (:func:`qnopt.curvature.layer_gram` per layer).
+
+        ``kind="empirical"`` uses the batch's labels; ``"fisher"`` labels sampled from the model
+        (:meth:`fisher`). Parameters outside captured layers do not contribute.
+        """
+        if kind not in ("empirical", "fisher"):
+            raise ValueError(f"gram kind must be 'empirical' or 'fisher', got {kind!r}.")
+        source = self if kind == "empirical" else self.fisher(key)
+        parts = [layer_gram(s.a_rows(), s.dh_rows(), bias=s.info.has_bias, batch_mean=True)
+                 for s in source.layers.values()]
+        return functools.reduce(jnp.add, parts)
 
     def per_example_grads(self):
         """``vmap(grad(ℓ_n))``: per-example gradients (not divided by N), tree with leading N."""
