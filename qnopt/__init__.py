@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 
 from qnopt import base, capture, curvature, damping, data, linalg, sharding, testing
 from qnopt.alias import slimqn
+from qnopt.training import make_train_step
 from qnopt.methods import ScaleBySlimQNState, scale_by_slimqn
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "linalg",
     "sharding",
     "slimqn",
+    "make_train_step",
     "scale_by_slimqn",
     "ScaleBySlimQNState",
 ]
