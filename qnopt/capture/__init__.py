@@ -8,7 +8,8 @@
   (sampled-Fisher gradients, Gram, GGN/Hessian products) are still to come.
 """
 
-from qnopt.capture.flax_linen import LayerInfo, LayerStats, LinenCapture, Oracle, linen_capture
+from qnopt.capture.flax_linen import LinenCapture, linen_capture
+from qnopt.capture.oracle import LayerInfo, LayerStats, Oracle
 from qnopt.capture.losses import (Loss, get_loss, make_loss, mean_loss, register_loss,
                                   registered_losses, sigmoid_binary_cross_entropy)
 
