@@ -56,6 +56,15 @@ class CNN(nn.Module):
         return nn.Dense(2, name="head")(x.reshape(x.shape[0], -1))
 
 
+class CNN3D(nn.Module):
+    @nn.compact
+    def __call__(self, x):                                   # (N, 4, 6, 4, 2)
+        x = nn.Conv(3, (2, 3, 2), strides=(1, 2, 1), padding="SAME", kernel_dilation=(1, 1, 2),
+                    name="conv3d")(x)
+        x = jnp.tanh(x)
+        return nn.Dense(2, name="head")(x.reshape(x.shape[0], -1))
+
+
 class LNNet(nn.Module):
     @nn.compact
     def __call__(self, x):
@@ -88,6 +97,8 @@ CASES = {
     "cnn": lambda: _setup(CNN(), jnp.asarray(_rng.normal(size=(N, 8, 8, 2)), jnp.float32),
                           jnp.asarray(_rng.integers(0, 2, size=(N, 2)), jnp.float32),
                           "sigmoid_binary_cross_entropy"),
+    "cnn3d": lambda: _setup(CNN3D(), jnp.asarray(_rng.normal(size=(N, 4, 6, 4, 2)), jnp.float32),
+                            jnp.asarray(_rng.normal(size=(N, 2)), jnp.float32), "mse"),
     "layernorm": lambda: _setup(LNNet(), jnp.asarray(_rng.normal(size=(N, 4)), jnp.float32),
                                 jnp.asarray(_rng.normal(size=(N, 2)), jnp.float32), "mse"),
 }
@@ -96,6 +107,7 @@ EXPECTED_LAYERS = {
     "mlp": {"Dense_0": "dense", "Dense_1": "dense"},
     "dense_general": {"dg_out": "dense", "seq": "dense", "dg_in": "dense"},
     "cnn": {"conv2d": "conv", "conv1d": "conv", "head": "dense"},
+    "cnn3d": {"conv3d": "conv", "head": "dense"},
     "layernorm": {"Dense_0": "dense", "Dense_1": "dense"},
 }
 
