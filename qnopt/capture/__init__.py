@@ -4,12 +4,16 @@
   Hessian-vector product and sampling from the predictive distribution.
 * Flax Linen capture (:func:`linen`, no model change: ``nn.intercept_methods`` + ``sow`` +
   ``perturb``) and its lazy curvature :class:`Oracle` (``loss``, ``grads``, ``layers``, ``at``,
-  ``value``, ``per_example_grads``). NNX, pure-JAX tagging and the remaining oracle products
-  (sampled-Fisher gradients, Gram, GGN/Hessian products) are still to come.
+  ``value``, ``fisher``/``fisher_grads``, ``gram``, ``ggn_vp``, ``hvp``, ``jvp``/``vjp``,
+  ``per_example_grads``).
+* Pure JAX: a functional model calls :func:`tag_dense` / :func:`tag_conv` on each layer's input
+  and pre-activation (identity when no capture is active); :func:`jax_capture` builds the same
+  oracle.
 """
 
 from qnopt.capture.flax_linen import LinenCapture, linen_capture
 from qnopt.capture.oracle import LayerInfo, LayerStats, Oracle
+from qnopt.capture.pure_jax import PureJaxCapture, jax_capture, tag_conv, tag_dense
 from qnopt.capture.losses import (Loss, get_loss, make_loss, mean_loss, register_loss,
                                   registered_losses, sigmoid_binary_cross_entropy)
 
@@ -22,6 +26,10 @@ __all__ = [
     "Oracle",
     "linen",
     "linen_capture",
+    "PureJaxCapture",
+    "jax_capture",
+    "tag_conv",
+    "tag_dense",
     "Loss",
     "get_loss",
     "make_loss",

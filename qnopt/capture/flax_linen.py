@@ -55,8 +55,8 @@ import jax
 import jax.numpy as jnp
 
 from qnopt.capture.losses import Loss, get_loss
-from qnopt.capture.oracle import (Discovery, LayerInfo, LayerStats, Oracle, _abstract, _get, _has,
-                                  _key_name, _signature)
+from qnopt.capture.oracle import (CaptureEngine, Discovery, LayerInfo, _abstract, _get, _has,
+                                  _signature)
 
 __all__ = ["LinenCapture", "linen_capture"]
 
@@ -150,7 +150,7 @@ def _layer_info(module, path: tuple, a_shape: tuple, h_shape: tuple) -> LayerInf
         bias_shape=(d_out,))
 
 
-class LinenCapture:
+class LinenCapture(CaptureEngine):
     """A Flax Linen model with a loss, ready to build :class:`Oracle` objects.
 
     Build with :func:`linen_capture`. Stateless apart from a cache of the abstract trace per
@@ -176,12 +176,6 @@ class LinenCapture:
         self.target_key = target_key
         self.apply_kwargs = dict(apply_kwargs or {})
         self._cache: dict = {}
-
-    # -- batch helpers ------------------------------------------------------------------------
-
-    def split_batch(self, batch) -> tuple:
-        """``(inputs, targets)`` of a batch (``batch[input_key]``, ``batch[target_key]``)."""
-        return batch[self.input_key], batch[self.target_key]
 
     # -- interception -------------------------------------------------------------------------
 
@@ -278,61 +272,7 @@ class LinenCapture:
 
     # -- public API ---------------------------------------------------------------------------
 
-    def layer_info(self, params, batch) -> dict:
-        """``{name: LayerInfo}`` of the captured layers for this batch's input shape."""
-        x, t = self.split_batch(batch)
-        return dict(self._discover(params, x, t).infos)
-
-    def oracle(self, params, batch, key: Optional[jax.Array] = None) -> "Oracle":
-        """The curvature oracle at ``params`` on ``batch = (inputs, targets)``.
-
-        Shapes are checked now (trace time): mismatched targets raise the loss's
-        ``ValueError``. The forward/backward pass runs when a result is first asked for.
-        """
-        x, t = self.split_batch(batch)
-        disc = self._discover(params, x, t)
-        return Oracle(self, params, batch, key, disc)
-
-    def table(self, params, batch=None) -> str:
-        """A printable table: every parameter leaf with its treatment.
-
-        ``"dense layer X kernel"``, ``"conv layer Y bias"`` or ``"fallback (not captured:
-        <reason>)"``. Finding the layers needs an abstract trace of the model, hence an input:
-        pass ``batch`` (only shapes are used), or call it after an :meth:`oracle` call, whose
-        trace is reused (the most recent one).
-        """
-        if batch is not None:
-            x, t = self.split_batch(batch)
-            disc = self._discover(params, x, t)
-        elif self._cache:
-            disc = next(reversed(self._cache.values()))
-        else:
-            raise ValueError("LinenCapture.table needs a batch (for the input shape) unless an "
-                             "oracle was built before: call capture.table(params, batch).")
-        owner = {}
-        for info in disc.infos.values():
-            for role, ppath in info.param_paths:
-                owner[tuple(ppath)] = f"{info.kind} layer {info.name} {role}"
-        rows = []
-        for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-            path = tuple(_key_name(k) for k in kp)
-            if path in owner:
-                treat = owner[path]
-            else:
-                treat = f"fallback (not captured: {self._reason(path, disc)})"
-            rows.append(("/".join(map(str, path)), str(tuple(jnp.shape(leaf))), treat))
-        header = ("parameter", "shape", "treatment")
-        widths = [max(len(r[i]) for r in rows + [header]) for i in range(3)]
-        fmt = "  ".join("{:<%d}" % w for w in widths)
-        lines = [fmt.format(*header).rstrip(), fmt.format(*("-" * w for w in widths))]
-        lines += [fmt.format(*r).rstrip() for r in rows]
-        n_cap = sum(1 for r in rows if not r[2].startswith("fallback"))
-        lines.append(f"{n_cap} of {len(rows)} parameter arrays captured "
-                     f"({len(disc.infos)} layers); {len(rows) - n_cap} fallback.")
-        return "\n".join(lines)
-
-    @staticmethod
-    def _reason(path: tuple, disc: Discovery) -> str:
+    def _fallback_reason(self, path: tuple, disc: Discovery) -> str:
         # The deepest called module whose path is a prefix of the parameter's path.
         best = None
         for mpath, cls in disc.modules.items():

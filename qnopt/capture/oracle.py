@@ -26,7 +26,7 @@ from qnopt.curvature.kronecker import append_ones
 from qnopt.curvature.patches import conv_patches
 from qnopt.curvature.products import ggn_vp, hvp, layer_gram
 
-__all__ = ["Discovery", "LayerInfo", "LayerStats", "Oracle"]
+__all__ = ["CaptureEngine", "Discovery", "LayerInfo", "LayerStats", "Oracle"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,3 +336,66 @@ class Oracle:
 
         return jax.vmap(jax.grad(single), in_axes=(None, 0, 0))(self.params, self.inputs,
                                                                 self.targets)
+
+
+class CaptureEngine:
+    """What every capture engine shares: batch splitting, oracle construction, the layer
+    table. Subclasses set ``loss``, ``input_key``, ``target_key`` and ``_cache`` (a dict of
+    :class:`Discovery` keyed by shapes) and implement ``_discover``, ``forward``,
+    ``run_captured``, ``layer_values`` and :meth:`_fallback_reason`."""
+
+    def split_batch(self, batch) -> tuple:
+        """``(inputs, targets)`` of a batch (``batch[input_key]``, ``batch[target_key]``)."""
+        return batch[self.input_key], batch[self.target_key]
+
+    def oracle(self, params, batch, key: Optional[jax.Array] = None) -> Oracle:
+        """The curvature oracle at ``params`` on ``batch``.
+
+        Shapes are checked now (trace time): mismatched targets raise the loss's ``ValueError``.
+        The forward/backward pass runs when a result is first asked for.
+        """
+        x, t = self.split_batch(batch)
+        return Oracle(self, params, batch, key, self._discover(params, x, t))
+
+    def layer_info(self, params, batch) -> dict:
+        """``{name: LayerInfo}`` of the captured layers for this batch's input shape."""
+        x, t = self.split_batch(batch)
+        return dict(self._discover(params, x, t).infos)
+
+    def _fallback_reason(self, path: tuple, disc: Discovery) -> str:
+        return "not captured"
+
+    def table(self, params, batch=None) -> str:
+        """A printable table: every parameter leaf with its treatment.
+
+        ``"dense layer X kernel"``, ``"conv layer Y bias"`` or ``"fallback (not captured:
+        <reason>)"``. Finding the layers needs an abstract trace of the model, hence an input:
+        pass ``batch`` (only shapes are used), or call it after an :meth:`oracle` call, whose
+        trace is reused (the most recent one).
+        """
+        if batch is not None:
+            x, t = self.split_batch(batch)
+            disc = self._discover(params, x, t)
+        elif self._cache:
+            disc = next(reversed(self._cache.values()))
+        else:
+            raise ValueError(f"{type(self).__name__}.table needs a batch (for the input shape) "
+                             "unless an oracle was built before: call capture.table(params, batch).")
+        owner = {}
+        for info in disc.infos.values():
+            for role, ppath in info.param_paths:
+                owner[tuple(ppath)] = f"{info.kind} layer {info.name} {role}"
+        rows = []
+        for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+            path = tuple(_key_name(k) for k in kp)
+            treat = owner.get(path) or f"fallback (not captured: {self._fallback_reason(path, disc)})"
+            rows.append(("/".join(map(str, path)), str(tuple(jnp.shape(leaf))), treat))
+        header = ("parameter", "shape", "treatment")
+        widths = [max(len(r[i]) for r in rows + [header]) for i in range(3)]
+        fmt = "  ".join("{:<%d}" % w for w in widths)
+        lines = [fmt.format(*header).rstrip(), fmt.format(*("-" * w for w in widths))]
+        lines += [fmt.format(*r).rstrip() for r in rows]
+        n_cap = sum(1 for r in rows if not r[2].startswith("fallback"))
+        lines.append(f"{n_cap} of {len(rows)} parameter arrays captured "
+                     f"({len(disc.infos)} layers); {len(rows) - n_cap} fallback.")
+        return "\n".join(lines)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import qnopt.capture as qnopt_capture
 from qnopt.capture import get_loss
 from qnopt.curvature import append_ones, conv_patches
 
@@ -182,7 +183,7 @@ def test_kernel_and_bias_gradients_from_a_and_dh(case):
     assert set(r["layers"]) == set(info)
     for lname, (a, h, dh) in r["layers"].items():
         li = info[lname]
-        st = L.LayerStats(a=a, h=h, dh=dh, spatial_size=li.spatial_size, info=li)
+        st = qnopt_capture.LayerStats(a=a, h=h, dh=dh, spatial_size=li.spatial_size, info=li)
         assert dh.shape == h.shape == li.out_shape and a.shape == li.in_shape
         g_k, g_b = _independent_kernel_grad(st)
         kpath = li.params["kernel"]
