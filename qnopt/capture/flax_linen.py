@@ -55,8 +55,9 @@ import jax
 import jax.numpy as jnp
 
 from qnopt.capture.losses import Loss, get_loss
-from qnopt.capture.oracle import (CaptureEngine, Discovery, LayerInfo, _abstract, _get, _has,
-                                  _signature)
+from qnopt.capture.oracle import (CaptureEngine, Discovery, LayerInfo, _abstract, _get,
+                                  _signature, check_flax_conv, conv_layer_info,
+                                  dense_layer_info, path_name)
 
 __all__ = ["LinenCapture", "linen_capture"]
 
@@ -70,10 +71,6 @@ CAPTURED_CLASSES = (nn.Dense, nn.DenseGeneral, nn.Conv)
 _CAPTURED_NAMES = "flax.linen.Dense, flax.linen.DenseGeneral and flax.linen.Conv"
 
 
-def _path_name(path: tuple) -> str:
-    return "/".join(str(p) for p in path) if path else "<root>"
-
-
 def _to_tuple(x, n: int) -> tuple:
     if x is None:
         return (1,) * n
@@ -84,34 +81,15 @@ def _to_tuple(x, n: int) -> tuple:
 
 def _layer_info(module, path: tuple, a_shape: tuple, h_shape: tuple) -> LayerInfo:
     """Static geometry of a captured call; raises NotImplementedError for unsupported configs."""
-    name = _path_name(path)
+    name = path_name(path)
     cls = type(module).__name__
     use_bias = bool(getattr(module, "use_bias", True))
     roles = (("kernel", path + ("kernel",)),) + ((("bias", path + ("bias",)),) if use_bias else ())
     if isinstance(module, nn.Conv):
-        kernel_size = ((module.kernel_size,) if isinstance(module.kernel_size, int)
-                       else tuple(module.kernel_size))
+        kernel_size = check_flax_conv(module, name, "qnopt.capture.linen", a_shape)
         n = len(kernel_size)
-        if module.feature_group_count != 1:
-            raise NotImplementedError(
-                f"Layer {name!r} ({cls}): feature_group_count={module.feature_group_count} is not "
-                f"supported by qnopt.capture.linen (only 1). Exclude it with layers=... to leave "
-                f"its parameters to the fallback.")
-        if getattr(module, "mask", None) is not None:
-            raise NotImplementedError(f"Layer {name!r} ({cls}): masked convolutions are not "
-                                      f"supported by qnopt.capture.linen.")
-        if len(a_shape) != n + 2:
-            raise NotImplementedError(
-                f"Layer {name!r} ({cls}): input of shape {a_shape}; qnopt.capture.linen needs "
-                f"exactly one leading batch axis, (N, *spatial[{n}], c_in).")
-        c_in, c_out = a_shape[-1], h_shape[-1]
-        t = math.prod(h_shape[1:-1])
-        return LayerInfo(
-            name=name, path=path, kind="conv", module_class=cls, param_paths=roles,
-            kernel_shape=tuple(kernel_size) + (c_in, c_out), has_bias=use_bias,
-            d_in=math.prod(kernel_size) * c_in, d_out=c_out, spatial_size=t,
-            in_shape=tuple(a_shape), out_shape=tuple(h_shape), bias_shape=(c_out,),
-            kernel_size=kernel_size,
+        return conv_layer_info(
+            name, path, cls, roles, a_shape, h_shape, use_bias, kernel_size=kernel_size,
             strides=_to_tuple(module.strides, n), padding=module.padding,
             dilation=_to_tuple(module.kernel_dilation, n),
             input_dilation=_to_tuple(module.input_dilation, n))
@@ -142,12 +120,7 @@ def _layer_info(module, path: tuple, a_shape: tuple, h_shape: tuple) -> LayerInf
             d_out=math.prod(features), spatial_size=t, in_shape=tuple(a_shape),
             out_shape=tuple(h_shape), bias_shape=features)
     # nn.Dense
-    d_in, d_out = a_shape[-1], h_shape[-1]
-    return LayerInfo(
-        name=name, path=path, kind="dense", module_class=cls, param_paths=roles,
-        kernel_shape=(d_in, d_out), has_bias=use_bias, d_in=d_in, d_out=d_out,
-        spatial_size=math.prod(a_shape[1:-1]), in_shape=tuple(a_shape), out_shape=tuple(h_shape),
-        bias_shape=(d_out,))
+    return dense_layer_info(name, path, cls, roles, a_shape, h_shape, use_bias)
 
 
 class LinenCapture(CaptureEngine):
@@ -156,6 +129,9 @@ class LinenCapture(CaptureEngine):
     Build with :func:`linen_capture`. Stateless apart from a cache of the abstract trace per
     input/parameter shape; safe to use inside and outside :func:`jax.jit`.
     """
+
+    _captured_names = _CAPTURED_NAMES
+    _no_owner = "owning module not called in apply"
 
     def __init__(self, model: nn.Module, loss: Union[str, Loss], *,
                  layers: Union[None, Iterable[str], Callable[[str], bool]] = None,
@@ -187,7 +163,7 @@ class LinenCapture(CaptureEngine):
             if context.method_name != "__call__" or not isinstance(module, CAPTURED_CLASSES):
                 return next_fun(*args, **kwargs)
             path = tuple(module.path)
-            name = _path_name(path)
+            name = path_name(path)
             if self._select is not None and not self._select(name):
                 if record is not None:
                     record["excluded"][path] = "excluded by layers="
@@ -244,51 +220,12 @@ class LinenCapture(CaptureEngine):
 
         outputs, perts = jax.eval_shape(f, _abstract(params), _abstract(x),
                                         None if targets is None else _abstract(targets))
-        infos = {}
-        for path, info in record["calls"].items():
-            for role, ppath in info.param_paths:
-                if not _has(params, ppath):
-                    raise ValueError(f"Layer {info.name!r}: expected parameter "
-                                     f"{'/'.join(map(str, ppath))} ({role}) in params.")
-            infos[info.name] = info
-        if self._names is not None:
-            capturable = set(infos) | {_path_name(p) for p in record["excluded"]}
-            unknown = self._names - capturable
-            if unknown:
-                raise ValueError(f"layers= names {sorted(unknown)} are not capturable layers of "
-                                 f"the model; capturable: {sorted(capturable)}.")
-        if not infos:
-            excl = (f" ({len(record['excluded'])} capturable layer(s) were excluded by layers=)"
-                    if record["excluded"] else "")
-            raise ValueError(
-                f"qnopt.capture.linen found no capturable layer in {type(self.model).__name__}"
-                f"{excl}. Captured layer classes are {_CAPTURED_NAMES} (and their subclasses). "
-                f"Build the model from these layers, or use a gradient-only method (which needs "
-                f"no curvature oracle).")
+        infos = self._collect_layers(params, record["calls"], record["excluded"], self._names,
+                                     type(self.model).__name__)
         d = Discovery(infos=infos, modules=dict(record["modules"]),
                        excluded=dict(record["excluded"]), perturbations=perts, outputs=outputs)
         self._cache[key] = d
         return d
-
-    # -- public API ---------------------------------------------------------------------------
-
-    def _fallback_reason(self, path: tuple, disc: Discovery) -> str:
-        # The deepest called module whose path is a prefix of the parameter's path.
-        best = None
-        for mpath, cls in disc.modules.items():
-            if path[:len(mpath)] == mpath and len(mpath) < len(path):
-                if best is None or len(mpath) > len(best[0]):
-                    best = (mpath, cls)
-        if best is None:
-            return "owning module not called in apply"
-        mpath, cls = best
-        where = f"{cls} {_path_name(mpath)}"
-        if mpath in disc.excluded:
-            return f"{where} {disc.excluded[mpath]}"
-        if _path_name(mpath) in disc.infos:
-            return f"{where}: parameter other than kernel/bias"
-        return f"{where} is not a {_CAPTURED_NAMES.replace('flax.linen.', '')} layer"
-
 
 def linen_capture(model: nn.Module, loss: Union[str, Loss], *,
                   layers: Union[None, Iterable[str], Callable[[str], bool]] = None,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Optional
 
 import jax
@@ -26,7 +27,9 @@ from qnopt.curvature.kronecker import append_ones
 from qnopt.curvature.patches import conv_patches
 from qnopt.curvature.products import ggn_vp, hvp, layer_gram
 
-__all__ = ["CaptureEngine", "Discovery", "LayerInfo", "LayerStats", "Oracle"]
+__all__ = ["CaptureEngine", "Discovery", "LayerInfo", "LayerStats", "Oracle", "check_flax_conv",
+           "conv_layer_info",
+           "dense_layer_info", "path_name"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +78,58 @@ class LayerInfo:
     def params(self) -> dict:
         """``{"kernel": path, "bias": path}`` (bias only when present)."""
         return dict(self.param_paths)
+
+
+def dense_layer_info(name: str, path: tuple, module_class: str, param_paths: tuple,
+                     a_shape: tuple, h_shape: tuple, has_bias: bool) -> "LayerInfo":
+    """:class:`LayerInfo` of a dense map ``(N, ..., d_in) -> (N, ..., d_out)`` with kernel
+    ``(d_in, d_out)``; middle axes are positions (``spatial_size``)."""
+    d_in, d_out = a_shape[-1], h_shape[-1]
+    return LayerInfo(
+        name=name, path=path, kind="dense", module_class=module_class, param_paths=param_paths,
+        kernel_shape=(d_in, d_out), has_bias=has_bias, d_in=d_in, d_out=d_out,
+        spatial_size=math.prod(a_shape[1:-1]), in_shape=tuple(a_shape), out_shape=tuple(h_shape),
+        bias_shape=(d_out,))
+
+
+def check_flax_conv(module: Any, name: str, engine: str, a_shape: tuple) -> tuple:
+    """The kernel size of a Flax (Linen or NNX) ``Conv`` call, after checking what the capture
+    supports (``feature_group_count == 1``, no mask, one leading batch axis); anything else
+    raises ``NotImplementedError`` naming the layer and how to leave it to the fallback."""
+    cls = type(module).__name__
+    hint = "Exclude it with layers=... to leave its parameters to the fallback."
+    kernel_size = ((module.kernel_size,) if isinstance(module.kernel_size, int)
+                   else tuple(module.kernel_size))
+    n = len(kernel_size)
+    if module.feature_group_count != 1:
+        raise NotImplementedError(
+            f"Layer {name!r} ({cls}): feature_group_count={module.feature_group_count} is not "
+            f"supported by {engine} (only 1). {hint}")
+    if getattr(module, "mask", None) is not None:
+        raise NotImplementedError(f"Layer {name!r} ({cls}): masked convolutions are not "
+                                  f"supported by {engine}. {hint}")
+    if len(a_shape) != n + 2:
+        raise NotImplementedError(
+            f"Layer {name!r} ({cls}): input of shape {a_shape}; {engine} needs exactly one "
+            f"leading batch axis, (N, *spatial[{n}], c_in). {hint}")
+    return kernel_size
+
+
+def conv_layer_info(name: str, path: tuple, module_class: str, param_paths: tuple,
+                    a_shape: tuple, h_shape: tuple, has_bias: bool, *, kernel_size: tuple,
+                    strides: tuple, padding: Any, dilation: tuple,
+                    input_dilation: Optional[tuple] = None) -> "LayerInfo":
+    """:class:`LayerInfo` of a channels-last convolution with kernel ``(*kernel_size, c_in, c_out)``
+    (the ``flax.linen.Conv`` layout); ``d_in = prod(kernel_size)·c_in``, ``|T|`` = output positions."""
+    c_in, c_out = a_shape[-1], h_shape[-1]
+    n = len(kernel_size)
+    return LayerInfo(
+        name=name, path=path, kind="conv", module_class=module_class, param_paths=param_paths,
+        kernel_shape=tuple(kernel_size) + (c_in, c_out), has_bias=has_bias,
+        d_in=math.prod(kernel_size) * c_in, d_out=c_out, spatial_size=math.prod(h_shape[1:-1]),
+        in_shape=tuple(a_shape), out_shape=tuple(h_shape), bias_shape=(c_out,),
+        kernel_size=tuple(kernel_size), strides=strides, padding=padding, dilation=dilation,
+        input_dilation=input_dilation if input_dilation is not None else (1,) * n)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,6 +393,11 @@ class Oracle:
                                                                 self.targets)
 
 
+def path_name(path: tuple) -> str:
+    """A module or layer path as the ``/``-joined name engines use (``"<root>"`` if empty)."""
+    return "/".join(str(p) for p in path) if path else "<root>"
+
+
 class CaptureEngine:
     """What every capture engine shares: batch splitting, oracle construction, the layer
     table. Subclasses set ``loss``, ``input_key``, ``target_key`` and ``_cache`` (a dict of
@@ -362,8 +422,61 @@ class CaptureEngine:
         x, t = self.split_batch(batch)
         return dict(self._discover(params, x, t).infos)
 
+    #: How the engine names the layer classes it captures (for messages), and the message
+    #: for a parameter that belongs to no called module.
+    _captured_names: str = "Dense/Conv"
+    _no_owner: str = "no owning module"
+
     def _fallback_reason(self, path: tuple, disc: Discovery) -> str:
-        return "not captured"
+        """Why a parameter is not captured: the deepest called module owning it, and why."""
+        best = None
+        for mpath, cls in disc.modules.items():
+            if path[:len(mpath)] == mpath and len(mpath) < len(path):
+                if best is None or len(mpath) > len(best[0]):
+                    best = (mpath, cls)
+        if best is None:
+            return self._no_owner
+        mpath, cls = best
+        name = path_name(mpath)
+        where = f"{cls} {name}"
+        if mpath in disc.excluded:
+            return f"{where} {disc.excluded[mpath]}"
+        if name in disc.infos:
+            return f"{where}: parameter other than kernel/bias"
+        short = self._captured_names.replace("flax.linen.", "").replace("flax.nnx.", "")
+        return f"{where} is not a {short} layer"
+
+    def _collect_layers(self, params, calls: dict, excluded: dict, names, model_name: str,
+                        n_excluded: Optional[int] = None) -> dict:
+        """``{name: LayerInfo}`` from a discovery pass's recorded calls, after checking that
+        every layer's parameters exist, that ``layers=`` names only capturable layers, and
+        that something was captured (each failure a ``ValueError`` saying what to do)."""
+        infos = {}
+        for info in calls.values():
+            for role, ppath in info.param_paths:
+                if not _has(params, ppath):
+                    raise ValueError(f"Layer {info.name!r}: expected parameter "
+                                     f"{'/'.join(map(str, ppath))} ({role}) in params.")
+            infos[info.name] = info
+        if names is not None:
+            capturable = set(infos) | {path_name(p) for p in excluded}
+            unknown = names - capturable
+            if unknown:
+                raise ValueError(f"layers= names {sorted(unknown)} are not capturable layers of "
+                                 f"the model; capturable: {sorted(capturable)}.")
+        if not infos:
+            n_excluded = len(excluded) if n_excluded is None else n_excluded
+            excl = f" ({n_excluded} capturable layer(s) were excluded by layers=)" if n_excluded else ""
+            raise ValueError(
+                f"{type(self).__name__} found no capturable layer in {model_name}{excl}. Captured "
+                f"layer classes are {self._captured_names} (and their subclasses). Build the model "
+                f"from these layers, or use a gradient-only method (which needs no curvature oracle).")
+        return infos
+
+    def _param_leaves(self, params) -> list:
+        """``[(path, shape)]`` of every parameter array (engines with wrapped leaves override)."""
+        return [(tuple(_key_name(k) for k in kp), tuple(jnp.shape(leaf)))
+                for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]]
 
     def table(self, params, batch=None) -> str:
         """A printable table: every parameter leaf with its treatment.
@@ -386,10 +499,9 @@ class CaptureEngine:
             for role, ppath in info.param_paths:
                 owner[tuple(ppath)] = f"{info.kind} layer {info.name} {role}"
         rows = []
-        for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-            path = tuple(_key_name(k) for k in kp)
+        for path, shape in self._param_leaves(params):
             treat = owner.get(path) or f"fallback (not captured: {self._fallback_reason(path, disc)})"
-            rows.append(("/".join(map(str, path)), str(tuple(jnp.shape(leaf))), treat))
+            rows.append(("/".join(map(str, path)), str(shape), treat))
         header = ("parameter", "shape", "treatment")
         widths = [max(len(r[i]) for r in rows + [header]) for i in range(3)]
         fmt = "  ".join("{:<%d}" % w for w in widths)

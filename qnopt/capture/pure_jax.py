@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import threading
 from typing import Any, Callable, Optional, Union
 
@@ -48,7 +47,7 @@ import jax.numpy as jnp
 
 from qnopt.capture.losses import Loss, get_loss
 from qnopt.capture.oracle import (CaptureEngine, Discovery, LayerInfo, _abstract, _get, _has,
-                                  _signature)
+                                  _signature, conv_layer_info, dense_layer_info)
 
 __all__ = ["PureJaxCapture", "jax_capture", "tag_conv", "tag_dense"]
 
@@ -151,11 +150,7 @@ def _dense_info(record, name, a_shape, h_shape, kernel, bias) -> LayerInfo:
     if bias is not None:
         _check_param(record, name, "bias", bias, (d_out,))
         roles += (("bias", bias),)
-    return LayerInfo(
-        name=name, path=(name,), kind="dense", module_class="tag_dense", param_paths=roles,
-        kernel_shape=(d_in, d_out), has_bias=bias is not None, d_in=d_in, d_out=d_out,
-        spatial_size=math.prod(a_shape[1:-1]), in_shape=a_shape, out_shape=h_shape,
-        bias_shape=(d_out,))
+    return dense_layer_info(name, (name,), "tag_dense", roles, a_shape, h_shape, bias is not None)
 
 
 def _conv_info(record, name, a, h, kernel, bias, kernel_size, strides, padding,
@@ -193,12 +188,8 @@ def _conv_info(record, name, a, h, kernel, bias, kernel_size, strides, padding,
     if bias is not None:
         _check_param(record, name, "bias", bias, (c_out,))
         roles += (("bias", bias),)
-    return LayerInfo(
-        name=name, path=(name,), kind="conv", module_class="tag_conv", param_paths=roles,
-        kernel_shape=ks + (c_in, c_out), has_bias=bias is not None, d_in=math.prod(ks) * c_in,
-        d_out=c_out, spatial_size=math.prod(h_shape[1:-1]), in_shape=a_shape,
-        out_shape=h_shape, bias_shape=(c_out,), kernel_size=ks, strides=strides,
-        padding=padding, dilation=dilation, input_dilation=(1,) * n)
+    return conv_layer_info(name, (name,), "tag_conv", roles, a_shape, h_shape, bias is not None,
+                           kernel_size=ks, strides=strides, padding=padding, dilation=dilation)
 
 
 def _tag(a, h, name: str, make_info: Callable[[_Record], LayerInfo]):
