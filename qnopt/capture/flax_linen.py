@@ -54,7 +54,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qnopt.capture.losses import Loss, get_loss
+from qnopt.capture.losses import Loss
 from qnopt.capture.oracle import (CaptureEngine, Discovery, LayerInfo, _abstract, _get,
                                   _signature, check_flax_conv, conv_layer_info,
                                   dense_layer_info, path_name)
@@ -141,17 +141,8 @@ class LinenCapture(CaptureEngine):
             raise TypeError(f"linen_capture expects a flax.linen.Module, got "
                             f"{type(model).__name__}.")
         self.model = model
-        self.loss: Loss = get_loss(loss)
-        if layers is None or callable(layers):
-            self._select = layers
-            self._names = None
-        else:
-            self._names = frozenset(layers)
-            self._select = lambda name: name in self._names
-        self.input_key = input_key
-        self.target_key = target_key
+        self._setup(loss, layers, input_key, target_key)
         self.apply_kwargs = dict(apply_kwargs or {})
-        self._cache: dict = {}
 
     # -- interception -------------------------------------------------------------------------
 

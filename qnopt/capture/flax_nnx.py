@@ -66,7 +66,7 @@ import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 
-from qnopt.capture.losses import Loss, get_loss
+from qnopt.capture.losses import Loss
 from qnopt.capture.oracle import (CaptureEngine, Discovery, LayerInfo, _abstract, _get,
                                   _key_name, _signature, check_flax_conv, conv_layer_info,
                                   dense_layer_info, path_name)
@@ -195,16 +195,7 @@ class NnxCapture(CaptureEngine):
             raise TypeError(f"nnx_capture expects a flax.nnx.Module, got {type(model).__name__}.")
         self.model_class = type(model).__name__
         self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
-        self.loss: Loss = get_loss(loss)
-        if layers is None or callable(layers):
-            self._select = layers
-            self._names = None
-        else:
-            self._names = frozenset(layers)
-            self._select = lambda name: name in self._names
-        self.input_key = input_key
-        self.target_key = target_key
-        self._cache: dict = {}
+        self._setup(loss, layers, input_key, target_key)
 
     # -- the captured pass --------------------------------------------------------------------
 

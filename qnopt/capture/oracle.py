@@ -404,6 +404,21 @@ class CaptureEngine:
     :class:`Discovery` keyed by shapes) and implement ``_discover``, ``forward``,
     ``run_captured``, ``layer_values`` and :meth:`_fallback_reason`."""
 
+    def _setup(self, loss: Any, layers: Any, input_key: Any, target_key: Any) -> None:
+        """Common constructor state: the loss, the ``layers=`` selection (``None``, names or a
+        predicate on the layer name), the batch keys and the discovery cache."""
+        from qnopt.capture.losses import get_loss  # oracle must not import losses at load time
+
+        self.loss = get_loss(loss)
+        if layers is None or callable(layers):
+            self._select, self._names = layers, None
+        else:
+            self._names = frozenset(layers)
+            self._select = lambda name: name in self._names
+        self.input_key = input_key
+        self.target_key = target_key
+        self._cache: dict = {}
+
     def split_batch(self, batch) -> tuple:
         """``(inputs, targets)`` of a batch (``batch[input_key]``, ``batch[target_key]``)."""
         return batch[self.input_key], batch[self.target_key]

@@ -45,7 +45,7 @@ from typing import Any, Callable, Optional, Union
 import jax
 import jax.numpy as jnp
 
-from qnopt.capture.losses import Loss, get_loss
+from qnopt.capture.losses import Loss
 from qnopt.capture.oracle import (CaptureEngine, Discovery, LayerInfo, _abstract, _get, _has,
                                   _signature, conv_layer_info, dense_layer_info)
 
@@ -274,10 +274,7 @@ class PureJaxCapture(CaptureEngine):
             raise TypeError(f"jax_capture expects a function apply_fn(params, x), got "
                             f"{type(apply_fn).__name__}.")
         self.apply_fn = apply_fn
-        self.loss: Loss = get_loss(loss)
-        self.input_key = input_key
-        self.target_key = target_key
-        self._cache: dict = {}
+        self._setup(loss, None, input_key, target_key)
 
     def forward(self, params, x):
         """Plain forward pass ``apply_fn(params, x)`` (tags inactive)."""
