@@ -27,7 +27,6 @@ from qnopt.linalg.tree import (
     tree_scale,
     tree_stack_combine,
     tree_stack_dot,
-    tree_stack_set,
     tree_vdot,
 )
 

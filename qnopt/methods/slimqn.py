@@ -26,6 +26,7 @@ import optax
 from qnopt.base import check_like, check_range, require_params
 from qnopt.damping import slimqn_damp
 from qnopt.linalg import (
+    LbfgsMemory,
     accumulation_dtype,
     lbfgs_compact,
     lbfgs_memory_init,
