@@ -59,6 +59,13 @@ def ggn_vp(apply_fn: Callable[[PyTree], jax.Array], params: PyTree, v: PyTree, l
 
     Returns:
       ``G v`` shaped like ``params``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> x = jnp.array([[1., 0.], [0., 2.]])
+      >>> ggn_vp(lambda w: x @ w, jnp.zeros((2, 1)), jnp.ones((2, 1)), "mse", jnp.zeros((2, 1)))
+      Array([[0.5],
+             [2. ]], dtype=float32)
     """
     from qnopt.capture.losses import get_loss  # capture builds on curvature, not the reverse
 
@@ -92,6 +99,12 @@ def layer_gram(a: ArrayLike, dh: ArrayLike, *, bias: bool = True, batch_mean: bo
 
     Returns:
       ``(N, N)`` Gram matrix in at least float32.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> layer_gram(jnp.array([[1.], [2.]]), jnp.array([[1.], [1.]]), batch_mean=False)
+      Array([[2., 3.],
+             [3., 5.]], dtype=float32)
     """
     a = jnp.asarray(a)
     dh = jnp.asarray(dh)
@@ -121,8 +134,8 @@ def gram(layers: Iterable[tuple[ArrayLike, ArrayLike]] | Sequence[tuple[ArrayLik
       >>> import jax.numpy as jnp
       >>> a = jnp.array([[1., 0.], [0., 2.]]); dh = jnp.array([[1.], [3.]])
       >>> gram([(a, dh)], bias=False, batch_mean=False)
-      Array([[1., 0.],
-             [0., 36.]], dtype=float32)
+      Array([[ 1.,  0.],
+             [ 0., 36.]], dtype=float32)
     """
     parts = [layer_gram(a, dh, bias=bias, batch_mean=batch_mean) for a, dh in layers]
     if not parts:
