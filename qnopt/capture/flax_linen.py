@@ -57,7 +57,7 @@ import jax.numpy as jnp
 from qnopt.capture.losses import Loss
 from qnopt.capture.oracle import (CaptureEngine, Discovery, LayerInfo, _abstract, _get,
                                   _signature, check_flax_conv, conv_layer_info,
-                                  dense_layer_info, path_name)
+                                  dense_layer_info, path_name, to_tuple)
 
 __all__ = ["LinenCapture", "linen_capture"]
 
@@ -71,14 +71,6 @@ CAPTURED_CLASSES = (nn.Dense, nn.DenseGeneral, nn.Conv)
 _CAPTURED_NAMES = "flax.linen.Dense, flax.linen.DenseGeneral and flax.linen.Conv"
 
 
-def _to_tuple(x, n: int) -> tuple:
-    if x is None:
-        return (1,) * n
-    if isinstance(x, int):
-        return (x,) * n
-    return tuple(x)
-
-
 def _layer_info(module, path: tuple, a_shape: tuple, h_shape: tuple) -> LayerInfo:
     """Static geometry of a captured call; raises NotImplementedError for unsupported configs."""
     name = path_name(path)
@@ -90,14 +82,14 @@ def _layer_info(module, path: tuple, a_shape: tuple, h_shape: tuple) -> LayerInf
         n = len(kernel_size)
         return conv_layer_info(
             name, path, cls, roles, a_shape, h_shape, use_bias, kernel_size=kernel_size,
-            strides=_to_tuple(module.strides, n), padding=module.padding,
-            dilation=_to_tuple(module.kernel_dilation, n),
-            input_dilation=_to_tuple(module.input_dilation, n))
+            strides=to_tuple(module.strides, n), padding=module.padding,
+            dilation=to_tuple(module.kernel_dilation, n),
+            input_dilation=to_tuple(module.input_dilation, n))
     if len(a_shape) < 2:
         raise NotImplementedError(f"Layer {name!r} ({cls}): input of shape {a_shape}; "
                                   f"qnopt.capture.linen needs a leading batch axis.")
     if isinstance(module, nn.DenseGeneral):
-        if _to_tuple(module.batch_dims, 1) != ():
+        if to_tuple(module.batch_dims, 1) != ():
             raise NotImplementedError(
                 f"Layer {name!r} (DenseGeneral): batch_dims={module.batch_dims} is not supported "
                 f"by qnopt.capture.linen (only batch_dims=()).")

@@ -69,7 +69,7 @@ import jax.numpy as jnp
 from qnopt.capture.losses import Loss
 from qnopt.capture.oracle import (CaptureEngine, Discovery, LayerInfo, _abstract, _get,
                                   _key_name, _signature, check_flax_conv, conv_layer_info,
-                                  dense_layer_info, path_name)
+                                  dense_layer_info, path_name, to_tuple)
 
 __all__ = ["NnxCapture", "nnx_capture"]
 
@@ -92,14 +92,6 @@ class QnoptPerturbation(nnx.Perturbation):
 # id(module) -> (path, record-or-None) for the captured layers of the pass running in this thread.
 _LOCAL = threading.local()
 _SUBCLASSES: dict = {}
-
-
-def _to_tuple(x, n: int) -> tuple:
-    if x is None:
-        return (1,) * n
-    if isinstance(x, int):
-        return (x,) * n
-    return tuple(x)
 
 
 def _value(v):
@@ -129,11 +121,11 @@ def _layer_info(module, path: tuple, a_shape: tuple, h_shape: tuple) -> LayerInf
                 f"and 2-D convolutions only. {hint}")
         return conv_layer_info(
             name, path, cls, roles, a_shape, h_shape, use_bias, kernel_size=kernel_size,
-            strides=_to_tuple(module.strides, n),
+            strides=to_tuple(module.strides, n),
             padding=(tuple(module.padding) if isinstance(module.padding, list)
                      else module.padding),
-            dilation=_to_tuple(module.kernel_dilation, n),
-            input_dilation=_to_tuple(module.input_dilation, n))
+            dilation=to_tuple(module.kernel_dilation, n),
+            input_dilation=to_tuple(module.input_dilation, n))
     return dense_layer_info(name, path, cls, roles, a_shape, h_shape, use_bias)
 
 

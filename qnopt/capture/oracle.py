@@ -92,6 +92,15 @@ def dense_layer_info(name: str, path: tuple, module_class: str, param_paths: tup
         bias_shape=(d_out,))
 
 
+def to_tuple(x: Any, n: int) -> tuple:
+    """A per-spatial-axis setting as an ``n``-tuple (``None`` -> ones, an int -> repeated)."""
+    if x is None:
+        return (1,) * n
+    if isinstance(x, int):
+        return (x,) * n
+    return tuple(x)
+
+
 def check_flax_conv(module: Any, name: str, engine: str, a_shape: tuple) -> tuple:
     """The kernel size of a Flax (Linen or NNX) ``Conv`` call, after checking what the capture
     supports (``feature_group_count == 1``, no mask, one leading batch axis); anything else
