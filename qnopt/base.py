@@ -1,4 +1,4 @@
-"""Small helpers every qnopt transformation shares: argument checks and the non-finite guard."""
+"""Small helpers every qnopt transformation shares: argument and shape checks with clear errors."""
 
 from __future__ import annotations
 
@@ -6,11 +6,9 @@ from typing import Any
 
 import jax
 
-from qnopt.linalg.tree import tree_all_finite
-
 PyTree = Any
 
-__all__ = ["require_params", "check_range", "cast_like", "tree_all_finite", "check_like"]
+__all__ = ["require_params", "check_range", "check_like"]
 
 
 def require_params(params: PyTree, method: str) -> PyTree:
@@ -39,11 +37,6 @@ def check_range(name: str, value: Any, low: float | None = None, high: float | N
             f"{name}={value} is out of range: expected {lo}{low if low is not None else '-inf'}, "
             f"{high if high is not None else 'inf'}{hi}."
         )
-
-
-def cast_like(tree: PyTree, like: PyTree) -> PyTree:
-    """Cast every leaf of ``tree`` to the dtype of the matching leaf of ``like``."""
-    return jax.tree.map(lambda x, y: x.astype(y.dtype), tree, like)
 
 
 def check_like(tree: PyTree, ref: PyTree, what: str, method: str) -> None:

@@ -27,6 +27,7 @@ from qnopt.linalg.tree import (
     tree_scale,
     tree_stack_combine,
     tree_stack_dot,
+    tree_stack_set,
     tree_vdot,
 )
 
@@ -126,9 +127,8 @@ def lbfgs_memory_push(memory: LbfgsMemory, s: PyTree, y: PyTree, accept: ArrayLi
     accept = accept & jnp.all(jnp.isfinite(sy)) & jnp.all(jnp.isfinite(yy))
 
     def write(stack, new):
-        return jax.tree.map(
-            lambda st, x: st.at[slot].set(jnp.where(accept, x.astype(st.dtype), st[slot])), stack, new
-        )
+        kept = jax.tree.map(lambda st, x: jnp.where(accept, x.astype(st.dtype), st[slot]), stack, new)
+        return tree_stack_set(stack, slot, kept)
 
     return LbfgsMemory(
         s=write(memory.s, s),
