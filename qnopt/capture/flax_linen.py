@@ -57,7 +57,7 @@ import jax.numpy as jnp
 from qnopt.capture.losses import Loss
 from qnopt.capture.oracle import (CaptureEngine, Discovery, LayerInfo, _abstract, _get,
                                   _signature, check_flax_conv, conv_layer_info,
-                                  dense_layer_info, path_name, to_tuple)
+                                  check_single_call, dense_layer_info, path_name, to_tuple)
 
 __all__ = ["LinenCapture", "linen_capture"]
 
@@ -152,11 +152,7 @@ class LinenCapture(CaptureEngine):
                     record["excluded"][path] = "excluded by layers="
                 return next_fun(*args, **kwargs)
             a = args[0] if args else kwargs["inputs"]
-            if record is not None and path in record["calls"]:
-                raise NotImplementedError(
-                    f"Layer {name!r} ({type(module).__name__}) is called more than once per "
-                    f"apply (weight sharing); qnopt.capture.linen does not support that. Exclude "
-                    f"it with layers=... to leave its parameters to the fallback.")
+            check_single_call(record, path, module, "qnopt.capture.linen")
             module.sow(SOW_COLLECTION, _A, a)
             h = next_fun(*args, **kwargs)
             if record is not None:

@@ -69,7 +69,7 @@ import jax.numpy as jnp
 from qnopt.capture.losses import Loss
 from qnopt.capture.oracle import (CaptureEngine, Discovery, LayerInfo, _abstract, _get,
                                   _key_name, _signature, check_flax_conv, conv_layer_info,
-                                  dense_layer_info, path_name, to_tuple)
+                                  check_single_call, dense_layer_info, path_name, to_tuple)
 
 __all__ = ["NnxCapture", "nnx_capture"]
 
@@ -137,11 +137,7 @@ def _captured_call(module, original, args, kwargs):
         return original(module, *args, **kwargs)
     path, record = entry
     a = args[0] if args else kwargs["inputs"]
-    if record is not None and path in record["calls"]:
-        raise NotImplementedError(
-            f"Layer {path_name(path)!r} ({type(module).__name__}) is called more than once per "
-            f"forward pass (weight sharing); qnopt.capture.flax_nnx does not support that. "
-            f"Exclude it with layers=... to leave its parameters to the fallback.")
+    check_single_call(record, path, module, "qnopt.capture.flax_nnx")
     h = original(module, *args, **kwargs)
     if record is not None:
         record["calls"][path] = _layer_info(module, path, tuple(jnp.shape(a)),

@@ -92,6 +92,16 @@ def dense_layer_info(name: str, path: tuple, module_class: str, param_paths: tup
         bias_shape=(d_out,))
 
 
+def check_single_call(record: Optional[dict], path: tuple, module: Any, engine: str) -> None:
+    """Refuse a captured layer called twice in one pass (weight sharing): its perturbation
+    would collect the sum of both calls' ``dh`` and its input record would be overwritten."""
+    if record is not None and path in record["calls"]:
+        raise NotImplementedError(
+            f"Layer {path_name(path)!r} ({type(module).__name__}) is called more than once per "
+            f"forward pass (weight sharing); {engine} does not support that. Exclude it with "
+            f"layers=... to leave its parameters to the fallback.")
+
+
 def to_tuple(x: Any, n: int) -> tuple:
     """A per-spatial-axis setting as an ``n``-tuple (``None`` -> ones, an int -> repeated)."""
     if x is None:
