@@ -10,6 +10,10 @@
   :func:`kron_inverse_apply`.
 * Curvature-vector products and per-example Gram matrices: :func:`hvp`, :func:`ggn_vp`,
   :func:`layer_gram`, :func:`gram`.
+* Per-layer statistics from a capture's ``LayerStats`` (dense and conv alike): :func:`layer_A`,
+  :func:`layer_G`, :func:`layer_A_matvec`, :func:`layer_mean_input`, K-BFGS's pairs
+  :func:`output_pair` and :func:`hessian_action_pair`, the warm start :func:`estimate_factors`
+  (:class:`KronFactors`, keyed by :func:`layer_key`).
 * Moving averages of factors: :func:`ema_update`, :func:`warmup_decay`, :func:`init_factor`.
 
 Conventions. ``W = [weight, bias]`` has shape ``(d_out, d_in + 1)`` and acts on ``ā = [a, 1]``;
@@ -24,10 +28,22 @@ from qnopt.curvature.ema import ema_update, init_factor, warmup_decay
 from qnopt.curvature.kronecker import (Spatial, append_ones, conv_A, conv_A_matvec, conv_G,
                                        dense_A, dense_A_matvec, dense_G, kron_inverse_apply,
                                        kron_matvec, mean_input)
+from qnopt.curvature.layers import (KronFactors, estimate_factors, hessian_action_pair, layer_A,
+                                    layer_A_matvec, layer_G, layer_key, layer_mean_input,
+                                    output_pair)
 from qnopt.curvature.patches import conv_patches
 from qnopt.curvature.products import ggn_vp, gram, hvp, layer_gram
 
 __all__ = [
+    "KronFactors",
+    "estimate_factors",
+    "hessian_action_pair",
+    "layer_A",
+    "layer_A_matvec",
+    "layer_G",
+    "layer_key",
+    "layer_mean_input",
+    "output_pair",
     "Spatial",
     "append_ones",
     "conv_A",

@@ -8,6 +8,7 @@ from qnopt.linalg.lbfgs import (
     lbfgs_compact_matrix,
     lbfgs_gamma,
     lbfgs_memory_init,
+    lbfgs_memory_matrix,
     lbfgs_memory_push,
     lbfgs_two_loop,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "lbfgs_compact_matrix",
     "lbfgs_gamma",
     "lbfgs_memory_init",
+    "lbfgs_memory_matrix",
     "lbfgs_memory_push",
     "lbfgs_two_loop",
     "smw_solve",

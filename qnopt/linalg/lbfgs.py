@@ -41,6 +41,7 @@ __all__ = [
     "lbfgs_two_loop",
     "lbfgs_compact",
     "lbfgs_compact_matrix",
+    "lbfgs_memory_matrix",
     "compact_inverse_coefficients",
 ]
 
@@ -315,3 +316,43 @@ def lbfgs_compact_matrix(S: jax.Array, Y: jax.Array, X: jax.Array, gamma: jax.Ar
     yy = Y.T @ Y
     P, Q = compact_inverse_coefficients(sy, yy, S.T @ X, Y.T @ X, gamma)
     return gamma * X + S @ P + Y @ Q
+
+
+def lbfgs_memory_matrix(memory: LbfgsMemory, X: jax.Array, gamma: ArrayLike) -> jax.Array:
+    r"""``H X`` for a matrix right-hand side, from a memory of vector pairs.
+
+    The memory holds pairs ``(s_i, y_i)`` of length ``d`` as a single array leaf (shape
+    ``(m, d)``, e.g. K-BFGS(L)'s ``(s_G, y_G)`` pairs of one layer) and ``X`` has shape
+    ``(d, k)``. Same matrix as :func:`lbfgs_compact` (BFGS from ``H0 = γ I`` with the stored
+    pairs in chronological order), applied to ``k`` columns at once in the "non-loop" form of
+    Byrd, Nocedal & Schnabel (1994) that the thesis uses for ``H_g · ∇f`` (§2.3, §3.4.3): the
+    work is two ``(m × d) · (d × k)`` products and an ``m × m`` triangular solve. ``γ`` is given
+    (K-BFGS(L) starts from ``I`` in Alg. 4, from ``λ_G⁻¹ I`` in Alg. 9), not ``sᵀy/yᵀy``.
+
+    Args:
+      memory: pair memory whose ``s`` and ``y`` are arrays of shape ``(m, d)``.
+      X: ``(d, k)`` right-hand side.
+      gamma: scalar ``γ`` of ``H0 = γ I``.
+
+    Returns:
+      ``H X`` of shape ``(d, k)``, in the accumulation dtype.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from qnopt.linalg import lbfgs_memory_init, lbfgs_memory_push, lbfgs_memory_matrix
+      >>> mem = lbfgs_memory_init(jnp.zeros(2), 3)
+      >>> mem = lbfgs_memory_push(mem, jnp.array([1., 0.]), jnp.array([2., 0.]))
+      >>> lbfgs_memory_matrix(mem, jnp.array([[2.], [0.]]), 1.0)    # secant: H y = s
+      Array([[1.],
+             [0.]], dtype=float32)
+    """
+    S, Y = memory.s, memory.y
+    if not isinstance(S, jax.Array) or S.ndim != 2:
+        raise ValueError("lbfgs_memory_matrix needs a memory of vector pairs: s and y of shape (m, d).")
+    X = jnp.asarray(X, S.dtype)
+    hi = jax.lax.Precision.HIGHEST
+    order, valid = _memory_order(memory)
+    a = jnp.matmul(S, X, precision=hi)
+    b = jnp.matmul(Y, X, precision=hi)
+    P, Q = compact_inverse_coefficients(memory.sy, memory.yy, a, b, jnp.asarray(gamma, S.dtype), order, valid)
+    return gamma * X + jnp.matmul(S.T, P, precision=hi) + jnp.matmul(Y.T, Q, precision=hi)

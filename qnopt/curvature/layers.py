@@ -1,0 +1,194 @@
+r"""Per-layer curvature statistics from a capture's :class:`~qnopt.capture.LayerStats`.
+
+Every function takes the statistics of one captured layer on one minibatch (anything with
+``a_rows()``, ``dh_rows()``, ``h`` and ``info.has_bias``/``info.kind``, as
+``oracle.layers[name]`` gives) and applies the thesis' conventions for dense and convolutional
+layers alike: rows ``(n, t)`` are examples × positions (``|T| = 1`` for a plain dense layer),
+``A`` sums over positions, ``G`` and the ``(s, y)`` pair average over them (eq. 3.9, 3.12–3.13),
+and ``dh`` is the gradient of the *mean* loss (per-example gradients are ``N·dh``).
+
+* :func:`layer_key`: the name K-BFGS / K-FAC state uses for a layer (its kernel's path).
+* :func:`layer_A`, :func:`layer_G`, :func:`layer_A_matvec`, :func:`layer_mean_input`.
+* :func:`output_pair`: K-BFGS's ``(s_G, y_G)`` from two passes on the same minibatch.
+* :func:`hessian_action_pair`: K-BFGS's ``(s_A, y_A)`` for ``H_A`` (§2.4, eq. 3.14).
+* :func:`estimate_factors`: a warm start of ``A`` (and ``G``) over a data iterator.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from qnopt.curvature.kronecker import conv_A, conv_A_matvec, conv_G, mean_input
+from qnopt.linalg.tree import accumulation_dtype
+
+__all__ = [
+    "KronFactors",
+    "layer_key",
+    "layer_A",
+    "layer_G",
+    "layer_A_matvec",
+    "layer_mean_input",
+    "output_pair",
+    "hessian_action_pair",
+    "estimate_factors",
+]
+
+
+class KronFactors(NamedTuple):
+    """Kronecker factors of one layer: ``A`` ``(d_in[+1])²`` and ``G`` ``(d_out)²`` (or ``None``)."""
+
+    A: jax.Array
+    G: Optional[jax.Array] = None
+
+
+def layer_key(info: Any) -> str:
+    """The key of a captured layer in K-BFGS / K-FAC state: its kernel's parameter path joined
+    with ``/`` (e.g. ``"Dense_0/kernel"``), independent of how the capture names modules."""
+    return "/".join(str(k) for k in info.params["kernel"])
+
+
+def layer_A(stats: Any) -> jax.Array:
+    r"""``A = E_n[Σ_t ā_t(n) ā_t(n)ᵀ]`` of one layer on the minibatch (eq. 3.9; dense: ``E[ā āᵀ]``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from types import SimpleNamespace as NS
+      >>> st = NS(a_rows=lambda: jnp.array([[[1., 2.]], [[3., 4.]]]), info=NS(has_bias=True))
+      >>> layer_A(st)
+      Array([[ 5.,  7.,  2.],
+             [ 7., 10.,  3.],
+             [ 2.,  3.,  1.]], dtype=float32)
+    """
+    return conv_A(stats.a_rows(), bias=stats.info.has_bias, spatial="sum")
+
+
+def layer_G(stats: Any) -> jax.Array:
+    r"""``G = E_n[(1/|T|) Σ_t g_t(n) g_t(n)ᵀ]`` with per-example ``g = N·dh`` (eq. 3.9; K-FAC's Γ).
+
+    Empirical Fisher for an oracle with the true labels, the sampled Fisher for
+    ``oracle.fisher(key)``'s layers.
+    """
+    return conv_G(stats.dh_rows(), batch_mean=True, spatial="mean")
+
+
+def layer_A_matvec(stats: Any, s: ArrayLike) -> jax.Array:
+    """``A s`` for :func:`layer_A`'s ``A`` without forming it (eq. 3.15)."""
+    return conv_A_matvec(stats.a_rows(), s, bias=stats.info.has_bias, spatial="sum")
+
+
+def layer_mean_input(stats: Any) -> jax.Array:
+    r"""``â = E_n[(1/|T|) Σ_t ā_t(n)]`` (eq. 3.14; dense: ``E[ā]``), with the 1 for a bias."""
+    return mean_input(stats.a_rows(), bias=stats.info.has_bias)
+
+
+def output_pair(before: Any, after: Any) -> tuple[jax.Array, jax.Array]:
+    r"""The pre-activation ``(s, y)`` pair of one layer from two passes on the same minibatch.
+
+    Thesis eq. 2.5 (dense) and eq. 3.12–3.13 (conv)::
+
+        s = E_n[ mean_t h⁺_t(n) − h_t(n) ],   y = E_n[ mean_t Dh⁺_t(n) − Dh_t(n) ]
+
+    with per-example pre-activation gradients ``Dh(n) = N·dh(n)`` (``dh`` carries the mean
+    loss's ``1/N``). K-BFGS averages these pairs (Alg. 4 line 16, Alg. 9 line 19) and damps them
+    before updating ``H_G``.
+
+    Args:
+      before: layer statistics at ``θ``.
+      after: layer statistics at ``θ⁺`` on the same minibatch (``oracle.at(θ⁺).layers[name]``).
+
+    Returns:
+      ``(s, y)``, each ``(d_out,)`` in the accumulation dtype.
+    """
+    def rows(x):
+        x = jnp.asarray(x)
+        return x.reshape(x.shape[0], -1, x.shape[-1]).astype(accumulation_dtype(x.dtype))
+
+    h0, h1 = rows(before.h), rows(after.h)
+    d0, d1 = rows(before.dh), rows(after.dh)
+    s = jnp.mean(h1 - h0, axis=(0, 1))
+    y = jnp.sum(jnp.mean(d1 - d0, axis=1), axis=0)
+    return s, y
+
+
+def hessian_action_pair(H_A: ArrayLike, a_mean: ArrayLike, A_matvec: Callable[[jax.Array], jax.Array],
+                        damping: ArrayLike) -> tuple[jax.Array, jax.Array]:
+    r"""The "Hessian-action" pair for ``H_A ≈ (A + λ_A I)⁻¹`` (thesis §2.4 and eq. 3.14).
+
+    .. math::
+        s_A = H_A \hat a, \qquad y_A = A s_A + \lambda_A s_A .
+
+    BFGS with this pair makes ``H_A`` satisfy ``H_A⁺ (A + λ_A I) s_A = s_A``: for a rank-one
+    change of ``A`` along ``â`` it is the Sherman–Morrison update (thesis Theorem 1). Alg. 4
+    lines 20–22 use the moving average ``Â`` (``A_matvec = lambda s: Â @ s``); Alg. 9 line 16
+    the current minibatch's ``A`` without forming it (:func:`layer_A_matvec`).
+
+    Args:
+      H_A: ``(d, d)`` current approximation.
+      a_mean: ``â`` of shape ``(d,)`` (:func:`layer_mean_input`).
+      A_matvec: ``s -> A s``.
+      damping: ``λ_A``.
+
+    Returns:
+      ``(s_A, y_A)`` with ``s_Aᵀ y_A ≥ λ_A ‖s_A‖² > 0`` for PSD ``A`` and ``s_A ≠ 0``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> s, y = hessian_action_pair(jnp.eye(2), jnp.array([1., 1.]), lambda v: 2 * v, 0.5)
+      >>> s.tolist(), y.tolist()
+      ([1.0, 1.0], [2.5, 2.5])
+    """
+    H_A = jnp.asarray(H_A)
+    s = jnp.matmul(H_A, jnp.asarray(a_mean, H_A.dtype), precision=jax.lax.Precision.HIGHEST)
+    return s, A_matvec(s) + jnp.asarray(damping, s.dtype) * s
+
+
+def estimate_factors(capture: Any, params: Any, batches: Iterable[Any], *,
+                     fisher: Optional[str] = None, key: Optional[jax.Array] = None) -> dict:
+    r"""Warm start: Kronecker factors averaged over a data iterator (thesis Alg. 4 line 3,
+    Alg. 9 line 3, Alg. 12 line 2: "computed from the whole dataset before the first iteration").
+
+    Args:
+      capture: a capture engine (``qnopt.capture.linen(...)`` etc.).
+      params: the initial parameters.
+      batches: an iterable of batches (e.g. one pass over the training set); each batch's
+        factors are weighted equally.
+      fisher: ``None`` (``A`` only, K-BFGS), ``"empirical"`` (``G`` from the true labels) or
+        ``"sampled"`` (``G`` from labels sampled from the model: K-FAC; needs ``key``).
+      key: PRNG key for ``"sampled"``; folded with the batch index.
+
+    Returns:
+      ``{layer_key: KronFactors(A, G)}``; pass it as ``initial_factors=`` to
+      :func:`qnopt.kbfgs` / :func:`qnopt.kfac`.
+    """
+    if fisher not in (None, "empirical", "sampled"):
+        raise ValueError(f"fisher must be None, 'empirical' or 'sampled', got {fisher!r}.")
+    if fisher == "sampled" and key is None:
+        raise ValueError("estimate_factors(fisher='sampled') needs a PRNG key: key=jax.random.key(0).")
+
+    @jax.jit
+    def one(params, batch, k):
+        oracle = capture.oracle(params, batch, k)
+        out = {}
+        for st in oracle.layers.values():
+            G = None
+            out[layer_key(st.info)] = (layer_A(st), G)
+        if fisher is not None:
+            src = oracle if fisher == "empirical" else oracle.fisher(k)
+            for st in src.layers.values():
+                A, _ = out[layer_key(st.info)]
+                out[layer_key(st.info)] = (A, layer_G(st))
+        return out
+
+    total, count = None, 0
+    for i, batch in enumerate(batches):
+        k = None if key is None else jax.random.fold_in(key, i)
+        f = one(params, batch, k)
+        total = f if total is None else jax.tree.map(jnp.add, total, f)
+        count += 1
+    if count == 0:
+        raise ValueError("estimate_factors got no batches.")
+    return {name: KronFactors(*(None if x is None else x / count for x in v)) for name, v in total.items()}

@@ -1,0 +1,22 @@
+"""Preconditioners: Kronecker-inverse ``H_G · X · H_A`` (K-BFGS, K-FAC, SKQN), damped inverses.
+
+* Layer-matrix layout: :func:`layer_matrix`, :func:`split_layer_matrix`.
+* Application: :func:`kron_precondition` (explicit ``H_A``, ``H_G``; ``H_G`` may be an L-BFGS
+  operator), :func:`kron_factor_solve` (Cholesky factors of damped factors).
+* K-FAC damping and inverses: :func:`factored_damping` (π-split), :func:`damped_inverse`
+  (eigh or Cholesky), :func:`damped_cholesky`.
+"""
+
+from qnopt.preconditioners.kronecker import (damped_cholesky, damped_inverse, factored_damping,
+                                             kron_factor_solve, kron_precondition, layer_matrix,
+                                             split_layer_matrix)
+
+__all__ = [
+    "damped_cholesky",
+    "damped_inverse",
+    "factored_damping",
+    "kron_factor_solve",
+    "kron_precondition",
+    "layer_matrix",
+    "split_layer_matrix",
+]
