@@ -7,10 +7,11 @@ learning rate. The primitives they are built from live in ``qnopt.linalg`` and `
 
 __version__ = "0.1.0"
 
-from qnopt import base, capture, curvature, damping, data, linalg, sharding, testing
-from qnopt.alias import slimqn
+from qnopt import base, capture, curvature, damping, data, linalg, preconditioners, sharding, testing
+from qnopt.alias import kbfgs, kbfgs_l, slimqn
 from qnopt.training import make_train_step
-from qnopt.methods import ScaleBySlimQNState, scale_by_slimqn
+from qnopt.methods import (KbfgsLayerState, ScaleByKbfgsState, ScaleBySlimQNState, scale_by_kbfgs,
+                           scale_by_slimqn)
 
 __all__ = [
     "__version__",
@@ -21,6 +22,12 @@ __all__ = [
     "data",
     "testing",
     "linalg",
+    "preconditioners",
+    "kbfgs",
+    "kbfgs_l",
+    "scale_by_kbfgs",
+    "ScaleByKbfgsState",
+    "KbfgsLayerState",
     "sharding",
     "slimqn",
     "make_train_step",

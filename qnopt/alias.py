@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import optax
 
+from qnopt.methods.kbfgs import scale_by_kbfgs
 from qnopt.methods.slimqn import scale_by_slimqn
 
-__all__ = ["slimqn"]
+__all__ = ["kbfgs", "kbfgs_l", "slimqn"]
 
 
 def slimqn(
@@ -73,3 +74,57 @@ def slimqn(
         parts.append(optax.clip_by_global_norm(max_step_norm))
     parts.append(optax.scale_by_learning_rate(learning_rate))
     return optax.chain(*parts)
+
+
+def kbfgs(
+    learning_rate: optax.ScalarOrSchedule,
+    damping: float = 0.3,
+    *,
+    memory_size: Optional[int] = None,
+    algorithm: str = "auto",
+    update_every: int = 1,
+    beta: float = 0.9,
+    mu1: float = 0.2,
+    weight_decay: float = 0.0,
+    skip_rule: bool = False,
+    initial_factors: Optional[dict] = None,
+    layers: Any = None,
+    fallback: Optional[optax.GradientTransformation] = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""K-BFGS (Ren thesis Alg. 4 for MLPs, Alg. 9 for CNNs): ``W ← W − α H_G ĝ H_A`` per layer.
+
+    This is :func:`qnopt.scale_by_kbfgs` itself (it applies the learning rate, because the
+    second pass is taken at the updated weights); see it for the algorithm and every argument.
+    ``update`` needs ``params`` and the minibatch's curvature oracle (``curvature=``). Defaults
+    are the thesis' (``β = 0.9``, ``μ1 = 0.2``); the authors' MLP settings are ``lr 0.3``,
+    ``damping 0.3`` with a warm start of ``A`` (:func:`qnopt.curvature.estimate_factors`) and
+    ``weight_decay=1e-5``.
+    """
+    return scale_by_kbfgs(learning_rate, damping, memory_size=memory_size, algorithm=algorithm,
+                          update_every=update_every, beta=beta, mu1=mu1, weight_decay=weight_decay,
+                          skip_rule=skip_rule, initial_factors=initial_factors, layers=layers,
+                          fallback=fallback)
+
+
+def kbfgs_l(
+    learning_rate: optax.ScalarOrSchedule,
+    damping: float = 0.3,
+    *,
+    memory_size: int = 100,
+    algorithm: str = "auto",
+    update_every: int = 1,
+    beta: float = 0.9,
+    mu1: float = 0.2,
+    weight_decay: float = 0.0,
+    skip_rule: bool = False,
+    initial_factors: Optional[dict] = None,
+    layers: Any = None,
+    fallback: Optional[optax.GradientTransformation] = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""K-BFGS(L): :func:`kbfgs` with ``H_G`` from the last ``memory_size`` pairs by L-BFGS in the
+    non-loop compact form applied to the matrix gradient (thesis §2.3; ``p = 100`` by default).
+    ``memory_size`` must be a static argument under ``optax.inject_hyperparams``."""
+    return scale_by_kbfgs(learning_rate, damping, memory_size=memory_size, algorithm=algorithm,
+                          update_every=update_every, beta=beta, mu1=mu1, weight_decay=weight_decay,
+                          skip_rule=skip_rule, initial_factors=initial_factors, layers=layers,
+                          fallback=fallback)

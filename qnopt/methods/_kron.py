@@ -1,0 +1,207 @@
+"""What the Kronecker-factored methods (K-BFGS, K-FAC) share: which parameters form a layer,
+the oracle checks, the layer-matrix view of gradients, the fallback transform for the other
+parameters, and the step that turns per-layer directions into the descent update.
+
+A *layer* is a kernel (and its bias) that the curvature oracle captures. The optimizer's state
+must be created by ``init(params)`` before any oracle is seen, so the layers are found from the
+parameters: by default every dict node holding a ``"kernel"`` array of rank ≥ 2 (and a
+``"bias"`` of shape ``(kernel.shape[-1],)``, if present) — the Flax Linen / NNX layout —
+or exactly those of ``layers=capture.layer_info(params, batch)``. On every update the oracle's
+captured layers are checked against these; a mismatch raises a ``ValueError`` saying what to do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from qnopt.base import check_like
+from qnopt.curvature.layers import layer_key
+from qnopt.linalg.tree import accumulation_dtype
+from qnopt.preconditioners import layer_matrix, split_layer_matrix
+
+PyTree = Any
+
+_NO_ORACLE = (
+    "{method} needs the curvature oracle of the minibatch: "
+    "`capture = qnopt.capture.linen(model, loss=...)` once, then inside the jitted step "
+    "`oracle = capture.oracle(params, batch, key)` and "
+    "`opt.update(oracle.grads, state, params, curvature=oracle)` "
+    "(or let qnopt.make_train_step(capture, opt) do it).")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """A layer as the optimizer sees it (static)."""
+
+    key: str
+    kernel_path: tuple
+    bias_path: Optional[tuple]
+    kernel_shape: tuple
+    d_in: int
+    d_out: int
+    conv: bool
+
+    @property
+    def has_bias(self) -> bool:
+        return self.bias_path is not None
+
+    @property
+    def da(self) -> int:
+        """Size of ``A``: ``d_in`` plus one for the bias."""
+        return self.d_in + int(self.has_bias)
+
+
+def _path_key(k) -> Any:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return getattr(k, attr)
+    return str(k)
+
+
+def _leaves(tree) -> list:
+    return [(tuple(_path_key(k) for k in kp), leaf)
+            for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def find_layers(params: PyTree, layers: Any = None) -> dict:
+    """``{key: LayerSpec}`` of the layers in ``params`` (see the module docstring).
+
+    ``layers`` may be ``None`` (Flax layout: ``kernel``/``bias`` siblings), a dict of
+    :class:`qnopt.capture.LayerInfo` (``capture.layer_info(params, batch)``), or a sequence of
+    ``(kernel_path, bias_path_or_None)`` tuples.
+    """
+    specs = {}
+    if layers is None:
+        leaves = dict(_leaves(params))
+        for path, leaf in leaves.items():
+            if not path or path[-1] != "kernel" or jnp.ndim(leaf) < 2:
+                continue
+            shape = tuple(jnp.shape(leaf))
+            bias = path[:-1] + ("bias",)
+            has_bias = bias in leaves and tuple(jnp.shape(leaves[bias])) == (shape[-1],)
+            specs[_key(path)] = _spec(path, bias if has_bias else None, shape, conv=len(shape) > 2)
+        if not specs:
+            raise ValueError(
+                "Found no layer in params: no dict node holds a 'kernel' array of rank >= 2 (the "
+                "Flax layout). Pass layers=capture.layer_info(params, batch) to name the layers.")
+        return specs
+    items = layers.values() if isinstance(layers, dict) else layers
+    for item in items:
+        if hasattr(item, "params"):  # LayerInfo
+            kp, bp = item.params["kernel"], item.params.get("bias")
+            conv = item.kind == "conv"
+        else:
+            kp, bp = item
+            conv = None
+        kp = tuple(kp)
+        bp = None if bp is None else tuple(bp)
+        try:
+            shape = tuple(jnp.shape(_get(params, kp)))
+        except (KeyError, IndexError, TypeError):
+            raise ValueError(f"layers=: kernel path {'/'.join(map(str, kp))} is not in params.") from None
+        specs[_key(kp)] = _spec(kp, bp, shape, conv=len(shape) > 2 if conv is None else conv)
+    return specs
+
+
+def _key(path: tuple) -> str:
+    return "/".join(str(k) for k in path)
+
+
+def _spec(kp, bp, shape, conv) -> LayerSpec:
+    d_out = shape[-1]
+    d_in = 1
+    for s in shape[:-1]:
+        d_in *= s
+    return LayerSpec(_key(kp), kp, bp, shape, d_in, d_out, conv)
+
+
+def fallback_leaves(tree: PyTree, specs: dict) -> dict:
+    """``{path: leaf}`` of the parameters that belong to no layer."""
+    owned = {s.kernel_path for s in specs.values()} | {s.bias_path for s in specs.values() if s.has_bias}
+    return {_key(p): leaf for p, leaf in _leaves(tree) if p not in owned}
+
+
+def layer_grad(grads: PyTree, spec: LayerSpec) -> jax.Array:
+    """The gradient of one layer as the matrix ``(d_out, d_in[+1])`` in the accumulation dtype."""
+    k = _get(grads, spec.kernel_path)
+    b = _get(grads, spec.bias_path) if spec.has_bias else None
+    x = layer_matrix(k, b)
+    return x.astype(accumulation_dtype(x.dtype))
+
+
+def assemble(like: PyTree, specs: dict, layer_updates: dict, fallback_updates: dict) -> PyTree:
+    """A tree like ``like`` from per-layer matrices and the fallback's ``{path: leaf}``."""
+    flat = dict(fallback_updates)
+    for key, spec in specs.items():
+        k, b = split_layer_matrix(layer_updates[key], spec.kernel_shape, spec.has_bias)
+        flat[_key(spec.kernel_path)] = k
+        if spec.has_bias:
+            flat[_key(spec.bias_path)] = b
+    paths, treedef = zip(*_leaves(like)), jax.tree.structure(like)
+    leaves = [flat[_key(p)].astype(jnp.asarray(x).dtype) for p, x in _leaves(like)]
+    del paths
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def check_oracle(curvature: Any, specs: dict, method: str) -> dict:
+    """The oracle's layer statistics keyed like ``specs``, after checking they match."""
+    if curvature is None or not hasattr(curvature, "layers"):
+        raise ValueError(_NO_ORACLE.format(method=method))
+    stats = {layer_key(st.info): st for st in curvature.layers.values()}
+    missing = sorted(set(specs) - set(stats))
+    extra = sorted(set(stats) - set(specs))
+    if missing or extra:
+        raise ValueError(
+            f"{method}: the optimizer state was built for layers {sorted(specs)}, but the oracle "
+            f"captured {sorted(stats)} (not captured: {missing}; not in the state: {extra}). Build "
+            f"the optimizer with layers=capture.layer_info(params, batch) so that both agree, or "
+            f"restrict the capture with layers=....")
+    for key, st in stats.items():
+        sp = specs[key]
+        if (st.info.d_in, st.info.d_out, st.info.has_bias) != (sp.d_in, sp.d_out, sp.has_bias):
+            raise ValueError(
+                f"{method}: layer {key} is (d_in={st.info.d_in}, d_out={st.info.d_out}, "
+                f"bias={st.info.has_bias}) in the oracle but (d_in={sp.d_in}, d_out={sp.d_out}, "
+                f"bias={sp.has_bias}) in the state; pass layers=capture.layer_info(params, batch).")
+    return stats
+
+
+def check_state(layer_states: dict, specs: dict, method: str) -> None:
+    """The state's layers are those found in ``params`` now (same keys and matrix shapes)."""
+    if set(layer_states) != set(specs):
+        raise ValueError(f"{method}: the state holds layers {sorted(layer_states)} but params have "
+                         f"{sorted(specs)}. Call opt.init(params) with the params you update.")
+    for key, spec in specs.items():
+        shape = tuple(layer_states[key].momentum.shape)
+        if shape != (spec.d_out, spec.da):
+            raise ValueError(f"{method}: layer {key} has shape {(spec.d_out, spec.da)} as a matrix, "
+                             f"but the state was initialised for shape {shape}.")
+
+
+def learning_rate_at(learning_rate: optax.ScalarOrSchedule, count: jax.Array) -> jax.Array:
+    return learning_rate(count) if callable(learning_rate) else jnp.asarray(learning_rate)
+
+
+def default_fallback(momentum: Any, scale: Any) -> optax.GradientTransformation:
+    """Momentum SGD ``ĝ = βĝ + g`` scaled by ``scale`` (K-BFGS: ``1/λ``, thesis §3.4.3)."""
+    return optax.chain(optax.trace(decay=momentum), optax.scale(scale))
+
+
+def where_tree(ok: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def check_grads(updates: PyTree, params: PyTree, method: str) -> None:
+    """Gradients have the structure and leaf shapes of the parameters."""
+    check_like(updates, params, "the gradient", method)
