@@ -43,11 +43,16 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
-    """A deterministic full-batch problem: ``loss(params) -> scalar``."""
+    """A deterministic full-batch problem: ``loss(params) -> scalar``.
+
+    ``oracle(params)``, when set, builds the curvature oracle of the full batch (for methods
+    that need layer statistics, e.g. K-BFGS and K-FAC).
+    """
 
     name: str
     params: PyTree
     loss: Callable[[PyTree], jax.Array]
+    oracle: Optional[Callable[[PyTree], Any]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +69,8 @@ class MethodCase:
       steps: step budget for the convergence check.
       extra_args: ``fn(params, loss) -> dict`` of keyword arguments the method needs in
         ``update`` (a curvature oracle, ``value_fn``...); ``None`` for gradient-only methods.
+      problem: ``problem() -> Problem`` when the method needs its own problem (e.g. a model
+        with capturable layers, :func:`mlp_problem`); ``None`` for the shared one.
     """
 
     name: str
@@ -74,6 +81,7 @@ class MethodCase:
     static_args: tuple = ()
     steps: int = 150
     extra_args: Optional[Callable[[PyTree, Callable], dict]] = None
+    problem: Optional[Callable[[], "Problem"]] = None
 
 
 def logreg_problem(n: int = 256, d: int = 12, correlation: float = 0.9, l2: float = 1e-3, seed: int = 0) -> Problem:
@@ -96,6 +104,37 @@ def logreg_problem(n: int = 256, d: int = 12, correlation: float = 0.9, l2: floa
         return data + 0.5 * l2 * jnp.sum(p["w"].astype(jnp.float32) ** 2)
 
     return Problem("logreg", {"w": jnp.zeros((d,), jnp.float32), "b": jnp.zeros((), jnp.float32)}, loss)
+
+
+def mlp_problem(n: int = 256, d: int = 12, hidden: int = 16, classes: int = 3,
+                scale_range: tuple = (0.1, 10.0), seed: int = 0) -> Problem:
+    """Softmax classification with a one-hidden-layer tanh MLP (Flax Linen) on features whose
+    scales span ``scale_range`` (an ill-conditioned input factor ``A``, the regime Kronecker
+    preconditioners address), with the full batch's curvature oracle (``qnopt.capture.linen``)."""
+    import flax.linen as nn
+
+    from qnopt.capture import linen
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d))
+    y = np.argmax(x @ rng.normal(size=(d, classes)) + 0.5 * rng.normal(size=(n, classes)), axis=1)
+    x = x * np.logspace(np.log10(scale_range[0]), np.log10(scale_range[1]), d)
+    batch = (jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32))
+    model = nn.Sequential([nn.Dense(hidden), nn.tanh, nn.Dense(classes)])
+    capture = linen(model, loss="softmax_cross_entropy")
+    params = model.init(jax.random.key(seed), batch[0])["params"]
+
+    def loss(p):
+        logits = model.apply({"params": p}, batch[0]).astype(jnp.float32)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]))
+
+    return Problem("mlp", params, loss, oracle=lambda p: capture.oracle(p, batch, jax.random.key(1)))
+
+
+def oracle_args(params, loss, problem: Problem) -> dict:
+    """``{"curvature": problem.oracle(params)}``: the ``extra_args`` of oracle-based methods."""
+    del loss
+    return {"curvature": problem.oracle(params)}
 
 
 def _extra(case: Optional[MethodCase], params, loss) -> dict:

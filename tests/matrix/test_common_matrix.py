@@ -18,12 +18,38 @@ CASES = [
                  factory_kwargs=dict(update_every=5, memory_size=5, preconditioner="two_loop"),
                  static_args=("memory_size", "preconditioner"), steps=60),
 ]
+MLP = T.mlp_problem()
+
+
+def _oracle(params, loss):
+    return T.oracle_args(params, loss, MLP)
+
+
+CASES += [
+    T.MethodCase("kbfgs", functools.partial(qnopt.kbfgs, damping=0.1), lrs=(1.0, 3.0),
+                 factory=qnopt.kbfgs, factory_kwargs=dict(damping=0.1), static_args=("memory_size",),
+                 steps=60, extra_args=_oracle, problem=lambda: MLP),
+    T.MethodCase("kbfgs_alg9", functools.partial(qnopt.kbfgs, damping=0.1, algorithm="alg9", update_every=2),
+                 lrs=(0.1, 0.3), factory=qnopt.kbfgs,
+                 factory_kwargs=dict(damping=0.1, algorithm="alg9", update_every=2),
+                 static_args=("memory_size", "algorithm", "update_every"), steps=60, extra_args=_oracle,
+                 problem=lambda: MLP),
+    T.MethodCase("kbfgs_l", functools.partial(qnopt.kbfgs_l, damping=0.1, memory_size=5), lrs=(1.0, 3.0),
+                 factory=qnopt.kbfgs_l, factory_kwargs=dict(damping=0.1, memory_size=5),
+                 static_args=("memory_size",), steps=60, extra_args=_oracle, problem=lambda: MLP),
+]
 IDS = [c.name for c in CASES]
 
+_LOGREG = []
 
-@pytest.fixture(scope="module")
-def problem():
-    return T.logreg_problem(d=24, correlation=0.99)
+
+@pytest.fixture
+def problem(case):
+    if case.problem is not None:
+        return case.problem()
+    if not _LOGREG:
+        _LOGREG.append(T.logreg_problem(d=24, correlation=0.99))
+    return _LOGREG[0]
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
