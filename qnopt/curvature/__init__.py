@@ -14,7 +14,8 @@
   :func:`layer_G`, :func:`layer_A_matvec`, :func:`layer_mean_input`, K-BFGS's pairs
   :func:`output_pair` and :func:`hessian_action_pair`, the warm start :func:`estimate_factors`
   (:class:`KronFactors`, keyed by :func:`layer_key`).
-* Moving averages of factors: :func:`ema_update`, :func:`warmup_decay`, :func:`init_factor`.
+* Moving averages of factors: :func:`ema_update`, :func:`warmup_decay`,
+  :func:`debiased_decay`, :func:`init_factor`.
 
 Conventions. ``W = [weight, bias]`` has shape ``(d_out, d_in + 1)`` and acts on ``ā = [a, 1]``;
 ``vec`` stacks columns, so ``vec(g āᵀ) = ā ⊗ g`` and the layer curvature is ``A ⊗ G``. ``G``
@@ -24,7 +25,7 @@ averages over them (``spatial=`` selects ``"sum"``, ``"mean"`` or the §3.4.3 ``
 rebalancing). All functions are pure and jit-compatible.
 """
 
-from qnopt.curvature.ema import ema_update, init_factor, warmup_decay
+from qnopt.curvature.ema import debiased_decay, ema_update, init_factor, warmup_decay
 from qnopt.curvature.kronecker import (Spatial, append_ones, conv_A, conv_A_matvec, conv_G,
                                        dense_A, dense_A_matvec, dense_G, kron_inverse_apply,
                                        kron_matvec, mean_input)
@@ -36,6 +37,7 @@ from qnopt.curvature.products import ggn_vp, gram, hvp, layer_gram
 
 __all__ = [
     "KronFactors",
+    "debiased_decay",
     "estimate_factors",
     "hessian_action_pair",
     "layer_A",

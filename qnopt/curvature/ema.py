@@ -21,7 +21,7 @@ from jax.typing import ArrayLike
 
 from qnopt.linalg.tree import accumulation_dtype, tree_lerp
 
-__all__ = ["ema_update", "warmup_decay", "init_factor"]
+__all__ = ["ema_update", "warmup_decay", "debiased_decay", "init_factor"]
 
 PyTree = Any
 
@@ -79,6 +79,28 @@ def warmup_decay(count: ArrayLike, decay: ArrayLike) -> jax.Array:
     dt = jnp.promote_types(accumulation_dtype(decay.dtype), jnp.result_type(float))
     k = jnp.maximum(k.astype(dt), 1.0)
     return jnp.minimum(1.0 - 1.0 / k, decay.astype(dt))
+
+
+def debiased_decay(count: ArrayLike, decay: ArrayLike) -> jax.Array:
+    r"""Decay of a zero-debiased EMA: ``β_k = 1 − (1 − β) / (1 − β^k)``.
+
+    With it, :func:`ema_update` started from zero gives ``F_k = m_k / (1 − β^k)`` where
+    ``m_k = β m_{k−1} + (1 − β) F̂_k``: the Adam-style bias-corrected average, a weighted mean of
+    the estimates seen so far with weights ``β^{k−i}``. It is what kfac-jax uses for its factors
+    (``WeightedMovingAverage``), and what :func:`qnopt.kfac` uses without a warm start.
+    ``count`` is the 1-based number of the update being made; ``β_1 = 0``.
+
+    Example:
+      >>> from qnopt.curvature import debiased_decay
+      >>> [round(float(debiased_decay(k, 0.9)), 4) for k in (1, 2, 3, 100)]
+      [0.0, 0.4737, 0.631, 0.9]
+    """
+    k = jnp.asarray(count)
+    decay = jnp.asarray(decay)
+    dt = jnp.promote_types(accumulation_dtype(decay.dtype), jnp.result_type(float))
+    b = decay.astype(dt)
+    k = jnp.maximum(k.astype(dt), 1.0)
+    return 1.0 - (1.0 - b) / (1.0 - b ** k)
 
 
 def init_factor(d: int, kind: Literal["identity", "zeros"] = "identity", *,
