@@ -8,10 +8,10 @@ learning rate. The primitives they are built from live in ``qnopt.linalg`` and `
 __version__ = "0.1.0"
 
 from qnopt import base, capture, curvature, damping, data, linalg, preconditioners, sharding, testing
-from qnopt.alias import kbfgs, kbfgs_l, slimqn
+from qnopt.alias import kbfgs, kbfgs_l, kfac, slimqn
 from qnopt.training import make_train_step
-from qnopt.methods import (KbfgsLayerState, ScaleByKbfgsState, ScaleBySlimQNState, scale_by_kbfgs,
-                           scale_by_slimqn)
+from qnopt.methods import (KbfgsLayerState, KfacLayerState, ScaleByKbfgsState, ScaleByKfacState,
+                           ScaleBySlimQNState, scale_by_kbfgs, scale_by_kfac, scale_by_slimqn)
 
 __all__ = [
     "__version__",
@@ -28,6 +28,10 @@ __all__ = [
     "scale_by_kbfgs",
     "ScaleByKbfgsState",
     "KbfgsLayerState",
+    "kfac",
+    "scale_by_kfac",
+    "ScaleByKfacState",
+    "KfacLayerState",
     "sharding",
     "slimqn",
     "make_train_step",

@@ -7,9 +7,10 @@ from typing import Any, Optional
 import optax
 
 from qnopt.methods.kbfgs import scale_by_kbfgs
+from qnopt.methods.kfac import scale_by_kfac
 from qnopt.methods.slimqn import scale_by_slimqn
 
-__all__ = ["kbfgs", "kbfgs_l", "slimqn"]
+__all__ = ["kbfgs", "kbfgs_l", "kfac", "slimqn"]
 
 
 def slimqn(
@@ -128,3 +129,31 @@ def kbfgs_l(
                           update_every=update_every, beta=beta, mu1=mu1, weight_decay=weight_decay,
                           skip_rule=skip_rule, initial_factors=initial_factors, layers=layers,
                           fallback=fallback)
+
+
+def kfac(
+    learning_rate: optax.ScalarOrSchedule,
+    damping: float = 1.0,
+    *,
+    momentum: float = 0.9,
+    beta: float = 0.9,
+    stats_every: int = 1,
+    inverse_every: int = 20,
+    fisher: str = "sampled",
+    stats_at: str = "new",
+    momentum_on: str = "gradient",
+    inverse: str = "eigh",
+    initial_factors: Optional[dict] = None,
+    weight_decay: float = 0.0,
+    layers: Any = None,
+    fallback: Optional[optax.GradientTransformation] = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""K-FAC baseline (Ren thesis Alg. 7/12): EMA Kronecker factors of the (sampled) Fisher,
+    π-damped inverses every ``inverse_every`` steps, momentum. This is
+    :func:`qnopt.scale_by_kfac` itself (it applies the learning rate: the statistics pass is at
+    the updated weights); see it for every argument. The string options must be static under
+    ``optax.inject_hyperparams``."""
+    return scale_by_kfac(learning_rate, damping, momentum=momentum, beta=beta, stats_every=stats_every,
+                         inverse_every=inverse_every, fisher=fisher, stats_at=stats_at,
+                         momentum_on=momentum_on, inverse=inverse, initial_factors=initial_factors,
+                         weight_decay=weight_decay, layers=layers, fallback=fallback)

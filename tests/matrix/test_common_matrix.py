@@ -37,6 +37,20 @@ CASES += [
     T.MethodCase("kbfgs_l", functools.partial(qnopt.kbfgs_l, damping=0.1, memory_size=5), lrs=(1.0, 3.0),
                  factory=qnopt.kbfgs_l, factory_kwargs=dict(damping=0.1, memory_size=5),
                  static_args=("memory_size",), steps=60, extra_args=_oracle, problem=lambda: MLP),
+    T.MethodCase("kfac", functools.partial(qnopt.kfac, damping=0.1, inverse_every=5), lrs=(0.1, 0.3),
+                 factory=qnopt.kfac, factory_kwargs=dict(damping=0.1, inverse_every=5),
+                 static_args=("inverse_every", "fisher", "stats_at", "momentum_on", "inverse"), steps=60,
+                 extra_args=_oracle, problem=lambda: MLP),
+    # Empirical Fisher, statistics before the step, Cholesky solves (momentum on the update, the
+    # kfac-jax convention, moves the parameters with a zero learning rate: checked elsewhere).
+    T.MethodCase("kfac_empirical_current",
+                 functools.partial(qnopt.kfac, damping=0.1, inverse_every=5, fisher="empirical",
+                                   stats_at="current", inverse="cholesky_solve"),
+                 lrs=(0.1, 0.3), factory=qnopt.kfac,
+                 factory_kwargs=dict(damping=0.1, inverse_every=5, fisher="empirical", stats_at="current",
+                                     inverse="cholesky_solve"),
+                 static_args=("inverse_every", "fisher", "stats_at", "momentum_on", "inverse"), steps=60,
+                 extra_args=_oracle, problem=lambda: MLP),
 ]
 IDS = [c.name for c in CASES]
 

@@ -1,0 +1,246 @@
+r"""K-FAC baseline (Ren thesis Alg. 7 and Alg. 12; Martens & Grosse 2015, Grosse & Martens 2016).
+
+Per layer ``W = [weight, bias]`` the Fisher block is ``Ω ⊗ Γ`` (``A ⊗ G``: inputs summed over
+conv positions, output gradients averaged, eq. 3.9) and the step is ``p = H_Γ ĝ H_Ω`` with
+π-adjusted damped inverses. Per step ``k`` (Alg. 12, line numbers in brackets)::
+
+    ĝ = m ĝ + ∇f                                                    [7]
+    W ← W − α H_Γ ĝ H_Ω                                             [8–9]
+    if k ≡ 0 (mod T1): a pass on the minibatch at the new W with y sampled from the model
+        Ω = β Ω + (1−β) E_n[Σ_t ā_t ā_tᵀ],   Γ = β Γ + (1−β) E_n[(1/|T|) Σ_t g_t g_tᵀ]   [11–16]
+    if k ≡ 0 (mod T2):  H_Ω = (Ω + π√λ I)⁻¹,  H_Γ = (Γ + √λ/π I)⁻¹,
+        π = sqrt((tr Ω / d_Ω) / (tr Γ / d_Γ))                      [17–21]
+
+Inverses refreshed at the end of step ``k`` serve steps ``k+1 … k+T2``; we refresh at the start
+of those steps instead (``(k − 1) ≡ 0 (mod T2)``, so the first step uses the initial factors).
+Options select the conventions the thesis varies or kfac-jax uses (``docs/kfac_jax_conventions.md``):
+
+* ``fisher``: ``"sampled"`` (labels from the model's predictive distribution, Alg. 12 line 12)
+  or ``"empirical"`` (the batch's labels).
+* ``stats_at``: ``"new"`` (after the step, Alg. 7/12) or ``"current"`` (before it, on the
+  gradient's own pass: kfac-jax).
+* ``momentum_on``: ``"gradient"`` (``ĝ = mĝ + g``, Alg. 12) or ``"update"``
+  (``δ = −α p + m δ``, kfac-jax).
+* ``inverse``: ``"eigh"``, ``"cholesky"`` (explicit inverses) or ``"cholesky_solve"``
+  (Cholesky factors, triangular solves every step).
+* ``initial_factors`` (:func:`qnopt.curvature.estimate_factors`, the warm start of Alg. 12
+  line 2): then plain EMAs. Without it, the factors start at zero with a debiased EMA
+  (:func:`qnopt.curvature.debiased_decay`), and with ``stats_at="new"`` the inverses are also
+  refreshed at every one of the first ``T2`` steps (Alg. 7 line 10: ``k ≤ T``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from qnopt.base import check_range, require_params
+from qnopt.curvature.ema import debiased_decay, ema_update
+from qnopt.curvature.layers import layer_A, layer_G
+from qnopt.linalg import tree_all_finite
+from qnopt.methods import _kron as K
+from qnopt.preconditioners import (damped_cholesky, damped_inverse, factored_damping,
+                                   kron_factor_solve, kron_precondition)
+
+PyTree = Any
+
+__all__ = ["KfacLayerState", "ScaleByKfacState", "scale_by_kfac"]
+
+
+class KfacLayerState(NamedTuple):
+    """K-FAC state of one layer.
+
+    Attributes:
+      momentum: ``ĝ`` (``momentum_on="gradient"``) or the previous update ``δ``
+        (``"update"``), ``(d_out, da)``.
+      A, G: the factors ``Ω`` ``(da, da)`` and ``Γ`` ``(d_out, d_out)``.
+      inv_A, inv_G: their damped inverses, or lower Cholesky factors of the damped factors
+        (``inverse="cholesky_solve"``).
+    """
+
+    momentum: jax.Array
+    A: jax.Array
+    G: jax.Array
+    inv_A: jax.Array
+    inv_G: jax.Array
+
+
+class ScaleByKfacState(NamedTuple):
+    """State of :func:`scale_by_kfac`: step count, number of statistics updates, layers, fallback."""
+
+    count: jax.Array
+    stats_count: jax.Array
+    layers: dict
+    fallback: Any
+
+
+_CHOICES = {"fisher": ("sampled", "empirical"), "stats_at": ("new", "current"),
+            "momentum_on": ("gradient", "update"), "inverse": ("eigh", "cholesky", "cholesky_solve")}
+
+
+def scale_by_kfac(
+    learning_rate: optax.ScalarOrSchedule,
+    damping: float = 1.0,
+    *,
+    momentum: float = 0.9,
+    beta: float = 0.9,
+    stats_every: int = 1,
+    inverse_every: int = 20,
+    fisher: str = "sampled",
+    stats_at: str = "new",
+    momentum_on: str = "gradient",
+    inverse: str = "eigh",
+    initial_factors: Optional[dict] = None,
+    weight_decay: float = 0.0,
+    layers: Any = None,
+    fallback: Optional[optax.GradientTransformation] = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""K-FAC (see the module docstring for the algorithm and the options).
+
+    Returns the full descent update (apply with ``optax.apply_updates``); ``update`` needs
+    ``params`` and the minibatch's curvature oracle (``curvature=``), with a PRNG key for the
+    sampled Fisher (``capture.oracle(params, batch, key)``).
+
+    Args:
+      learning_rate: ``α`` (scalar or schedule).
+      damping: ``λ``, split between the factors by π (Alg. 12 line 19).
+      momentum: ``m`` (0.9).
+      beta: EMA decay of the factors (0.9).
+      stats_every: ``T1``.  inverse_every: ``T2``.
+      fisher, stats_at, momentum_on, inverse: conventions (module docstring).
+      initial_factors: warm-start factors ``{layer key: KronFactors(A, G)}``.
+      weight_decay: L2 coefficient added to the gradient.
+      layers: which parameters form layers (see :func:`qnopt.scale_by_kbfgs`).
+      fallback: transformation for other parameters (default: momentum SGD with ``m``,
+        learning rate ``α``, as the thesis does for BN parameters).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, qnopt
+      >>> model = nn.Sequential([nn.Dense(8), nn.tanh, nn.Dense(3)])
+      >>> x = jax.random.normal(jax.random.key(0), (32, 5))
+      >>> batch = (x, jnp.argmax(x[:, :3], axis=1))
+      >>> capture = qnopt.capture.linen(model, loss="softmax_cross_entropy")
+      >>> params = model.init(jax.random.key(1), x)["params"]
+      >>> opt = qnopt.kfac(0.05, damping=0.1, inverse_every=5)
+      >>> state = opt.init(params)
+      >>> step = jax.jit(qnopt.make_train_step(capture, opt, donate=False))
+      >>> for i in range(20):
+      ...     params, state, loss = step(params, state, batch, jax.random.key(i))
+      >>> bool(loss < 0.6)
+      True
+    """
+    for name, value in (("fisher", fisher), ("stats_at", stats_at), ("momentum_on", momentum_on),
+                        ("inverse", inverse)):
+        if value not in _CHOICES[name]:
+            raise ValueError(f"{name} must be one of {_CHOICES[name]}, got {value!r}.")
+    check_range("damping", damping, 0.0, low_open=True)
+    check_range("momentum", momentum, 0.0, 1.0, high_open=True)
+    check_range("beta", beta, 0.0, 1.0, high_open=True)
+    check_range("stats_every", stats_every, 1)
+    check_range("inverse_every", inverse_every, 1)
+    check_range("weight_decay", weight_decay, 0.0)
+    method = "qnopt.kfac"
+    fb = K.default_fallback(momentum, 1.0) if fallback is None else fallback
+    warm = initial_factors is not None
+
+    def init_fn(params: PyTree) -> ScaleByKfacState:
+        specs = K.find_layers(params, layers)
+        states = {}
+        for key, sp in specs.items():
+            f = None if initial_factors is None else initial_factors.get(key)
+            A = jnp.zeros((sp.da, sp.da), jnp.float32) if f is None else jnp.asarray(f.A, jnp.float32)
+            G = (jnp.zeros((sp.d_out, sp.d_out), jnp.float32) if f is None or f.G is None
+                 else jnp.asarray(f.G, jnp.float32))
+            if A.shape != (sp.da, sp.da) or G.shape != (sp.d_out, sp.d_out):
+                raise ValueError(f"{method}: initial_factors[{key!r}] has shapes {A.shape}, {G.shape}; "
+                                 f"expected {(sp.da, sp.da)}, {(sp.d_out, sp.d_out)}.")
+            states[key] = KfacLayerState(jnp.zeros((sp.d_out, sp.da), jnp.float32), A, G,
+                                         jnp.eye(sp.da, dtype=jnp.float32),
+                                         jnp.eye(sp.d_out, dtype=jnp.float32))
+        return ScaleByKfacState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), states,
+                                fb.init(K.fallback_leaves(params, specs)))
+
+    def statistics(layer_states: dict, oracle: Any, specs: dict, stats_count) -> dict:
+        """Lines 11-16: EMA of Ω and Γ from ``oracle`` (at θ or θ⁺)."""
+        a_src = K.check_oracle(oracle, specs, method)
+        g_src = a_src if fisher == "empirical" else K.check_oracle(oracle.fisher(), specs, method)
+        decay = beta if warm else debiased_decay(stats_count + 1, beta)
+        return {key: st._replace(A=ema_update(st.A, layer_A(a_src[key]), decay),
+                                 G=ema_update(st.G, layer_G(g_src[key]), decay))
+                for key, st in layer_states.items()}
+
+    def refresh(layer_states: dict) -> dict:
+        """Lines 17-21: π-damped inverses (or Cholesky factors) of the current factors."""
+        out = {}
+        for key, st in layer_states.items():
+            eps_a, eps_g = factored_damping(st.A, st.G, damping)
+            if inverse == "cholesky_solve":
+                inv_A, inv_G = damped_cholesky(st.A, eps_a), damped_cholesky(st.G, eps_g)
+            else:
+                inv_A, inv_G = damped_inverse(st.A, eps_a, inverse), damped_inverse(st.G, eps_g, inverse)
+            ok = jnp.all(jnp.isfinite(inv_A)) & jnp.all(jnp.isfinite(inv_G))
+            out[key] = st._replace(inv_A=jnp.where(ok, inv_A, st.inv_A), inv_G=jnp.where(ok, inv_G, st.inv_G))
+        return out
+
+    def update_fn(updates: PyTree, state: ScaleByKfacState, params: Optional[PyTree] = None,
+                  curvature: Any = None, **extra_args):
+        del extra_args
+        params = require_params(params, method)
+        K.check_grads(updates, params, method)
+        specs = K.find_layers(params, layers)
+        K.check_state(state.layers, specs, method)
+        K.check_oracle(curvature, specs, method)
+        ok = tree_all_finite(updates)
+        k = state.count + 1
+        alpha = K.learning_rate_at(learning_rate, state.count)
+        grads = jax.tree.map(lambda g, p: g + weight_decay * p.astype(g.dtype), updates, params)
+        stats_step = ok & (k % stats_every == 0)
+        layer_states, stats_count = state.layers, state.stats_count
+
+        if stats_at == "current":
+            layer_states = jax.lax.cond(stats_step, lambda ls: statistics(ls, curvature, specs, stats_count),
+                                        lambda ls: ls, layer_states)
+            stats_count = stats_count + stats_step.astype(jnp.int32)
+        early = (k <= inverse_every) if (not warm and stats_at == "new") else False
+        layer_states = jax.lax.cond(ok & (((k - 1) % inverse_every == 0) | early), refresh,
+                                    lambda ls: ls, layer_states)
+
+        # Lines 7-9: momentum and the preconditioned step.
+        directions, new_states = {}, {}
+        for key, sp in specs.items():
+            st = layer_states[key]
+            X = K.layer_grad(grads, sp)
+
+            def precondition(V, st=st):
+                if inverse == "cholesky_solve":
+                    return kron_factor_solve(st.inv_G, V, st.inv_A)
+                return kron_precondition(st.inv_G, V, st.inv_A)
+
+            if momentum_on == "gradient":
+                mom = momentum * st.momentum + X
+                directions[key] = -alpha * precondition(mom)
+            else:
+                mom = momentum * st.momentum - alpha * precondition(X)
+                directions[key] = mom
+            new_states[key] = st._replace(momentum=jnp.where(ok, mom, st.momentum))
+        fb_upd, fb_state = fb.update(K.fallback_leaves(grads, specs), state.fallback,
+                                     K.fallback_leaves(params, specs))
+        fb_state = K.where_tree(ok, fb_state, state.fallback)
+        step = K.assemble(params, specs, directions, {kk: -alpha * u for kk, u in fb_upd.items()})
+        step = jax.tree.map(lambda s: jnp.where(ok, s, 0), step)
+
+        if stats_at == "new":  # Lines 11-16 at the new parameters, same minibatch.
+            new_states = jax.lax.cond(
+                stats_step,
+                lambda ls: statistics(ls, curvature.at(optax.apply_updates(params, step)), specs, stats_count),
+                lambda ls: ls, new_states)
+            stats_count = stats_count + stats_step.astype(jnp.int32)
+        new_states = {key: K.where_tree(ok, new_states[key], state.layers[key]) for key in specs}
+        count = jnp.where(ok, k, state.count).astype(jnp.int32)
+        out = jax.tree.map(lambda s, u: s.astype(u.dtype), step, updates)
+        return out, ScaleByKfacState(count, stats_count, new_states, fb_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
