@@ -64,14 +64,13 @@ def _path_key(k) -> Any:
 
 
 def _leaves(tree) -> list:
-    return [(tuple(_path_key(k) for k in kp), leaf)
-            for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
-def _get(tree, path):
-    for k in path:
-        tree = tree[k]
-    return tree
+    """``[(path, array)]``; the ``.value`` attribute of a Flax NNX variable is not part of the path."""
+    out = []
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if kp and isinstance(kp[-1], jax.tree_util.GetAttrKey) and kp[-1].name == "value":
+            kp = kp[:-1]
+        out.append((tuple(_path_key(k) for k in kp), leaf))
+    return out
 
 
 def find_layers(params: PyTree, layers: Any = None) -> dict:
@@ -106,10 +105,10 @@ def find_layers(params: PyTree, layers: Any = None) -> dict:
             conv = None
         kp = tuple(kp)
         bp = None if bp is None else tuple(bp)
-        try:
-            shape = tuple(jnp.shape(_get(params, kp)))
-        except (KeyError, IndexError, TypeError):
-            raise ValueError(f"layers=: kernel path {'/'.join(map(str, kp))} is not in params.") from None
+        flat = dict(_leaves(params))
+        if kp not in flat or (bp is not None and bp not in flat):
+            raise ValueError(f"layers=: kernel path {'/'.join(map(str, kp))} (or its bias) is not in params.")
+        shape = tuple(jnp.shape(flat[kp]))
         specs[_key(kp)] = _spec(kp, bp, shape, conv=len(shape) > 2 if conv is None else conv)
     return specs
 
@@ -134,9 +133,8 @@ def fallback_leaves(tree: PyTree, specs: dict) -> dict:
 
 def layer_grad(grads: PyTree, spec: LayerSpec) -> jax.Array:
     """The gradient of one layer as the matrix ``(d_out, d_in[+1])`` in the accumulation dtype."""
-    k = _get(grads, spec.kernel_path)
-    b = _get(grads, spec.bias_path) if spec.has_bias else None
-    x = layer_matrix(k, b)
+    flat = dict(_leaves(grads))
+    x = layer_matrix(flat[spec.kernel_path], flat[spec.bias_path] if spec.has_bias else None)
     return x.astype(accumulation_dtype(x.dtype))
 
 
@@ -148,10 +146,8 @@ def assemble(like: PyTree, specs: dict, layer_updates: dict, fallback_updates: d
         flat[_key(spec.kernel_path)] = k
         if spec.has_bias:
             flat[_key(spec.bias_path)] = b
-    paths, treedef = zip(*_leaves(like)), jax.tree.structure(like)
     leaves = [flat[_key(p)].astype(jnp.asarray(x).dtype) for p, x in _leaves(like)]
-    del paths
-    return jax.tree.unflatten(treedef, leaves)
+    return jax.tree.unflatten(jax.tree.structure(like), leaves)
 
 
 def check_oracle(curvature: Any, specs: dict, method: str) -> dict:
