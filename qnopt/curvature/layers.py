@@ -39,7 +39,13 @@ __all__ = [
 
 
 class KronFactors(NamedTuple):
-    """Kronecker factors of one layer: ``A`` ``(d_in[+1])²`` and ``G`` ``(d_out)²`` (or ``None``)."""
+    """Kronecker factors of one layer: ``A`` ``(d_in[+1])²`` and ``G`` ``(d_out)²`` (or ``None``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> KronFactors(jnp.eye(3)).G is None
+      True
+    """
 
     A: jax.Array
     G: Optional[jax.Array] = None
@@ -47,7 +53,13 @@ class KronFactors(NamedTuple):
 
 def layer_key(info: Any) -> str:
     """The key of a captured layer in K-BFGS / K-FAC state: its kernel's parameter path joined
-    with ``/`` (e.g. ``"Dense_0/kernel"``), independent of how the capture names modules."""
+    with ``/`` (e.g. ``"Dense_0/kernel"``), independent of how the capture names modules.
+
+    Example:
+      >>> from types import SimpleNamespace as NS
+      >>> layer_key(NS(params={"kernel": ("encoder", "Dense_0", "kernel")}))
+      'encoder/Dense_0/kernel'
+    """
     return "/".join(str(k) for k in info.params["kernel"])
 
 
@@ -71,17 +83,40 @@ def layer_G(stats: Any) -> jax.Array:
 
     Empirical Fisher for an oracle with the true labels, the sampled Fisher for
     ``oracle.fisher(key)``'s layers.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from types import SimpleNamespace as NS
+      >>> dh = jnp.array([[[0.5]], [[-0.5]]])          # mean-loss gradients, N = 2
+      >>> layer_G(NS(dh_rows=lambda: dh))                  # per-example g = ±1
+      Array([[1.]], dtype=float32)
     """
     return conv_G(stats.dh_rows(), batch_mean=True, spatial="mean")
 
 
 def layer_A_matvec(stats: Any, s: ArrayLike) -> jax.Array:
-    """``A s`` for :func:`layer_A`'s ``A`` without forming it (eq. 3.15)."""
+    """``A s`` for :func:`layer_A`'s ``A`` without forming it (eq. 3.15).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from types import SimpleNamespace as NS
+      >>> st = NS(a_rows=lambda: jnp.array([[[1., 2.]], [[3., 4.]]]), info=NS(has_bias=True))
+      >>> bool(jnp.allclose(layer_A_matvec(st, jnp.ones(3)), layer_A(st) @ jnp.ones(3)))
+      True
+    """
     return conv_A_matvec(stats.a_rows(), s, bias=stats.info.has_bias, spatial="sum")
 
 
 def layer_mean_input(stats: Any) -> jax.Array:
-    r"""``â = E_n[(1/|T|) Σ_t ā_t(n)]`` (eq. 3.14; dense: ``E[ā]``), with the 1 for a bias."""
+    r"""``â = E_n[(1/|T|) Σ_t ā_t(n)]`` (eq. 3.14; dense: ``E[ā]``), with the 1 for a bias.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from types import SimpleNamespace as NS
+      >>> st = NS(a_rows=lambda: jnp.array([[[1., 2.]], [[3., 4.]]]), info=NS(has_bias=True))
+      >>> layer_mean_input(st)
+      Array([2., 3., 1.], dtype=float32)
+    """
     return mean_input(stats.a_rows(), bias=stats.info.has_bias)
 
 
@@ -102,6 +137,14 @@ def output_pair(before: Any, after: Any) -> tuple[jax.Array, jax.Array]:
 
     Returns:
       ``(s, y)``, each ``(d_out,)`` in the accumulation dtype.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from types import SimpleNamespace as NS
+      >>> before = NS(h=jnp.array([[1.], [3.]]), dh=jnp.array([[0.5], [0.5]]))
+      >>> after = NS(h=jnp.array([[2.], [5.]]), dh=jnp.array([[1.0], [1.5]]))
+      >>> [v.tolist() for v in output_pair(before, after)]   # s = mean Δh, y = mean N·Δdh
+      [[1.5], [1.5]]
     """
     def rows(x):
         x = jnp.asarray(x)
@@ -163,6 +206,16 @@ def estimate_factors(capture: Any, params: Any, batches: Iterable[Any], *,
     Returns:
       ``{layer_key: KronFactors(A, G)}``; pass it as ``initial_factors=`` to
       :func:`qnopt.kbfgs` / :func:`qnopt.kfac`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, qnopt
+      >>> model = nn.Dense(2)
+      >>> x = jnp.ones((4, 3))
+      >>> params = model.init(jax.random.key(0), x)["params"]
+      >>> capture = qnopt.capture.linen(model, loss="mse")
+      >>> f = estimate_factors(capture, params, [(x, jnp.zeros((4, 2)))])
+      >>> f["kernel"].A.shape, f["kernel"].G is None
+      ((4, 4), True)
     """
     if fisher not in (None, "empirical", "sampled"):
         raise ValueError(f"fisher must be None, 'empirical' or 'sampled', got {fisher!r}.")

@@ -199,6 +199,13 @@ def damped_inverse(F: ArrayLike, eps: ArrayLike,
 
 
 def damped_cholesky(F: ArrayLike, eps: ArrayLike) -> jax.Array:
-    """Lower Cholesky factor ``L`` of ``F + ε I`` (``L Lᵀ = F + εI``), for :func:`kron_factor_solve`."""
+    """Lower Cholesky factor ``L`` of ``F + ε I`` (``L Lᵀ = F + εI``), for :func:`kron_factor_solve`.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> damped_cholesky(jnp.diag(jnp.array([3., 8.])), 1.0)
+      Array([[2., 0.],
+             [0., 3.]], dtype=float32)
+    """
     F = jnp.asarray(F)
     return jnp.linalg.cholesky(F + jnp.asarray(eps, F.dtype) * jnp.eye(F.shape[0], dtype=F.dtype))

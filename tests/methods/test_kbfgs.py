@@ -178,3 +178,12 @@ def test_schedule_learning_rate():
     oracle = capture.oracle(params, (X, Y))
     updates, _ = opt.update(oracle.grads, opt.init(params), params, curvature=oracle)
     assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(updates))  # α(0) = 0
+
+
+@pytest.mark.parametrize("module", ["qnopt.methods.kbfgs", "qnopt.methods.kfac"])
+def test_docstring_examples(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), verbose=False)
+    assert result.attempted > 0 and result.failed == 0
