@@ -34,3 +34,12 @@ def test_readme_quickstart_runs():
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert float(scope["loss"]) < 2.3  # it trained (log 10 ≈ 2.30 at chance)
+
+
+def test_readme_kronecker_example_runs():
+    readme = (ROOT / "README.md").read_text()
+    code = readme.split("```python\n", 2)[2].split("```", 1)[0]
+    assert "qnopt.kbfgs" in code
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert float(scope["loss"]) < 1.0  # it trained (log 10 ≈ 2.30 at chance)
