@@ -40,8 +40,10 @@ def parse_lr(text: str, optimizers: Sequence[str]) -> dict[str, list[float]]:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also documents every flag in ``--help``)."""
     opt_lines = "\n".join(
-        f"  {s.name:<8s} lr {s.default_lr:<6g} sweep {', '.join(f'{v:g}' for v in s.lr_grid):<20s} {s.description}"
-        + "".join(f"\n      on {k}: lr {v.lr:g}, sweep {', '.join(f'{g:g}' for g in v.grid)}"
+        f"  {s.name:<11s} lr {s.default_lr:<6g} sweep {', '.join(f'{v:g}' for v in s.lr_grid):<20s} {s.description}"
+        + (" [needs oracle]" if s.needs_oracle else "")
+        + "".join(f"\n      on {k}: lr {s.lr_for(k.split('/')[0]) if v.lr is None else v.lr:g}, "
+                  f"sweep {', '.join(f'{g:g}' for g in (v.grid or s.lr_grid))}"
                   + (f", {v.kwargs}" if v.kwargs else "") for k, v in s.tuned.items())
         for s in OPTIMIZERS.values()
     )
@@ -68,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run each optimizer's learning-rate grid; the table shows the best "
                     "(lowest final train loss), JSON keeps every run")
     p.add_argument("--data", choices=DATA_CHOICES, default="auto",
-                   help="data for autoencoder/classifier: auto = fashion_mnist if installed, "
+                   help="data for autoencoder/classifier/convnet: auto = fashion_mnist if installed, "
                    "else digits (default: auto)")
     p.add_argument("--seed", type=int, default=0, help="seed for init and batch order (default: 0)")
     p.add_argument("--batch-size", type=int, default=None, help="override each problem's batch size")
@@ -76,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap on minibatches per epoch (quick runs)")
     p.add_argument("--adam-timing-steps", type=int, default=20,
                    help="steps timed for the Adam reference when adam is not run (default: 20)")
+    p.add_argument("--warm-start-batches", type=int, default=None, metavar="N",
+                   help="minibatches used to estimate the initial curvature factors of optimizers "
+                   "with a warm start (kbfgs*, kfac), before step 1 and outside the timing; 0 = no "
+                   "warm start (default: each optimizer's own cap, 10)")
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
                    help="write results.md, results.json and curves.png here")
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines on stderr")
@@ -100,6 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.warm_start_batches is not None and args.warm_start_batches < 0:
+        parser.error("--warm-start-batches must be at least 0")
     try:
         lrs = parse_lr(args.lr, optimizers) if args.lr else None
     except ValueError as e:
@@ -113,7 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = run_suite(
             problems, optimizers, epochs=args.epochs, data=args.data, lrs=lrs, sweep=args.sweep,
             seed=args.seed, batch_size=args.batch_size, steps_per_epoch=args.steps_per_epoch,
-            adam_timing_steps=args.adam_timing_steps, quiet=args.quiet,
+            adam_timing_steps=args.adam_timing_steps, warm_start_batches=args.warm_start_batches,
+            quiet=args.quiet,
         )
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -129,4 +138,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         for path in write_outputs(result, args.out, meta, config, swept):
             if not args.quiet:
                 print(f"wrote {path}", file=sys.stderr)
-    return 1 if any(r.error for r in result.runs) else 0
+    return 1 if any(r.error for r in result.runs) else 0  # skipped runs are not failures

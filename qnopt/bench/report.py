@@ -15,7 +15,7 @@ from qnopt.bench.suite import SuiteResult
 __all__ = ["markdown_table", "markdown_report", "to_json", "write_outputs", "plot_curves"]
 
 COLUMNS = ("problem", "optimizer", "lr", "final train loss", "test loss", "best-epoch",
-           "wall s", "step ms", "step/Adam")
+           "wall s", "warm-start s", "step ms", "step/Adam")
 
 
 def _num(x: float | None, fmt: str) -> str:
@@ -27,6 +27,8 @@ def _num(x: float | None, fmt: str) -> str:
 
 
 def _row(r: RunResult) -> list[str]:
+    if r.skipped:
+        return [r.problem, r.optimizer, "-", "skipped", "skipped", *["-"] * (len(COLUMNS) - 5)]
     if r.error:
         loss_cells = ["error", "error"]
     else:
@@ -38,6 +40,7 @@ def _row(r: RunResult) -> list[str]:
         *loss_cells,
         "-" if r.best_epoch is None else str(r.best_epoch),
         _num(r.wall_time, ".2f"),
+        _num(r.warm_start_time, ".2f"),
         _num(r.step_time * 1e3, ".3g"),
         _num(r.step_time_ratio, ".2f"),
     ]
@@ -61,7 +64,8 @@ def markdown_report(result: SuiteResult, meta: dict[str, Any], sweep: bool) -> s
         "",
         "*final train loss*: full training set after the last epoch; *nan* = diverged "
         "(non-finite loss). *best-epoch*: epoch with the lowest full training loss. "
-        "*wall s*: training time after compilation, without evaluation. *step ms*: median "
+        "*wall s*: training time after compilation, without evaluation. *warm-start s*: "
+        "estimation of the initial curvature factors before step 1 (not in *wall s*). *step ms*: median "
         "step time (blocked until ready). *step/Adam*: step time over Adam's on the same problem.",
     ]
     if sweep:
@@ -73,6 +77,10 @@ def markdown_report(result: SuiteResult, meta: dict[str, Any], sweep: bool) -> s
             f"{p.n_test} test, batch {p.batch_size}; Adam step {p.adam_step_time * 1e3:.3g} ms "
             f"({p.adam_step_time_source})."
         )
+    skipped = [r for r in result.runs if r.skipped]
+    if skipped:
+        lines += ["", "## Skipped", ""]
+        lines += [f"- {r.problem}/{r.optimizer}: {r.skipped}" for r in skipped]
     errors = [r for r in result.runs if r.error]
     if errors:
         lines += ["", "## Errors", ""]
@@ -118,7 +126,7 @@ def plot_curves(result: SuiteResult, path: Path) -> Path:
     for row, pname in enumerate(names):
         ax_e, ax_t = axes[row]
         for r in result.selected:
-            if r.problem != pname or r.error:
+            if r.problem != pname or r.error or r.skipped:
                 continue
             label = f"{r.optimizer} (lr={r.lr:g})" + (" diverged" if r.diverged else "")
             ys = [r.initial_train_loss, *r.train_loss]

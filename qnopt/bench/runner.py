@@ -4,6 +4,10 @@ Timing conventions (all in seconds, ``time.perf_counter``):
 
 * ``compile_time``: ahead-of-time ``jax.jit(step).lower(...).compile()`` plus
   one discarded warm-up call.
+* ``warm_start_time``: for specs with a :class:`~qnopt.bench.optimizers.WarmStart`,
+  the estimation of the initial curvature factors
+  (``qnopt.curvature.estimate_factors`` on the first minibatches, its compilation
+  included), before step 1; excluded from ``wall_time`` and the step times.
 * ``step_times``: every training step, dispatch to ``block_until_ready`` of
   the new parameters and loss (host-to-device copy of the batch excluded).
   ``step_time`` is their median, ``step_time_mean`` their mean (which, unlike
@@ -16,6 +20,13 @@ Timing conventions (all in seconds, ``time.perf_counter``):
 
 A run whose loss becomes non-finite is marked ``diverged`` and stopped; the
 remaining epochs are recorded as ``nan``.
+
+Optimizers with ``needs_oracle`` get, in the same jitted step, the curvature oracle
+of the minibatch: ``oracle = problem.capture().oracle(params, batch, key)`` with
+``key = fold_in(fold_in(key(seed), 1), step)`` (K-FAC's sampled Fisher), then
+``opt.update(oracle.grads, state, params, curvature=oracle)``; the reported loss is
+``oracle.loss``, the same value as ``problem.loss_fn``. Parameters and optimizer
+state are donated to the step in every case.
 """
 
 from __future__ import annotations
@@ -38,7 +49,8 @@ from qnopt.bench.optimizers import OptimizerSpec
 from qnopt.bench.problems import Batch, Params, Problem
 from qnopt.data import batches
 
-__all__ = ["RunResult", "Evaluator", "make_step", "run_one", "measure_step_time"]
+__all__ = ["RunResult", "Evaluator", "make_step", "measure_step_time", "oracle_unavailable", "run_one",
+           "warm_start_factors"]
 
 NAN = float("nan")
 EVAL_CHUNK = 5000
@@ -69,9 +81,12 @@ class RunResult:
     step_time: float = NAN  # median seconds per step
     step_time_mean: float = NAN  # mean seconds per step (shows periodic expensive steps)
     step_time_ratio: float = NAN  # step_time / Adam's step_time on the same problem
+    warm_start_time: float | None = None  # initial curvature factors, before step 1
+    warm_start_batches: int = 0
     n_steps: int = 0
     diverged: bool = False
     error: str | None = None
+    skipped: str | None = None  # why the run was not attempted (e.g. no curvature oracle)
     selected: bool = True  # best of its sweep (or the only run)
 
     def to_dict(self) -> dict[str, Any]:
@@ -114,19 +129,48 @@ class Evaluator:
         return self._mean(self._metric, params, x, y)
 
 
+StepFn = Callable[[Params, Any, Batch, jax.Array], tuple[Params, Any, jax.Array]]
+
+STEP_KEY_SALT = 1  # step keys: fold_in(fold_in(key(seed), STEP_KEY_SALT), step)
+WARM_KEY_SALT = 2  # warm-start key: fold_in(key(seed), WARM_KEY_SALT)
+
+
 def make_step(
     loss_fn: Callable[[Params, Batch], jax.Array],
     opt: optax.GradientTransformation,
     needs_value_fn: bool = False,
-) -> Callable[[Params, Any, Batch], tuple[Params, Any, jax.Array]]:
-    """One optimisation step ``(params, opt_state, batch) -> (params, opt_state, loss)``.
+    *,
+    capture: Any = None,
+    key: jax.Array | None = None,
+) -> StepFn:
+    """One optimisation step ``(params, opt_state, batch, step) -> (params, opt_state, loss)``.
+
+    ``step`` is the 0-based step counter (an integer scalar array); it only matters
+    with ``capture``.
 
     With ``needs_value_fn`` the update also gets ``value``, ``grad`` and
     ``value_fn`` (the loss on this minibatch as a function of the parameters),
     as optax's line searches (``optax.lbfgs``) require.
-    """
 
-    def step(params: Params, opt_state: Any, batch: Batch) -> tuple[Params, Any, jax.Array]:
+    With ``capture`` (a :mod:`qnopt.capture` engine) the step is
+    :func:`qnopt.make_train_step`'s: it builds the curvature oracle
+    ``capture.oracle(params, batch, fold_in(key, step))`` and calls
+    ``opt.update(oracle.grads, opt_state, params, curvature=oracle)``; the loss is
+    ``oracle.loss`` (``loss_fn`` is not evaluated).
+    """
+    if capture is not None:
+        from qnopt.training import make_train_step
+
+        base_key = jax.random.key(0) if key is None else key
+        train_step = make_train_step(capture, opt, jit=False)
+
+        def oracle_step(params: Params, opt_state: Any, batch: Batch, step: jax.Array):
+            return train_step(params, opt_state, batch, jax.random.fold_in(base_key, step))
+
+        return oracle_step
+
+    def step(params: Params, opt_state: Any, batch: Batch, step: jax.Array) -> tuple[Params, Any, jax.Array]:
+        del step
         loss, grads = jax.value_and_grad(loss_fn)(params, batch)
         if needs_value_fn:
             updates, opt_state = opt.update(
@@ -161,25 +205,78 @@ def _effective_batch_size(problem: Problem, batch_size: int | None) -> int:
     return max(1, min(bs, problem.data.x_train.shape[0]))
 
 
-def _compile(problem: Problem, spec: OptimizerSpec, lr: float, params: Params, batch_size: int):
+def oracle_unavailable(problem: Problem, spec: OptimizerSpec) -> str | None:
+    """Why ``spec`` cannot run on ``problem`` (it needs an oracle the problem lacks), else ``None``."""
+    if spec.needs_oracle and not problem.has_capture:
+        return f"{spec.name} needs the curvature oracle; problem {problem.name} has no capture"
+    return None
+
+
+def warm_start_factors(
+    problem: Problem,
+    spec: OptimizerSpec,
+    params: Params,
+    batch_size: int,
+    seed: int,
+    max_batches: int | None = None,
+) -> tuple[Any, float, int]:
+    """Initial curvature factors of ``spec`` on ``problem``: ``(factors, seconds, n_batches)``.
+
+    ``qnopt.curvature.estimate_factors(capture, params, batches, fisher=..., key=...)`` on the
+    first ``max_batches`` (default: the spec's ``WarmStart.max_batches``) minibatches of
+    epoch 1, blocked until ready. ``(None, 0.0, 0)`` without a warm start or with a cap of 0.
+    """
+    ws = spec.warm_start_for(problem)
+    cap = ws.max_batches if ws is not None and max_batches is None else max_batches
+    if ws is None or not cap:
+        return None, 0.0, 0
+    import qnopt.curvature
+
+    estimate = getattr(qnopt.curvature, "estimate_factors", None)
+    if estimate is None:
+        raise NotImplementedError("qnopt.curvature.estimate_factors does not exist (yet) in this qnopt")
+    capture = problem.capture()
+    t0 = time.perf_counter()
+    bs = [jax.device_put(b) for b in _epoch_batches(problem, batch_size, seed, 0, cap)]
+    key = jax.random.fold_in(jax.random.key(seed), WARM_KEY_SALT)
+    factors = jax.block_until_ready(estimate(capture, params, bs, fisher=ws.fisher, key=key))
+    return factors, time.perf_counter() - t0, len(bs)
+
+
+def _compile(
+    problem: Problem,
+    spec: OptimizerSpec,
+    lr: float,
+    params: Params,
+    batch_size: int,
+    seed: int = 0,
+    initial_factors: Any = None,
+):
     """Build the optimizer, its state, and the AOT-compiled step. Returns (compiled, opt_state, seconds)."""
-    if spec.needs_oracle:
-        raise NotImplementedError(f"{spec.name}: optimizers needing an oracle are not supported by the runner yet")
-    opt = spec.build(lr, problem)
+    reason = oracle_unavailable(problem, spec)
+    if reason is not None:
+        raise ValueError(reason)
+    extra = {} if initial_factors is None else {"initial_factors": initial_factors}
+    opt = spec.build(lr, problem, **extra)
     # Fresh buffers per leaf: an optimizer state may hold one buffer twice or share the
-    # params' buffers (optax.lbfgs does), which donation would reject.
+    # params' buffers (optax.lbfgs does), or the initial factors', which donation would reject.
     opt_state = jax.tree.map(jnp.copy, opt.init(params))
-    step = make_step(problem.loss_fn, opt, spec.needs_value_fn)
+    if spec.needs_oracle:
+        step_key = jax.random.fold_in(jax.random.key(seed), STEP_KEY_SALT)
+        step = make_step(problem.loss_fn, opt, capture=problem.capture(), key=step_key)
+    else:
+        step = make_step(problem.loss_fn, opt, spec.needs_value_fn)
     d = problem.data
     example = (jnp.asarray(d.x_train[:batch_size]), jnp.asarray(d.y_train[:batch_size]))
+    counter = jnp.zeros((), jnp.uint32)
     t0 = time.perf_counter()
     # Parameters and optimizer state are donated, as in any real training loop: without
     # donation every state leaf that a step passes through unchanged (e.g. SLIM-QN's pair
     # memory between curvature updates) must be copied into a fresh output buffer.
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, example).compile()
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, example, counter).compile()
     # One discarded warm-up call on copies (first-call allocations), counted as compile time.
     copies = jax.tree.map(jnp.copy, (params, opt_state))
-    jax.block_until_ready(compiled(*copies, example))
+    jax.block_until_ready(compiled(*copies, example, counter))
     return compiled, opt_state, time.perf_counter() - t0
 
 
@@ -200,19 +297,32 @@ def run_one(
     steps_per_epoch: int | None = None,
     evaluator: Evaluator | None = None,
     quiet: bool = False,
+    warm_start_batches: int | None = None,
 ) -> RunResult:
     """Train ``problem`` with ``spec.build(lr, problem)`` for ``epochs`` epochs and record losses and timings.
 
     Errors (e.g. a factory that cannot be built) are caught and stored in
-    ``RunResult.error`` so that one broken optimizer does not stop a benchmark.
+    ``RunResult.error`` so that one broken optimizer does not stop a benchmark. A spec that
+    needs the curvature oracle on a problem without a capture is not run: ``skipped`` says why.
+
+    ``warm_start_batches`` overrides the cap of the spec's warm start (``0``: none).
     """
     bs = _effective_batch_size(problem, batch_size)
     spe = _steps_per_epoch(problem, bs, steps_per_epoch)
     res = RunResult(problem.name, spec.name, float(lr), epochs, spe, bs, metric_name=problem.metric_name)
+    res.skipped = oracle_unavailable(problem, spec)
+    if res.skipped is not None:
+        return res
     evaluator = evaluator or Evaluator(problem)
     params = problem.init(jax.random.key(seed))
     try:
-        compiled, opt_state, res.compile_time = _compile(problem, spec, lr, params, bs)
+        if spec.warm_start is not None:
+            spec.build(lr, problem)  # cheap: a factory that cannot be built fails before the warm start
+        factors, warm_time, res.warm_start_batches = warm_start_factors(
+            problem, spec, params, bs, seed, warm_start_batches)
+        res.warm_start_time = warm_time if res.warm_start_batches else None
+        compiled, opt_state, res.compile_time = _compile(problem, spec, lr, params, bs, seed, factors)
+        del factors
     except Exception as e:  # noqa: BLE001 - reported, not hidden
         res.error = f"{type(e).__name__}: {e}"
         if not quiet:
@@ -227,9 +337,9 @@ def run_one(
             t_epoch = time.perf_counter()
             losses: list[float] = []
             for xb, yb in _epoch_batches(problem, bs, seed, epoch, steps_per_epoch):
-                batch = jax.device_put((xb, yb))
+                batch, counter = jax.device_put(((xb, yb), np.uint32(len(step_times))))
                 t0 = time.perf_counter()
-                params, opt_state, loss = compiled(params, opt_state, batch)
+                params, opt_state, loss = compiled(params, opt_state, batch, counter)
                 jax.block_until_ready((params, loss))
                 step_times.append(time.perf_counter() - t0)
                 losses.append(float(loss))
@@ -276,18 +386,22 @@ def measure_step_time(
 ) -> float:
     """Median seconds per step of ``spec`` on ``problem`` over ``n_steps`` steps (no evaluation).
 
-    Used for the Adam reference when Adam is not among the benchmarked optimizers.
+    Used for the Adam reference when Adam is not among the benchmarked optimizers. A warm
+    start, if the spec has one, is done first (untimed).
     """
     bs = _effective_batch_size(problem, batch_size)
     params = problem.init(jax.random.key(seed))
-    compiled, opt_state, _ = _compile(problem, spec, spec.lr_for(problem) if lr is None else lr, params, bs)
+    factors, _, _ = warm_start_factors(problem, spec, params, bs, seed)
+    compiled, opt_state, _ = _compile(problem, spec, spec.lr_for(problem) if lr is None else lr, params, bs,
+                                      seed, factors)
+    del factors
     times: list[float] = []
     epoch = 0
     while len(times) < n_steps:
         for xb, yb in _epoch_batches(problem, bs, seed, epoch, n_steps - len(times)):
-            batch = jax.device_put((xb, yb))
+            batch, counter = jax.device_put(((xb, yb), np.uint32(len(times))))
             t0 = time.perf_counter()
-            params, opt_state, loss = compiled(params, opt_state, batch)
+            params, opt_state, loss = compiled(params, opt_state, batch, counter)
             jax.block_until_ready((params, loss))
             times.append(time.perf_counter() - t0)
         epoch += 1

@@ -13,7 +13,7 @@ import jax
 
 from qnopt.bench.optimizers import OPTIMIZERS, get_optimizer
 from qnopt.bench.problems import make_problem
-from qnopt.bench.runner import Evaluator, RunResult, measure_step_time, run_one
+from qnopt.bench.runner import Evaluator, RunResult, measure_step_time, oracle_unavailable, run_one
 
 __all__ = ["ProblemInfo", "SuiteResult", "run_suite"]
 
@@ -68,6 +68,7 @@ def run_suite(
     batch_size: int | None = None,
     steps_per_epoch: int | None = None,
     adam_timing_steps: int = 20,
+    warm_start_batches: int | None = None,
     quiet: bool = False,
 ) -> SuiteResult:
     """Run every combination and fill ``step_time_ratio``.
@@ -81,6 +82,11 @@ def run_suite(
         training loss is marked ``selected``.
       adam_timing_steps: steps timed for the Adam reference when ``adam`` is
         not among ``optimizers``.
+      warm_start_batches: cap on the minibatches of the warm start of specs that have
+        one (``None``: each spec's own cap; ``0``: no warm start).
+
+    Optimizers that need the curvature oracle are skipped (one ``skipped`` row, no
+    sweep) on problems without a capture.
     """
     specs = [get_optimizer(o) for o in optimizers]
     lrs = lrs or {}
@@ -102,12 +108,21 @@ def run_suite(
         p_runs: list[RunResult] = []
         for spec in specs:
             grid = list(spec.grid_for(problem)) if sweep else list(lrs.get(spec.name, [spec.lr_for(problem)]))
+            if oracle_unavailable(problem, spec) is not None:
+                grid = grid[:1]  # one "skipped" row, not one per learning rate
             runs = []
             for lr in grid:
                 r = run_one(problem, spec, lr, epochs=epochs, seed=seed, batch_size=batch_size,
-                            steps_per_epoch=steps_per_epoch, evaluator=evaluator, quiet=quiet)
+                            steps_per_epoch=steps_per_epoch, evaluator=evaluator, quiet=quiet,
+                            warm_start_batches=warm_start_batches)
+                if r.skipped:
+                    _log(quiet, f"  {spec.name:>8s} skipped: {r.skipped}")
+                    runs.append(r)
+                    continue
                 status = r.error or ("diverged" if r.diverged else f"train {r.final_train_loss:.4g} test {r.test_loss:.4g}")
-                _log(quiet, f"  {spec.name:>8s} lr={lr:<8g} {status}  ({r.wall_time:.2f} s, {r.step_time * 1e3:.2f} ms/step)")
+                warm = f", warm start {r.warm_start_time:.2f} s" if r.warm_start_time is not None else ""
+                _log(quiet, f"  {spec.name:>8s} lr={lr:<8g} {status}  ({r.wall_time:.2f} s, "
+                     f"{r.step_time * 1e3:.2f} ms/step{warm})")
                 runs.append(r)
             if len(runs) > 1:
                 best = min(runs, key=_sort_key)

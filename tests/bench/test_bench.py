@@ -1,4 +1,5 @@
-"""Tests for qnopt.bench: problems, runner and the CLI (optax baselines only)."""
+"""Tests for qnopt.bench: problems, runner and the CLI (optax baselines; oracle methods in
+test_bench_oracle.py)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ def digits_problems():
 def test_registry_is_table_like():
     for name, spec in OPTIMIZERS.items():
         assert spec.name == name and spec.default_lr > 0 and spec.lr_grid
-        assert spec.needs_oracle is False
-    assert {"adam", "sgd", "lbfgs", "slimqn"} <= set(OPTIMIZERS)
+        assert spec.needs_oracle is name.startswith(("kbfgs", "kfac"))
+        assert (spec.warm_start is not None) is spec.needs_oracle
+    assert {"adam", "sgd", "lbfgs", "slimqn", "kbfgs", "kbfgs_l", "kbfgs_l_t10", "kfac"} <= set(OPTIMIZERS)
     assert OPTIMIZERS["lbfgs"].needs_value_fn and not OPTIMIZERS["adam"].needs_value_fn
     assert OPTIMIZERS["slimqn"].default_lr == 0.1 and OPTIMIZERS["slimqn"].lr_grid == (0.3, 0.1, 0.03)
     # per-problem settings: keyed by "problem/dataset" first, then "problem"
