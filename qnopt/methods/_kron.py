@@ -13,15 +13,15 @@ captured layers are checked against these; a mismatch raises a ``ValueError`` sa
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from qnopt.base import check_like
+from qnopt.base import check_like, require_params
 from qnopt.curvature.layers import layer_key
-from qnopt.linalg.tree import accumulation_dtype
+from qnopt.linalg.tree import accumulation_dtype, tree_all_finite
 from qnopt.preconditioners import layer_matrix, split_layer_matrix
 
 PyTree = Any
@@ -187,6 +187,45 @@ def check_state(layer_states: dict, specs: dict, method: str) -> None:
 
 def learning_rate_at(learning_rate: optax.ScalarOrSchedule, count: jax.Array) -> jax.Array:
     return learning_rate(count) if callable(learning_rate) else jnp.asarray(learning_rate)
+
+
+class StepContext(NamedTuple):
+    """What every Kronecker-method update starts from (see :func:`begin_update`)."""
+
+    params: PyTree
+    specs: dict
+    stats: dict
+    ok: jax.Array
+    k: jax.Array
+    alpha: jax.Array
+    grads: PyTree
+
+
+def begin_update(updates: PyTree, state: Any, params: Optional[PyTree], curvature: Any, *,
+                 method: str, layers: Any, learning_rate: optax.ScalarOrSchedule,
+                 weight_decay: Any) -> StepContext:
+    """Checks (params given, gradient shapes, state and oracle layers), then ``ok`` (all
+    gradients finite), the 1-based step ``k``, ``α_k`` and the gradient plus ``wd·θ``."""
+    params = require_params(params, method)
+    check_grads(updates, params, method)
+    specs = find_layers(params, layers)
+    check_state(state.layers, specs, method)
+    stats = check_oracle(curvature, specs, method)
+    grads = jax.tree.map(lambda g, p: g + weight_decay * p.astype(g.dtype), updates, params)
+    return StepContext(params, specs, stats, tree_all_finite(updates), state.count + 1,
+                       learning_rate_at(learning_rate, state.count), grads)
+
+
+def finish_step(ctx: StepContext, directions: dict, fallback: optax.GradientTransformation,
+                fallback_state: Any) -> tuple[PyTree, Any]:
+    """The descent step: the layers' ``directions`` (already ``−α p``) and ``−α`` times the
+    fallback's update for the other parameters; zero on a non-finite step, whose fallback
+    state is left as it was."""
+    fb_upd, fb_state = fallback.update(fallback_leaves(ctx.grads, ctx.specs), fallback_state,
+                                       fallback_leaves(ctx.params, ctx.specs))
+    fb_state = where_tree(ctx.ok, fb_state, fallback_state)
+    step = assemble(ctx.params, ctx.specs, directions, {kk: -ctx.alpha * u for kk, u in fb_upd.items()})
+    return jax.tree.map(lambda s: jnp.where(ctx.ok, s, 0), step), fb_state
 
 
 def default_fallback(momentum: Any, scale: Any) -> optax.GradientTransformation:

@@ -44,12 +44,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from qnopt.base import check_range, require_params
+from qnopt.base import check_range
 from qnopt.curvature.layers import (hessian_action_pair, layer_A, layer_A_matvec,
                                     layer_mean_input, output_pair)
 from qnopt.damping import double_damping, dp_dlm
 from qnopt.linalg import (LbfgsMemory, bfgs_inverse_update, lbfgs_memory_init,
-                          lbfgs_memory_matrix, lbfgs_memory_push, tree_all_finite)
+                          lbfgs_memory_matrix, lbfgs_memory_push)
 from qnopt.methods import _kron as K
 from qnopt.preconditioners import damped_inverse, kron_precondition
 
@@ -194,16 +194,10 @@ def scale_by_kbfgs(
     def update_fn(updates: PyTree, state: ScaleByKbfgsState, params: Optional[PyTree] = None,
                   curvature: Any = None, **extra_args):
         del extra_args
-        params = require_params(params, method)
-        K.check_grads(updates, params, method)
-        specs = K.find_layers(params, layers)
-        K.check_state(state.layers, specs, method)
-        stats = K.check_oracle(curvature, specs, method)
+        ctx = K.begin_update(updates, state, params, curvature, method=method, layers=layers,
+                             learning_rate=learning_rate, weight_decay=weight_decay)
+        params, specs, stats, ok, k, alpha, grads = ctx
         alg = resolve(specs)
-        ok = tree_all_finite(updates)
-        k = state.count + 1
-        alpha = K.learning_rate_at(learning_rate, state.count)
-        grads = jax.tree.map(lambda g, p: g + weight_decay * p.astype(g.dtype), updates, params)
         lams = {key: _damping_split(alg, damping, stats[key].info.spatial_size, sp.conv)
                 for key, sp in specs.items()}
         gamma0 = {key: 1.0 if alg == "alg4" else 1.0 / lams[key][1] for key in specs}
@@ -232,12 +226,8 @@ def scale_by_kbfgs(
             mom = jnp.where(ok, mom, st.momentum)
             directions[key] = kron_precondition(HG_op(st, key), mom, st.H_A)
             new_states[key] = st._replace(momentum=mom)
-        fb_grads = K.fallback_leaves(grads, specs)
-        fb_upd, fb_state = fb.update(fb_grads, state.fallback, K.fallback_leaves(params, specs))
-        fb_state = K.where_tree(ok, fb_state, state.fallback)
-        step = K.assemble(params, specs, {kk: -alpha * d for kk, d in directions.items()},
-                          {kk: -alpha * u for kk, u in fb_upd.items()})
-        step = jax.tree.map(lambda s: jnp.where(ok, s, 0), step)
+        step, fb_state = K.finish_step(ctx, {kk: -alpha * d for kk, d in directions.items()}, fb,
+                                       state.fallback)
 
         # Lines 12-23: curvature from a second pass at W⁺ on the same minibatch.
         def curvature_update(layer_states: dict) -> dict:

@@ -37,10 +37,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from qnopt.base import check_range, require_params
+from qnopt.base import check_range
 from qnopt.curvature.ema import debiased_decay, ema_update
 from qnopt.curvature.layers import layer_A, layer_G
-from qnopt.linalg import tree_all_finite
 from qnopt.methods import _kron as K
 from qnopt.preconditioners import (damped_cholesky, damped_inverse, factored_damping,
                                    kron_factor_solve, kron_precondition)
@@ -188,15 +187,9 @@ def scale_by_kfac(
     def update_fn(updates: PyTree, state: ScaleByKfacState, params: Optional[PyTree] = None,
                   curvature: Any = None, **extra_args):
         del extra_args
-        params = require_params(params, method)
-        K.check_grads(updates, params, method)
-        specs = K.find_layers(params, layers)
-        K.check_state(state.layers, specs, method)
-        K.check_oracle(curvature, specs, method)
-        ok = tree_all_finite(updates)
-        k = state.count + 1
-        alpha = K.learning_rate_at(learning_rate, state.count)
-        grads = jax.tree.map(lambda g, p: g + weight_decay * p.astype(g.dtype), updates, params)
+        ctx = K.begin_update(updates, state, params, curvature, method=method, layers=layers,
+                             learning_rate=learning_rate, weight_decay=weight_decay)
+        params, specs, _, ok, k, alpha, grads = ctx
         stats_step = ok & (k % stats_every == 0)
         layer_states, stats_count = state.layers, state.stats_count
 
@@ -226,11 +219,7 @@ def scale_by_kfac(
                 mom = momentum * st.momentum - alpha * precondition(X)
                 directions[key] = mom
             new_states[key] = st._replace(momentum=jnp.where(ok, mom, st.momentum))
-        fb_upd, fb_state = fb.update(K.fallback_leaves(grads, specs), state.fallback,
-                                     K.fallback_leaves(params, specs))
-        fb_state = K.where_tree(ok, fb_state, state.fallback)
-        step = K.assemble(params, specs, directions, {kk: -alpha * u for kk, u in fb_upd.items()})
-        step = jax.tree.map(lambda s: jnp.where(ok, s, 0), step)
+        step, fb_state = K.finish_step(ctx, directions, fb, state.fallback)
 
         if stats_at == "new":  # Lines 11-16 at the new parameters, same minibatch.
             new_states = jax.lax.cond(
