@@ -43,3 +43,13 @@ def test_readme_kronecker_example_runs():
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert float(scope["loss"]) < 1.0  # it trained (log 10 ≈ 2.30 at chance)
+
+
+def test_kbfgs_cnn_example_runs(capsys):
+    module = runpy.run_path(str(ROOT / "examples" / "flax_kbfgs_cnn.py"))
+    for name in ("kbfgs", "kfac"):
+        module["main"](name, epochs=2)
+    out = capsys.readouterr().out
+    assert "kbfgs epoch 2" in out and "kfac epoch 2" in out and "fallback" in out
+    accs = [float(line.rsplit(" ", 1)[1]) for line in out.splitlines() if "epoch 2" in line]
+    assert min(accs) > 0.8, accs
