@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 PyTree = Any
 Rule = Callable[[tuple, jax.ShapeDtypeStruct, Mesh], Optional[jax.sharding.Sharding]]
 
-__all__ = ["state_shardings"]
+__all__ = ["state_shardings", "split_large_factors"]
 
 
 def _spec_tuple(sharding: NamedSharding, ndim: int) -> tuple:
@@ -95,3 +95,41 @@ def state_shardings(
         return choose(path, node, replicated)
 
     return jax.tree_util.tree_map_with_path(place, state, is_leaf=like_params)
+
+
+def split_large_factors(min_size: int = 1024, axis: Optional[str] = None) -> Rule:
+    """A ``rule`` for :func:`state_shardings` that splits large square matrices across the mesh.
+
+    Kronecker factors and their inverses (K-FAC's ``A``, ``G``, K-BFGS's ``H_A``, ``H_G``) are
+    ``d × d`` matrices that are not shaped like any parameter, so by default they are
+    replicated on every device. With this rule a square 2-D state leaf with
+    ``d ≥ min_size`` whose ``d`` divides evenly is split by rows over ``axis`` (default: the
+    mesh's first axis); smaller ones stay replicated. XLA inserts the collectives the
+    preconditioning products then need; results equal the replicated placement's up to
+    floating-point summation order.
+
+    Args:
+      min_size: smallest ``d`` that is split.
+      axis: mesh axis name to split over.
+
+    Example:
+      >>> import jax, qnopt
+      >>> from jax.sharding import PartitionSpec as P
+      >>> mesh = jax.make_mesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+      >>> rule = qnopt.sharding.split_large_factors(min_size=4)
+      >>> rule((), jax.ShapeDtypeStruct((8, 8), "float32"), mesh).spec == P("x", None)
+      True
+      >>> rule((), jax.ShapeDtypeStruct((2, 2), "float32"), mesh) is None
+      True
+    """
+
+    def rule(path: tuple, leaf: jax.ShapeDtypeStruct, mesh: Mesh) -> Optional[jax.sharding.Sharding]:
+        del path
+        name = axis if axis is not None else mesh.axis_names[0]
+        shape = tuple(leaf.shape)
+        if len(shape) == 2 and shape[0] == shape[1] and shape[0] >= min_size \
+                and shape[0] % mesh.shape[name] == 0:
+            return NamedSharding(mesh, P(name, None))
+        return None
+
+    return rule
