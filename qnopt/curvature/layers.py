@@ -16,6 +16,8 @@ and ``dh`` is the gradient of the *mean* loss (per-example gradients are ``N·dh
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 import jax
@@ -189,6 +191,24 @@ def hessian_action_pair(H_A: ArrayLike, a_mean: ArrayLike, A_matvec: Callable[[j
     return s, A_matvec(s) + jnp.asarray(damping, s.dtype) * s
 
 
+@functools.lru_cache(maxsize=32)
+def _factor_pass(capture: Any, fisher: Optional[str]) -> Callable:
+    """The jitted per-batch factor computation, cached per capture (no recompilation when
+    :func:`estimate_factors` is called again with the same capture and batch shapes)."""
+
+    @jax.jit
+    def one(params, batch, k):
+        oracle = capture.oracle(params, batch, k)
+        out = {layer_key(st.info): (layer_A(st), None) for st in oracle.layers.values()}
+        if fisher is not None:
+            src = oracle if fisher == "empirical" else oracle.fisher(k)
+            for st in src.layers.values():
+                out[layer_key(st.info)] = (out[layer_key(st.info)][0], layer_G(st))
+        return out
+
+    return one
+
+
 def estimate_factors(capture: Any, params: Any, batches: Iterable[Any], *,
                      fisher: Optional[str] = None, key: Optional[jax.Array] = None) -> dict:
     r"""Warm start: Kronecker factors averaged over a data iterator (thesis Alg. 4 line 3,
@@ -222,20 +242,7 @@ def estimate_factors(capture: Any, params: Any, batches: Iterable[Any], *,
     if fisher == "sampled" and key is None:
         raise ValueError("estimate_factors(fisher='sampled') needs a PRNG key: key=jax.random.key(0).")
 
-    @jax.jit
-    def one(params, batch, k):
-        oracle = capture.oracle(params, batch, k)
-        out = {}
-        for st in oracle.layers.values():
-            G = None
-            out[layer_key(st.info)] = (layer_A(st), G)
-        if fisher is not None:
-            src = oracle if fisher == "empirical" else oracle.fisher(k)
-            for st in src.layers.values():
-                A, _ = out[layer_key(st.info)]
-                out[layer_key(st.info)] = (A, layer_G(st))
-        return out
-
+    one = _factor_pass(capture, fisher)
     total, count = None, 0
     for i, batch in enumerate(batches):
         k = None if key is None else jax.random.fold_in(key, i)

@@ -368,3 +368,20 @@ def test_doctests():
 
     result = doctest.testmod(importlib.import_module("qnopt.curvature.layers"), verbose=False)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_estimate_factors_compiles_once_per_capture():
+    import flax.linen as nn
+
+    from qnopt.curvature import layers as L
+
+    model = nn.Dense(2)
+    x = jnp.ones((4, 3))
+    params = model.init(jax.random.key(0), x)["params"]
+    capture = linen_capture(model, loss="mse")
+    batches = [(x, jnp.zeros((4, 2)))]
+    cv.estimate_factors(capture, params, batches)
+    hits = L._factor_pass.cache_info().hits
+    cv.estimate_factors(capture, params, batches)
+    # The second call reuses the same jitted pass (jax.jit then reuses its compilation).
+    assert L._factor_pass.cache_info().hits == hits + 1
