@@ -52,6 +52,13 @@ def ema_update(old: PyTree, new: PyTree, decay: ArrayLike) -> PyTree:
     return tree_lerp(decay, old, new)
 
 
+def _count_and_decay(count: ArrayLike, decay: ArrayLike) -> tuple[jax.Array, jax.Array]:
+    """``(max(k, 1), β)`` as floats of the decay's accumulation dtype (float64 with x64 inputs)."""
+    decay = jnp.asarray(decay)
+    dt = jnp.promote_types(accumulation_dtype(decay.dtype), jnp.result_type(float))
+    return jnp.maximum(jnp.asarray(count).astype(dt), 1.0), decay.astype(dt)
+
+
 def warmup_decay(count: ArrayLike, decay: ArrayLike) -> jax.Array:
     r"""Decay that makes an EMA started at zero unbiased: ``β_k = min(1 − 1/k, β)``.
 
@@ -74,11 +81,8 @@ def warmup_decay(count: ArrayLike, decay: ArrayLike) -> jax.Array:
       >>> [round(float(warmup_decay(k, 0.9)), 3) for k in (1, 2, 5, 50)]
       [0.0, 0.5, 0.8, 0.9]
     """
-    k = jnp.asarray(count)
-    decay = jnp.asarray(decay)
-    dt = jnp.promote_types(accumulation_dtype(decay.dtype), jnp.result_type(float))
-    k = jnp.maximum(k.astype(dt), 1.0)
-    return jnp.minimum(1.0 - 1.0 / k, decay.astype(dt))
+    k, b = _count_and_decay(count, decay)
+    return jnp.minimum(1.0 - 1.0 / k, b)
 
 
 def debiased_decay(count: ArrayLike, decay: ArrayLike) -> jax.Array:
@@ -95,11 +99,7 @@ def debiased_decay(count: ArrayLike, decay: ArrayLike) -> jax.Array:
       >>> [round(float(debiased_decay(k, 0.9)), 4) for k in (1, 2, 3, 100)]
       [0.0, 0.4737, 0.631, 0.9]
     """
-    k = jnp.asarray(count)
-    decay = jnp.asarray(decay)
-    dt = jnp.promote_types(accumulation_dtype(decay.dtype), jnp.result_type(float))
-    b = decay.astype(dt)
-    k = jnp.maximum(k.astype(dt), 1.0)
+    k, b = _count_and_decay(count, decay)
     return 1.0 - (1.0 - b) / (1.0 - b ** k)
 
 

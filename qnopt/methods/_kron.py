@@ -13,6 +13,7 @@ captured layers are checked against these; a mismatch raises a ``ValueError`` sa
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from qnopt.base import check_like, require_params
+from qnopt.capture.oracle import _key_name
 from qnopt.curvature.layers import layer_key
 from qnopt.linalg.tree import accumulation_dtype, tree_all_finite
 from qnopt.preconditioners import layer_matrix, split_layer_matrix
@@ -56,20 +58,13 @@ class LayerSpec:
         return self.d_in + int(self.has_bias)
 
 
-def _path_key(k) -> Any:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return getattr(k, attr)
-    return str(k)
-
-
 def _leaves(tree) -> list:
     """``[(path, array)]``; the ``.value`` attribute of a Flax NNX variable is not part of the path."""
     out = []
     for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         if kp and isinstance(kp[-1], jax.tree_util.GetAttrKey) and kp[-1].name == "value":
             kp = kp[:-1]
-        out.append((tuple(_path_key(k) for k in kp), leaf))
+        out.append((tuple(_key_name(k) for k in kp), leaf))
     return out
 
 
@@ -96,6 +91,7 @@ def find_layers(params: PyTree, layers: Any = None) -> dict:
                 "Flax layout). Pass layers=capture.layer_info(params, batch) to name the layers.")
         return specs
     items = layers.values() if isinstance(layers, dict) else layers
+    flat = dict(_leaves(params))
     for item in items:
         if hasattr(item, "params"):  # LayerInfo
             kp, bp = item.params["kernel"], item.params.get("bias")
@@ -105,7 +101,6 @@ def find_layers(params: PyTree, layers: Any = None) -> dict:
             conv = None
         kp = tuple(kp)
         bp = None if bp is None else tuple(bp)
-        flat = dict(_leaves(params))
         if kp not in flat or (bp is not None and bp not in flat):
             raise ValueError(f"layers=: kernel path {'/'.join(map(str, kp))} (or its bias) is not in params.")
         shape = tuple(jnp.shape(flat[kp]))
@@ -118,11 +113,7 @@ def _key(path: tuple) -> str:
 
 
 def _spec(kp, bp, shape, conv) -> LayerSpec:
-    d_out = shape[-1]
-    d_in = 1
-    for s in shape[:-1]:
-        d_in *= s
-    return LayerSpec(_key(kp), kp, bp, shape, d_in, d_out, conv)
+    return LayerSpec(_key(kp), kp, bp, shape, math.prod(shape[:-1]), shape[-1], conv)
 
 
 def fallback_leaves(tree: PyTree, specs: dict) -> dict:
@@ -131,11 +122,14 @@ def fallback_leaves(tree: PyTree, specs: dict) -> dict:
     return {_key(p): leaf for p, leaf in _leaves(tree) if p not in owned}
 
 
-def layer_grad(grads: PyTree, spec: LayerSpec) -> jax.Array:
-    """The gradient of one layer as the matrix ``(d_out, d_in[+1])`` in the accumulation dtype."""
+def layer_grads(grads: PyTree, specs: dict) -> dict:
+    """``{key: gradient as the matrix (d_out, d_in[+1])}`` in the accumulation dtype."""
     flat = dict(_leaves(grads))
-    x = layer_matrix(flat[spec.kernel_path], flat[spec.bias_path] if spec.has_bias else None)
-    return x.astype(accumulation_dtype(x.dtype))
+    out = {}
+    for key, spec in specs.items():
+        x = layer_matrix(flat[spec.kernel_path], flat[spec.bias_path] if spec.has_bias else None)
+        out[key] = x.astype(accumulation_dtype(x.dtype))
+    return out
 
 
 def assemble(like: PyTree, specs: dict, layer_updates: dict, fallback_updates: dict) -> PyTree:
@@ -223,7 +217,7 @@ def finish_step(ctx: StepContext, directions: dict, fallback: optax.GradientTran
     state is left as it was."""
     fb_upd, fb_state = fallback.update(fallback_leaves(ctx.grads, ctx.specs), fallback_state,
                                        fallback_leaves(ctx.params, ctx.specs))
-    fb_state = where_tree(ctx.ok, fb_state, fallback_state)
+    fb_state = optax.tree.where(ctx.ok, fb_state, fallback_state)
     step = assemble(ctx.params, ctx.specs, directions, {kk: -ctx.alpha * u for kk, u in fb_upd.items()})
     return jax.tree.map(lambda s: jnp.where(ctx.ok, s, 0), step), fb_state
 
@@ -231,10 +225,6 @@ def finish_step(ctx: StepContext, directions: dict, fallback: optax.GradientTran
 def default_fallback(momentum: Any, scale: Any) -> optax.GradientTransformation:
     """Momentum SGD ``ĝ = βĝ + g`` scaled by ``scale`` (K-BFGS: ``1/λ``, thesis §3.4.3)."""
     return optax.chain(optax.trace(decay=momentum), optax.scale(scale))
-
-
-def where_tree(ok: jax.Array, new: PyTree, old: PyTree) -> PyTree:
-    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
 
 def check_grads(updates: PyTree, params: PyTree, method: str) -> None:

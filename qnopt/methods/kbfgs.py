@@ -218,12 +218,11 @@ def scale_by_kbfgs(
             return lambda X: lbfgs_memory_matrix(st.H_G, X, gamma0[key])
 
         # Lines 8-11: averaged gradient, step H_G ĝ H_A.
+        # (A non-finite step is undone for the whole state at the end.)
         directions, new_states = {}, {}
-        for key, sp in specs.items():
+        for key, X in K.layer_grads(grads, specs).items():
             st = layer_states[key]
-            X = K.layer_grad(grads, sp)
             mom = beta * st.momentum + ((1 - beta) * X if alg == "alg4" else X)
-            mom = jnp.where(ok, mom, st.momentum)
             directions[key] = kron_precondition(HG_op(st, key), mom, st.H_A)
             new_states[key] = st._replace(momentum=mom)
         step, fb_state = K.finish_step(ctx, {kk: -alpha * d for kk, d in directions.items()}, fb,
@@ -250,10 +249,9 @@ def scale_by_kbfgs(
                 s, y = output_pair(s0, s1)
                 s_G = beta * st.s_G + (1 - beta) * s
                 y_G = beta * st.y_G + (1 - beta) * y
-                if memory_size is None:
-                    Hop = st.H_G
-                else:
-                    Hop = lambda v, st=st, key=key: lbfgs_memory_matrix(st.H_G, v[:, None], gamma0[key])[:, 0]
+                Hop = HG_op(st, key)
+                if memory_size is not None:
+                    Hop = lambda v, op=Hop: op(v[:, None])[:, 0]
                 damp = double_damping if alg == "alg4" else dp_dlm
                 s_t, y_t = damp(s_G, y_G, Hop, mu1, lam_g)
                 accept = jnp.vdot(s_t, y_t) > 0
@@ -263,7 +261,7 @@ def scale_by_kbfgs(
                 if memory_size is None:
                     H_G = _bfgs_if(st.H_G, s_t, y_t, accept)
                 else:
-                    H_G = lbfgs_memory_push(st.H_G, s_t, y_t, accept & jnp.all(jnp.isfinite(s_t)) & jnp.all(jnp.isfinite(y_t)))
+                    H_G = lbfgs_memory_push(st.H_G, s_t, y_t, accept)  # rejects non-finite pairs itself
                 out[key] = KbfgsLayerState(st.momentum, A, H_A, H_G, s_G, y_G)
             return out
 
@@ -271,7 +269,7 @@ def scale_by_kbfgs(
         new_states = jax.lax.cond(do_curv, curvature_update, lambda ls: ls, new_states)
         count = jnp.where(ok, k, state.count).astype(jnp.int32)
         # A skipped (non-finite) step leaves the state as it was (the first-step init included).
-        new_states = {key: K.where_tree(ok, new_states[key], state.layers[key]) for key in specs}
+        new_states = {key: optax.tree.where(ok, new_states[key], state.layers[key]) for key in specs}
         out = jax.tree.map(lambda s, u: s.astype(u.dtype), step, updates)
         return out, ScaleByKbfgsState(count, new_states, fb_state)
 

@@ -202,10 +202,10 @@ def scale_by_kfac(
                                     lambda ls: ls, layer_states)
 
         # Lines 7-9: momentum and the preconditioned step.
+        # (A non-finite step is undone for the whole state at the end.)
         directions, new_states = {}, {}
-        for key, sp in specs.items():
+        for key, X in K.layer_grads(grads, specs).items():
             st = layer_states[key]
-            X = K.layer_grad(grads, sp)
 
             def precondition(V, st=st):
                 if inverse == "cholesky_solve":
@@ -218,7 +218,7 @@ def scale_by_kfac(
             else:
                 mom = momentum * st.momentum - alpha * precondition(X)
                 directions[key] = mom
-            new_states[key] = st._replace(momentum=jnp.where(ok, mom, st.momentum))
+            new_states[key] = st._replace(momentum=mom)
         step, fb_state = K.finish_step(ctx, directions, fb, state.fallback)
 
         if stats_at == "new":  # Lines 11-16 at the new parameters, same minibatch.
@@ -227,7 +227,7 @@ def scale_by_kfac(
                 lambda ls: statistics(ls, curvature.at(optax.apply_updates(params, step)), specs, stats_count),
                 lambda ls: ls, new_states)
             stats_count = stats_count + stats_step.astype(jnp.int32)
-        new_states = {key: K.where_tree(ok, new_states[key], state.layers[key]) for key in specs}
+        new_states = {key: optax.tree.where(ok, new_states[key], state.layers[key]) for key in specs}
         count = jnp.where(ok, k, state.count).astype(jnp.int32)
         out = jax.tree.map(lambda s, u: s.astype(u.dtype), step, updates)
         return out, ScaleByKfacState(count, stats_count, new_states, fb_state)
