@@ -177,7 +177,7 @@ class LinenCapture(CaptureEngine):
         """Forward pass with layer inputs/outputs sown and ``perts`` added to the outputs."""
         out, state = self._apply({"params": params, PERTURB_COLLECTION: perts}, x,
                                  mutable=[SOW_COLLECTION])
-        return out, state[SOW_COLLECTION]
+        return out, state.get(SOW_COLLECTION, {})
 
     def layer_values(self, sown, perts_grad, info: LayerInfo):
         """``(a, h, dh)`` of one captured layer from :meth:`run_captured`'s record."""
@@ -202,7 +202,9 @@ class LinenCapture(CaptureEngine):
         infos = self._collect_layers(params, record["calls"], record["excluded"], self._names,
                                      type(self.model).__name__)
         d = Discovery(infos=infos, modules=dict(record["modules"]),
-                       excluded=dict(record["excluded"]), perturbations=perts, outputs=outputs)
+                      excluded=dict(record["excluded"]), perturbations=perts, outputs=outputs,
+                      no_layers=self._no_layer_message(infos, record["excluded"],
+                                                       type(self.model).__name__))
         self._cache[key] = d
         return d
 

@@ -258,7 +258,9 @@ class NnxCapture(CaptureEngine):
         infos = self._collect_layers(params, record["calls"], record["excluded"], self._names,
                                      self.model_class, n_excluded=n_excluded)
         d = Discovery(infos=infos, modules=dict(record["modules"]),
-                      excluded=dict(record["excluded"]), perturbations=perts, outputs=outputs)
+                      excluded=dict(record["excluded"]), perturbations=perts, outputs=outputs,
+                      no_layers=self._no_layer_message(infos, record["excluded"], self.model_class,
+                                                       n_excluded))
         self._cache[key] = d
         return d
 

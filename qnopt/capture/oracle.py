@@ -261,6 +261,7 @@ class Discovery:
     excluded: dict       # path tuple -> reason (capturable class, but not captured)
     perturbations: Any   # abstract perturbation tree
     outputs: Any         # abstract outputs
+    no_layers: str = ""  # why nothing was captured (raised when layer statistics are asked for)
 
 
 class Oracle:
@@ -276,30 +277,43 @@ class Oracle:
       params, batch, key: what the oracle was built with.
     """
 
-    def __init__(self, capture: Any, params, batch, key, discovery: Discovery):
+    def __init__(self, capture: Any, params, batch, key, discovery: Discovery,
+                 forward_of: Optional["Oracle"] = None):
         self.capture = capture
         self.params = params
         self.batch = batch
         self.key = key
         self._disc = discovery
+        self._forward_of = forward_of
         self.inputs, self.targets = capture.split_batch(batch)
 
     @property
     def layer_info(self) -> dict:
+        self._require_layers()
         return dict(self._disc.infos)
+
+    def _require_layers(self) -> None:
+        if self._disc.no_layers:
+            raise ValueError(self._disc.no_layers)
+
+    @functools.cached_property
+    def _forward(self):
+        """The captured forward pass and its VJP, ``(outputs, vjp_fn, sown)``. An oracle made by
+        :meth:`fisher` shares its parent's (same params and inputs): one forward pass serves
+        the gradient under the batch's labels and under sampled labels."""
+        if self._forward_of is not None:
+            return self._forward_of._forward
+        cap = self.capture
+        perts0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._disc.perturbations)
+        f = lambda params, perts: cap.run_captured(params, perts, self.inputs)
+        return jax.vjp(f, self.params, perts0, has_aux=True)
 
     @functools.cached_property
     def _pass(self):
-        cap = self.capture
-        perts0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._disc.perturbations)
-
-        def f(params, perts):
-            out, sown = cap.run_captured(params, perts, self.inputs)
-            value = jnp.mean(cap.loss.per_example(out, self.targets))
-            return value, (out, sown)
-
-        (value, (out, sown)), (g_params, g_perts) = jax.value_and_grad(
-            f, argnums=(0, 1), has_aux=True)(self.params, perts0)
+        out, vjp_fn, sown = self._forward
+        per_example = self.capture.loss.per_example
+        value, d_out = jax.value_and_grad(lambda o: jnp.mean(per_example(o, self.targets)))(out)
+        g_params, g_perts = vjp_fn(d_out)
         return value, out, sown, g_params, g_perts
 
     @functools.cached_property
@@ -308,7 +322,7 @@ class Oracle:
 
     @functools.cached_property
     def outputs(self):
-        return self._pass[1]
+        return self._forward[0]
 
     @functools.cached_property
     def grads(self):
@@ -316,6 +330,7 @@ class Oracle:
 
     @functools.cached_property
     def layers(self) -> dict:
+        self._require_layers()
         _, _, sown, _, g_perts = self._pass
         stats = {}
         for name, info in self._disc.infos.items():
@@ -377,11 +392,12 @@ class Oracle:
                              "sum-reduced loss.")
         sampled = jax.lax.stop_gradient(loss.sample(key, jax.lax.stop_gradient(self.outputs)))
         batch = _replace(self.batch, self.capture.target_key, sampled)
-        return self.capture.oracle(self.params, batch, key)
+        return Oracle(self.capture, self.params, batch, key, self._disc, forward_of=self)
 
     def fisher_grads(self, key: Optional[jax.Array] = None):
         """Gradient of the mean loss under labels sampled from the model (see :meth:`fisher`);
-        an unbiased estimate of zero whose outer products estimate the Fisher."""
+        an unbiased estimate of zero whose outer products estimate the Fisher. It reuses this
+        oracle's forward pass (one extra backward pass), and needs no captured layer."""
         return self.fisher(key).grads
 
     def gram(self, kind: str = "empirical", key: Optional[jax.Array] = None) -> jax.Array:
@@ -454,7 +470,10 @@ class CaptureEngine:
     def layer_info(self, params, batch) -> dict:
         """``{name: LayerInfo}`` of the captured layers for this batch's input shape."""
         x, t = self.split_batch(batch)
-        return dict(self._discover(params, x, t).infos)
+        disc = self._discover(params, x, t)
+        if disc.no_layers:
+            raise ValueError(disc.no_layers)
+        return dict(disc.infos)
 
     #: How the engine names the layer classes it captures (for messages), and the message
     #: for a parameter that belongs to no called module.
@@ -483,8 +502,8 @@ class CaptureEngine:
     def _collect_layers(self, params, calls: dict, excluded: dict, names, model_name: str,
                         n_excluded: Optional[int] = None) -> dict:
         """``{name: LayerInfo}`` from a discovery pass's recorded calls, after checking that
-        every layer's parameters exist, that ``layers=`` names only capturable layers, and
-        that something was captured (each failure a ``ValueError`` saying what to do)."""
+        every layer's parameters exist and that ``layers=`` names only capturable layers (each
+        failure a ``ValueError`` saying what to do)."""
         infos = {}
         for info in calls.values():
             for role, ppath in info.param_paths:
@@ -498,14 +517,20 @@ class CaptureEngine:
             if unknown:
                 raise ValueError(f"layers= names {sorted(unknown)} are not capturable layers of "
                                  f"the model; capturable: {sorted(capturable)}.")
-        if not infos:
-            n_excluded = len(excluded) if n_excluded is None else n_excluded
-            excl = f" ({n_excluded} capturable layer(s) were excluded by layers=)" if n_excluded else ""
-            raise ValueError(
-                f"{type(self).__name__} found no capturable layer in {model_name}{excl}. Captured "
-                f"layer classes are {self._captured_names} (and their subclasses). Build the model "
-                f"from these layers, or use a gradient-only method (which needs no curvature oracle).")
         return infos
+
+    def _no_layer_message(self, infos: dict, excluded: dict, model_name: str,
+                          n_excluded: Optional[int] = None) -> str:
+        """Empty when layers were captured; else why none was (raised only when a method asks
+        for layer statistics: gradients, values and sampled-label gradients need none)."""
+        if infos:
+            return ""
+        n_excluded = len(excluded) if n_excluded is None else n_excluded
+        excl = f" ({n_excluded} capturable layer(s) were excluded by layers=)" if n_excluded else ""
+        return (f"{type(self).__name__} found no capturable layer in {model_name}{excl}. Captured "
+                f"layer classes are {self._captured_names} (and their subclasses). Build the model "
+                f"from these layers, or use a method that needs no layer statistics (gradient-only "
+                f"methods, TNT).")
 
     def _param_leaves(self, params) -> list:
         """``[(path, shape)]`` of every parameter array (engines with wrapped leaves override)."""

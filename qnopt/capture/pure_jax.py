@@ -311,14 +311,13 @@ class PureJaxCapture(CaptureEngine):
 
         outputs = jax.eval_shape(f, _abstract(params), _abstract(x),
                                  None if targets is None else _abstract(targets))
-        if not record.infos:
-            raise ValueError(
-                "qnopt.capture.pure_jax found no tagged layer: the model must call tag_dense / "
-                "tag_conv on its layers' inputs and outputs (see qnopt.capture.pure_jax). Note "
-                "that a jax.jit-compiled apply_fn may skip the tags; jit the caller instead.")
+        no_layers = "" if record.infos else (
+            "qnopt.capture.pure_jax found no tagged layer: the model must call tag_dense / "
+            "tag_conv on its layers' inputs and outputs (see qnopt.capture.pure_jax). Note "
+            "that a jax.jit-compiled apply_fn may skip the tags; jit the caller instead.")
         perts = {name: h for name, (_, h) in record.sown.items()}  # abstract (discover mode)
         d = Discovery(infos=dict(record.infos), modules={}, excluded={}, perturbations=perts,
-                      outputs=outputs)
+                      outputs=outputs, no_layers=no_layers)
         self._cache[key] = d
         return d
 

@@ -309,8 +309,13 @@ def test_errors():
     with pytest.raises(KeyError):
         linen_capture(MLP(), "no_such_loss")
     ln_params = OnlyLN().init(jax.random.key(0), x)["params"]
+    # No captured layer: gradients (and sampled-label gradients) work; layer statistics raise.
+    ln_oracle = linen_capture(OnlyLN(), "mse").oracle(ln_params, (x, jnp.ones((N, 4))))
+    assert jax.tree.structure(ln_oracle.grads) == jax.tree.structure(ln_params)
     with pytest.raises(ValueError, match="Dense.*Conv"):
-        linen_capture(OnlyLN(), "mse").oracle(ln_params, (x, jnp.ones((N, 4))))
+        ln_oracle.layers
+    with pytest.raises(ValueError, match="Dense.*Conv"):
+        linen_capture(OnlyLN(), "mse").layer_info(ln_params, (x, jnp.ones((N, 4))))
     params, batch, cap = CASES["mlp"]()
     with pytest.raises(ValueError, match="softmax_cross_entropy"):
         cap.oracle(params, (batch[0], jnp.zeros((N, 7), jnp.int32)))

@@ -335,7 +335,7 @@ def test_errors():
         nnx_capture(lambda z: z, "mse")
     ln = OnlyLN(nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"nnx\.Linear.*nnx\.Conv"):
-        nnx_capture(ln, "mse").oracle(nnx.state(ln, nnx.Param), (x, jnp.ones((N, 4))))
+        nnx_capture(ln, "mse").oracle(nnx.state(ln, nnx.Param), (x, jnp.ones((N, 4)))).layers
     _, params, batch, cap = _make("mlp")
     with pytest.raises(ValueError, match="softmax_cross_entropy"):
         cap.oracle(params, (batch[0], jnp.zeros((N, 7), jnp.int32)))

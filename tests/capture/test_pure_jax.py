@@ -258,7 +258,7 @@ def test_errors():
     _, params, batch, _ = _case("mlp")
     x = batch[0]
     with pytest.raises(ValueError, match="tag_dense"):
-        jax_capture(mlp_plain, "softmax_cross_entropy").oracle(params, batch)
+        jax_capture(mlp_plain, "softmax_cross_entropy").oracle(params, batch).layers
 
     def dup(p, x):
         h = tag_dense(x, x @ p["fc1"]["w"], name="fc1", kernel=("fc1", "w"))
