@@ -8,10 +8,11 @@ learning rate. The primitives they are built from live in ``qnopt.linalg`` and `
 __version__ = "0.1.0"
 
 from qnopt import base, capture, curvature, damping, data, linalg, preconditioners, sharding, testing
-from qnopt.alias import kbfgs, kbfgs_l, kfac, slimqn
+from qnopt.alias import kbfgs, kbfgs_l, kfac, shampoo, slimqn, tnt
 from qnopt.training import make_train_step
 from qnopt.methods import (KbfgsLayerState, KfacLayerState, ScaleByKbfgsState, ScaleByKfacState,
-                           ScaleBySlimQNState, scale_by_kbfgs, scale_by_kfac, scale_by_slimqn)
+                           ScaleByShampooState, ScaleBySlimQNState, ScaleByTntState, scale_by_kbfgs,
+                           scale_by_kfac, scale_by_shampoo, scale_by_slimqn, scale_by_tnt)
 
 __all__ = [
     "__version__",
@@ -33,6 +34,12 @@ __all__ = [
     "ScaleByKfacState",
     "KfacLayerState",
     "sharding",
+    "shampoo",
+    "scale_by_shampoo",
+    "ScaleByShampooState",
+    "tnt",
+    "scale_by_tnt",
+    "ScaleByTntState",
     "slimqn",
     "make_train_step",
     "scale_by_slimqn",

@@ -8,9 +8,11 @@ import optax
 
 from qnopt.methods.kbfgs import scale_by_kbfgs
 from qnopt.methods.kfac import scale_by_kfac
+from qnopt.methods.shampoo import scale_by_shampoo
 from qnopt.methods.slimqn import scale_by_slimqn
+from qnopt.methods.tnt import scale_by_tnt
 
-__all__ = ["kbfgs", "kbfgs_l", "kfac", "slimqn"]
+__all__ = ["kbfgs", "kbfgs_l", "kfac", "shampoo", "slimqn", "tnt"]
 
 
 def slimqn(
@@ -157,3 +159,97 @@ def kfac(
                          inverse_every=inverse_every, fisher=fisher, stats_at=stats_at,
                          momentum_on=momentum_on, inverse=inverse, initial_factors=initial_factors,
                          weight_decay=weight_decay, layers=layers, fallback=fallback)
+
+
+def tnt(
+    learning_rate: optax.ScalarOrSchedule,
+    damping: float = 0.1,
+    *,
+    momentum: float = 0.9,
+    beta: float = 0.9,
+    stats_every: int = 1,
+    inverse_every: int = 20,
+    estimator: str = "sampled",
+    inverse: str = "cholesky",
+    weight_decay: float = 0.0,
+    reshape: Any = "filter",
+    max_dim: int = 4096,
+    initial_statistics: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""TNT, Tensor-Normal Training (Ren thesis Alg. 15): ``W ← W − α (ĝ ×_1 P_1 ⋯ ×_k P_k + γW)``
+    with ``P_i = (Ũ_i + εI)⁻¹`` from trace-normalised statistics of sampled-label gradients.
+
+    ``chain(scale_by_tnt(...), scale_by_learning_rate(learning_rate))``; see
+    :func:`qnopt.scale_by_tnt` for every argument. ``update`` needs the minibatch's oracle
+    (``curvature=``, with a PRNG key) unless ``estimator="empirical"``. The thesis's autoencoder
+    setting is ``lr 1e-4``, ``damping 0.1``, ``T1 = 1``, ``T2 = 20``, with a warm start.
+    ``stats_every``, ``inverse_every``, ``estimator``, ``inverse``, ``reshape``, ``max_dim`` and
+    ``initial_statistics`` must be static under ``optax.inject_hyperparams``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, qnopt
+      >>> model = nn.Sequential([nn.Dense(8), nn.LayerNorm(), nn.tanh, nn.Dense(3)])
+      >>> x = jax.random.normal(jax.random.key(0), (32, 5))
+      >>> batch = (x, jnp.argmax(x[:, :3], axis=1))
+      >>> capture = qnopt.capture.linen(model, loss="softmax_cross_entropy")
+      >>> params = model.init(jax.random.key(1), x)["params"]
+      >>> opt = qnopt.tnt(0.01, damping=0.1, inverse_every=5)
+      >>> state = opt.init(params)
+      >>> step = jax.jit(qnopt.make_train_step(capture, opt, donate=False))
+      >>> for i in range(20):
+      ...     params, state, loss = step(params, state, batch, jax.random.key(i))
+      >>> bool(loss < 0.5)
+      True
+    """
+    return optax.chain(
+        scale_by_tnt(damping, momentum=momentum, beta=beta, stats_every=stats_every,
+                     inverse_every=inverse_every, estimator=estimator, inverse=inverse,
+                     weight_decay=weight_decay, reshape=reshape, max_dim=max_dim,
+                     initial_statistics=initial_statistics),
+        optax.scale_by_learning_rate(learning_rate))
+
+
+def shampoo(
+    learning_rate: optax.ScalarOrSchedule,
+    damping: float = 3e-4,
+    *,
+    momentum: float = 0.9,
+    beta: float = 0.9,
+    stats_every: int = 1,
+    inverse_every: int = 20,
+    root: str = "newton",
+    max_iters: int = 100,
+    tol: float = 1e-6,
+    weight_decay: float = 0.0,
+    reshape: Any = "filter",
+    max_dim: int = 4096,
+    initial_statistics: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Shampoo as in the Ren thesis (Alg. 16): ``W ← W − α (ĝ ×_1 P_1 ⋯ ×_k P_k + γW)`` with
+    ``P_i = (Ĝ^{(i)} + εI)^{−1/2k}`` from EMA statistics of the gradient, by coupled Newton.
+
+    ``chain(scale_by_shampoo(...), scale_by_learning_rate(learning_rate))``; see
+    :func:`qnopt.scale_by_shampoo`. Gradient-only (no oracle). The thesis's autoencoder setting
+    is ``lr 3e-4``, ``damping 3e-4``, ``T1 = 1``, ``T2 = 20``. ``stats_every``,
+    ``inverse_every``, ``root``, ``max_iters``, ``tol``, ``reshape``, ``max_dim`` and
+    ``initial_statistics`` must be static under ``optax.inject_hyperparams``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, qnopt
+      >>> A = jnp.diag(jnp.array([1.0, 10.0, 100.0]))
+      >>> loss = lambda p: 0.5 * p["w"] @ A @ p["w"]
+      >>> params = {"w": jnp.ones(3)}
+      >>> opt = qnopt.shampoo(0.1, damping=1e-3, inverse_every=1)
+      >>> state = opt.init(params)
+      >>> for _ in range(50):
+      ...     updates, state = opt.update(jax.grad(loss)(params), state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> bool(loss(params) < 0.1 * loss({"w": jnp.ones(3)}))
+      True
+    """
+    return optax.chain(
+        scale_by_shampoo(damping, momentum=momentum, beta=beta, stats_every=stats_every,
+                         inverse_every=inverse_every, root=root, max_iters=max_iters, tol=tol,
+                         weight_decay=weight_decay, reshape=reshape, max_dim=max_dim,
+                         initial_statistics=initial_statistics),
+        optax.scale_by_learning_rate(learning_rate))

@@ -28,6 +28,9 @@ __all__ = [
     "MethodCase",
     "Problem",
     "logreg_problem",
+    "mlp_problem",
+    "embed_problem",
+    "oracle_args",
     "run_steps",
     "check_faster_than_sgd",
     "check_no_recompilation",
@@ -129,6 +132,39 @@ def mlp_problem(n: int = 256, d: int = 12, hidden: int = 16, classes: int = 3,
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]))
 
     return Problem("mlp", params, loss, oracle=lambda p: capture.oracle(p, batch, jax.random.key(1)))
+
+
+def embed_problem(n: int = 256, vocab: int = 20, length: int = 6, dim: int = 8, classes: int = 3,
+                  seed: int = 0) -> Problem:
+    """Softmax classification of token sequences by a Flax Linen model with an embedding and a
+    LayerNorm (``Embed → mean over positions → LayerNorm → Dense → tanh → Dense``): parameters
+    of every kind (the embedding table, LayerNorm's scale and bias, kernels, biases), with
+    the full batch's curvature oracle. For methods that must cover every parameter (TNT)."""
+    import flax.linen as nn
+
+    from qnopt.capture import linen
+
+    class Model(nn.Module):
+        @nn.compact
+        def __call__(self, tokens):
+            h = jnp.mean(nn.Embed(vocab, dim)(tokens), axis=1)
+            h = nn.tanh(nn.Dense(16)(nn.LayerNorm()(h)))
+            return nn.Dense(classes)(h)
+
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, size=(n, length))
+    counts = np.stack([np.bincount(t, minlength=vocab) for t in tokens]).astype(np.float64)
+    y = np.argmax(counts @ rng.normal(size=(vocab, classes)) + 0.3 * rng.normal(size=(n, classes)), axis=1)
+    batch = (jnp.asarray(tokens, jnp.int32), jnp.asarray(y, jnp.int32))
+    model = Model()
+    capture = linen(model, loss="softmax_cross_entropy")
+    params = model.init(jax.random.key(seed), batch[0])["params"]
+
+    def loss(p):
+        logits = model.apply({"params": p}, batch[0]).astype(jnp.float32)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]))
+
+    return Problem("embed", params, loss, oracle=lambda p: capture.oracle(p, batch, jax.random.key(1)))
 
 
 def oracle_args(params, loss, problem: Problem) -> dict:

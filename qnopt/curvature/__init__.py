@@ -14,6 +14,9 @@
   :func:`layer_G`, :func:`layer_A_matvec`, :func:`layer_mean_input`, K-BFGS's pairs
   :func:`output_pair` and :func:`hessian_action_pair`, the warm start :func:`estimate_factors`
   (:class:`KronFactors`, keyed by :func:`layer_key`).
+* Tensor-normal statistics (TNT, Shampoo): the trace normalisation of eq. (4.10)
+  :func:`trace_normalize`, per-parameter contractions :func:`mode_statistics`, and the warm
+  start :func:`estimate_mode_statistics`.
 * Moving averages of factors: :func:`ema_update`, :func:`warmup_decay`,
   :func:`debiased_decay`, :func:`init_factor`.
 
@@ -34,8 +37,14 @@ from qnopt.curvature.layers import (KronFactors, estimate_factors, hessian_actio
                                     output_pair)
 from qnopt.curvature.patches import conv_patches
 from qnopt.curvature.products import ggn_vp, gram, hvp, layer_gram
+from qnopt.curvature.tensor_normal import (estimate_mode_statistics, factor_trace, mode_statistics,
+                                           trace_normalize)
 
 __all__ = [
+    "estimate_mode_statistics",
+    "factor_trace",
+    "mode_statistics",
+    "trace_normalize",
     "KronFactors",
     "debiased_decay",
     "estimate_factors",

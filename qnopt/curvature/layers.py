@@ -242,7 +242,14 @@ def estimate_factors(capture: Any, params: Any, batches: Iterable[Any], *,
     if fisher == "sampled" and key is None:
         raise ValueError("estimate_factors(fisher='sampled') needs a PRNG key: key=jax.random.key(0).")
 
-    one = _factor_pass(capture, fisher)
+    mean = batch_average(_factor_pass(capture, fisher), params, batches, key, "estimate_factors")
+    return {name: KronFactors(*v) for name, v in mean.items()}
+
+
+def batch_average(one: Callable, params: Any, batches: Iterable[Any], key: Optional[jax.Array],
+                  caller: str) -> Any:
+    """Mean over ``batches`` of ``one(params, batch, key_i)`` (a tree; ``None`` leaves kept),
+    with ``key_i = fold_in(key, i)``: the warm starts' pass over a data iterator."""
     total, count = None, 0
     for i, batch in enumerate(batches):
         k = None if key is None else jax.random.fold_in(key, i)
@@ -250,5 +257,5 @@ def estimate_factors(capture: Any, params: Any, batches: Iterable[Any], *,
         total = f if total is None else jax.tree.map(jnp.add, total, f)
         count += 1
     if count == 0:
-        raise ValueError("estimate_factors got no batches.")
-    return {name: KronFactors(*(None if x is None else x / count for x in v)) for name, v in total.items()}
+        raise ValueError(f"{caller} got no batches.")
+    return jax.tree.map(lambda x: x / count, total)

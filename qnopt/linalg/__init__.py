@@ -12,6 +12,7 @@ from qnopt.linalg.lbfgs import (
     lbfgs_memory_push,
     lbfgs_two_loop,
 )
+from qnopt.linalg.roots import inverse_pth_root, power_iteration
 from qnopt.linalg.smw import smw_solve
 from qnopt.linalg.tree import (
     accumulation_dtype,
@@ -37,6 +38,8 @@ __all__ = [
     "lbfgs_memory_matrix",
     "lbfgs_memory_push",
     "lbfgs_two_loop",
+    "inverse_pth_root",
+    "power_iteration",
     "smw_solve",
     "accumulation_dtype",
     "tree_all_finite",

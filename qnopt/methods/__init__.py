@@ -2,7 +2,10 @@
 
 from qnopt.methods.kbfgs import KbfgsLayerState, ScaleByKbfgsState, scale_by_kbfgs
 from qnopt.methods.kfac import KfacLayerState, ScaleByKfacState, scale_by_kfac
+from qnopt.methods.shampoo import ScaleByShampooState, scale_by_shampoo
 from qnopt.methods.slimqn import ScaleBySlimQNState, scale_by_slimqn
+from qnopt.methods.tnt import ScaleByTntState, scale_by_tnt
 
 __all__ = ["KbfgsLayerState", "KfacLayerState", "ScaleByKbfgsState", "ScaleByKfacState",
-           "ScaleBySlimQNState", "scale_by_kbfgs", "scale_by_kfac", "scale_by_slimqn"]
+           "ScaleByShampooState", "ScaleBySlimQNState", "ScaleByTntState", "scale_by_kbfgs",
+           "scale_by_kfac", "scale_by_shampoo", "scale_by_slimqn", "scale_by_tnt"]

@@ -178,7 +178,7 @@ def damped_inverse(F: ArrayLike, eps: ArrayLike,
     ``"eigh"``: ``F = Q diag(w) Qᵀ``, inverse ``Q diag(1 / (max(w, 0) + ε)) Qᵀ`` (negative
     round-off eigenvalues are clipped, so the result is SPD for any ``ε > 0``). ``"cholesky"``:
     ``cho_solve`` of ``F + ε I`` against ``I`` (cheaper; needs ``F + εI`` numerically SPD).
-    The result is symmetrised.
+    The result is symmetrised. A 1-D ``F`` is a diagonal factor: ``1 / (max(F, 0) + ε)``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -188,6 +188,8 @@ def damped_inverse(F: ArrayLike, eps: ArrayLike,
     """
     F = jnp.asarray(F)
     eps = jnp.asarray(eps, F.dtype)
+    if F.ndim == 1:  # a diagonal factor given by its diagonal
+        return 1.0 / (jnp.maximum(F, 0.0) + eps)
     if method == "eigh":
         w, Q = jnp.linalg.eigh(F)
         inv = jnp.matmul(Q / (jnp.maximum(w, 0.0) + eps), Q.T, precision=_HIGHEST)

@@ -1,0 +1,86 @@
+r"""TNT: Tensor-Normal Training (Ren thesis ch. 4, Alg. 13 and 15, eq. 4.8–4.10).
+
+Each parameter tensor ``W ∈ ℝ^{d_1×…×d_k}`` gets the block Fisher
+``F_W ≈ c (Ũ_1 ⊗ … ⊗ Ũ_k)``: its sampled-label gradient ``G`` is modelled as tensor-normal,
+``E[G^{(i)}] = U_i ∏_{j≠i} tr(U_j)`` (eq. 4.2), so the EMA statistics ``Ĝ^{(i)}`` of the mode
+contractions identify the ``U_i`` up to scale; eq. (4.10) fixes ``c = 1`` and equal average
+eigenvalues (:func:`qnopt.curvature.trace_normalize`). The step is (Alg. 15, line numbers)::
+
+    ĝ = μ ĝ + ∇W                                                   [10]
+    every T1 steps: Ĝ^{(i)} = β Ĝ^{(i)} + (1 − β) Ḡ^{(i)}            [7, 11–13]
+        with Ḡ the minibatch-mean gradient under labels sampled from the model
+    every T2 steps: Ũ_i from (4.10), P_i = (Ũ_i + εI)⁻¹              [14–17]
+    p = ĝ ×_1 P_1 ⋯ ×_k P_k + γ W  (eq. 4.8)                         [18–19]
+    W ← W − α p                                                      [20]
+
+TNT is model-agnostic: it needs the parameter shapes and the oracle's ``fisher_grads()``
+(any Flax model; no layer capture). ``estimator="empirical"`` is TNT-EF (§4.7.3): the
+statistics of the ordinary minibatch gradient, no oracle. See
+:mod:`qnopt.methods._modes` for the schedule and the warm start.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import optax
+
+from qnopt.curvature.tensor_normal import trace_normalize
+from qnopt.methods._modes import ModePreconditionerState, scale_by_mode_preconditioner
+from qnopt.preconditioners import damped_inverse
+
+PyTree = Any
+
+__all__ = ["ScaleByTntState", "scale_by_tnt"]
+
+ScaleByTntState = ModePreconditionerState
+
+
+def scale_by_tnt(
+    damping: float = 0.1,
+    *,
+    momentum: float = 0.9,
+    beta: float = 0.9,
+    stats_every: int = 1,
+    inverse_every: int = 20,
+    estimator: str = "sampled",
+    inverse: str = "cholesky",
+    weight_decay: float = 0.0,
+    reshape: Any = "filter",
+    max_dim: int = 4096,
+    initial_statistics: Optional[PyTree] = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""TNT's preconditioned direction ``p`` (Alg. 15 lines 1–19; the module docstring).
+
+    ``update(grads, state, params, curvature=oracle)``: ``params`` is needed when
+    ``weight_decay > 0``; ``curvature`` (anything with ``fisher_grads()``, e.g.
+    ``capture.oracle(params, batch, key)``) when ``estimator="sampled"``.
+
+    Args:
+      damping: ``ε`` added to every normalised factor (thesis: 0.1 on the autoencoders,
+        0.01–0.1 on CNNs).
+      momentum: ``μ`` (0.9), ``ĝ = μĝ + g``.
+      beta: EMA decay ``β`` of the statistics (0.9).
+      stats_every: ``T1`` (1 on autoencoders, 10 on CNNs).
+      inverse_every: ``T2`` (20 on autoencoders, 100 on CNNs).
+      estimator: ``"sampled"`` (TNT) or ``"empirical"`` (TNT-EF).
+      inverse: ``"cholesky"`` or ``"eigh"`` for ``(Ũ_i + εI)⁻¹``.
+      weight_decay: ``γ`` (line 19: added after preconditioning, not to the gradient).
+      reshape: tensor view of conv kernels, ``"filter"`` (``(kh·kw, in, out)``, the thesis's
+        CNN runs), ``"kfac"`` (``(kh·kw·in, out)``), ``"none"`` or a callable
+        (:func:`qnopt.preconditioners.tensor_view`).
+      max_dim: modes larger than this keep diagonal statistics (embeddings, very wide layers:
+        memory ``O(d)`` and no ``O(d³)`` inverse for that mode).
+      initial_statistics: warm start (Alg. 15 line 2),
+        :func:`qnopt.curvature.estimate_mode_statistics` with the same ``reshape``/``max_dim``.
+    """
+    if inverse not in ("cholesky", "eigh"):
+        raise ValueError(f"inverse must be 'cholesky' or 'eigh', got {inverse!r}.")
+
+    def refresh(stats, eps, layout):
+        return tuple(damped_inverse(u, eps, inverse) for u in trace_normalize(stats))
+
+    return scale_by_mode_preconditioner(
+        method="qnopt.tnt", refresh=refresh, estimator=estimator, damping=damping, momentum=momentum,
+        beta=beta, stats_every=stats_every, inverse_every=inverse_every, weight_decay=weight_decay,
+        reshape=reshape, max_dim=max_dim, initial_statistics=initial_statistics)

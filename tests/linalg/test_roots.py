@@ -1,0 +1,70 @@
+"""Inverse p-th roots: coupled Newton against eigh (thesis Alg. 16 line 12)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from qnopt.linalg import inverse_pth_root, power_iteration
+
+
+def _spd(rng, d, cond):
+    Q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    w = np.geomspace(1.0, cond, d) if d > 1 else np.array([cond])
+    return (Q * w) @ Q.T, w
+
+
+def _root_ref(A, p, eps=0.0):
+    w, Q = np.linalg.eigh(A + eps * np.eye(A.shape[0]))
+    return (Q * w ** (-1.0 / p)) @ Q.T
+
+
+@settings(max_examples=30, deadline=None)
+@given(d=st.integers(1, 12), p=st.sampled_from([1, 2, 4, 6, 8]), seed=st.integers(0, 2**16),
+       cond=st.floats(1.0, 100.0), scale=st.sampled_from([1e-3, 1.0, 1e3]))
+def test_coupled_newton_matches_eigh(d, p, seed, cond, scale):
+    A, _ = _spd(np.random.default_rng(seed), d, cond)
+    A = A * scale
+    newton = np.asarray(inverse_pth_root(jnp.asarray(A, jnp.float32), p))
+    eigh = np.asarray(inverse_pth_root(jnp.asarray(A, jnp.float32), p, method="eigh"))
+    ref = _root_ref(A, p)
+    norm = np.linalg.norm(ref)
+    assert np.linalg.norm(newton - ref) / norm < 1e-4
+    assert np.linalg.norm(eigh - ref) / norm < 1e-4
+    # the defining property: R^p A = I
+    R = newton.astype(np.float64)
+    np.testing.assert_allclose(np.linalg.matrix_power(R, p) @ A, np.eye(d), atol=1e-3)
+
+
+def test_damping_and_diagonal():
+    rng = np.random.default_rng(0)
+    A, _ = _spd(rng, 6, 10.0)
+    got = np.asarray(inverse_pth_root(jnp.asarray(A, jnp.float32), 4, damping=0.5))
+    np.testing.assert_allclose(got, _root_ref(A, 4, 0.5), rtol=1e-4, atol=1e-5)
+    v = jnp.array([1.0, 4.0, 16.0])
+    np.testing.assert_allclose(inverse_pth_root(v, 2), [1.0, 0.5, 0.25], rtol=1e-6)
+    np.testing.assert_allclose(inverse_pth_root(v, 2, damping=9.0), (np.asarray(v) + 9) ** -0.5, rtol=1e-6)
+
+
+def test_singular_psd_with_damping_and_zero_matrix():
+    """A rank-1 statistic (one gradient) plus ε is SPD: the root is finite and correct."""
+    g = np.random.default_rng(1).normal(size=5)
+    A = np.outer(g, g)
+    got = np.asarray(inverse_pth_root(jnp.asarray(A, jnp.float32), 2, damping=1e-2))
+    np.testing.assert_allclose(got, _root_ref(A, 2, 1e-2), rtol=2e-3, atol=1e-3)
+    Z = inverse_pth_root(jnp.zeros((3, 3)), 4, damping=1e-4)
+    np.testing.assert_allclose(Z, np.eye(3) * 1e-4 ** -0.25, rtol=1e-4)
+
+
+def test_power_iteration():
+    A, w = _spd(np.random.default_rng(2), 8, 50.0)
+    assert abs(float(power_iteration(jnp.asarray(A, jnp.float32))) - w.max()) / w.max() < 1e-3
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="positive integer"):
+        inverse_pth_root(jnp.eye(2), 0)
+    with pytest.raises(ValueError, match="method"):
+        inverse_pth_root(jnp.eye(2), 2, method="svd")
+    with pytest.raises(ValueError, match="square"):
+        inverse_pth_root(jnp.ones((2, 3)), 2)
