@@ -124,10 +124,9 @@ def scale_by_mode_preconditioner(*, method: str, refresh: Refresh, estimator: st
     def update_fn(updates: PyTree, state: ModePreconditionerState, params: Optional[PyTree] = None,
                   curvature: Any = None, **extra_args):
         del extra_args
+        params = require_params(params, method)
         check_like(updates, state.momentum, "the gradient", method)
-        if not no_decay:
-            params = require_params(params, method)
-            check_like(params, state.momentum, "params", method)
+        check_like(params, state.momentum, "params", method)
         if estimator == "sampled":
             if curvature is None or not hasattr(curvature, "fisher_grads"):
                 raise ValueError(_NO_ORACLE.format(method=method))

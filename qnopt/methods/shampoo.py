@@ -50,8 +50,8 @@ def scale_by_shampoo(
 ) -> optax.GradientTransformationExtraArgs:
     r"""Shampoo's preconditioned direction ``p`` (Alg. 16 lines 1–15; the module docstring).
 
-    A gradient-only transformation: ``update(grads, state, params)`` (``params`` needed when
-    ``weight_decay > 0``); extra arguments are ignored.
+    A gradient-only transformation: ``update(grads, state, params)`` (``params`` required:
+    weight decay, shape checks); extra arguments are ignored.
 
     Args:
       damping: ``ε`` (thesis: 3e-4 on the autoencoders, 0.01–0.1 on CNNs).

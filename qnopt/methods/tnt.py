@@ -52,8 +52,8 @@ def scale_by_tnt(
 ) -> optax.GradientTransformationExtraArgs:
     r"""TNT's preconditioned direction ``p`` (Alg. 15 lines 1–19; the module docstring).
 
-    ``update(grads, state, params, curvature=oracle)``: ``params`` is needed when
-    ``weight_decay > 0``; ``curvature`` (anything with ``fisher_grads()``, e.g.
+    ``update(grads, state, params, curvature=oracle)``: ``params`` is required (weight decay,
+    shape checks); ``curvature`` (anything with ``fisher_grads()``, e.g.
     ``capture.oracle(params, batch, key)``) when ``estimator="sampled"``.
 
     Args:

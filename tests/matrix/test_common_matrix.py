@@ -52,6 +52,32 @@ CASES += [
                  static_args=("inverse_every", "fisher", "stats_at", "momentum_on", "inverse"), steps=60,
                  extra_args=_oracle, problem=lambda: MLP),
 ]
+EMBED = T.embed_problem()
+_TNT_STATIC = ("stats_every", "inverse_every", "estimator", "inverse", "reshape", "max_dim",
+               "initial_statistics")
+_SHAMPOO_STATIC = ("stats_every", "inverse_every", "root", "max_iters", "tol", "reshape", "max_dim",
+                   "initial_statistics")
+# lrs[0] drives the sharding and NaN checks: the moderate step. At the largest stable step the
+# ill-conditioned MLP amplifies float32 reduction-order differences (the preconditioner's
+# condition number times 1e-7 per step) past the sharding check's tolerance within 30 steps.
+CASES += [
+    T.MethodCase("tnt", functools.partial(qnopt.tnt, damping=0.1, inverse_every=5), lrs=(0.003, 0.01),
+                 factory=qnopt.tnt, factory_kwargs=dict(damping=0.1, inverse_every=5),
+                 static_args=_TNT_STATIC, steps=60, extra_args=_oracle, problem=lambda: MLP),
+    # Embedding, LayerNorm, kernels and biases; the vocabulary mode (20 > max_dim) is diagonal.
+    T.MethodCase("tnt_embed", functools.partial(qnopt.tnt, damping=0.1, inverse_every=5, max_dim=16),
+                 lrs=(0.01, 0.003), factory=qnopt.tnt,
+                 factory_kwargs=dict(damping=0.1, inverse_every=5, max_dim=16), static_args=_TNT_STATIC,
+                 steps=60, extra_args=lambda p, loss: T.oracle_args(p, loss, EMBED), problem=lambda: EMBED),
+    T.MethodCase("tnt_empirical",
+                 functools.partial(qnopt.tnt, damping=0.1, inverse_every=5, estimator="empirical"),
+                 lrs=(0.01, 0.003), factory=qnopt.tnt,
+                 factory_kwargs=dict(damping=0.1, inverse_every=5, estimator="empirical"),
+                 static_args=_TNT_STATIC, steps=60, problem=lambda: MLP),
+    T.MethodCase("shampoo", functools.partial(qnopt.shampoo, damping=1e-3, inverse_every=5), lrs=(0.03, 0.1),
+                 factory=qnopt.shampoo, factory_kwargs=dict(damping=1e-3, inverse_every=5),
+                 static_args=_SHAMPOO_STATIC, steps=60, problem=lambda: MLP),
+]
 IDS = [c.name for c in CASES]
 
 _LOGREG = []
