@@ -19,23 +19,35 @@ __all__ = ["OptimizerSpec", "Tuned", "WarmStart", "OPTIMIZERS", "get_optimizer"]
 
 @dataclass(frozen=True)
 class WarmStart:
-    """Initial Kronecker factors estimated before step 1 (``initial_factors=`` of the factory).
+    """Initial curvature statistics estimated before step 1.
 
-    The runner calls ``qnopt.curvature.estimate_factors(capture, params, batches, fisher=fisher,
-    key=key)`` on the first ``max_batches`` minibatches of epoch 1 (the epoch's own order) at
-    the initial parameters, outside the step timing (reported as ``warm_start_time``), and
-    passes the result to ``spec.build(..., initial_factors=factors)``.
+    ``kind="factors"`` (Kronecker methods): the runner calls
+    ``qnopt.curvature.estimate_factors(capture, params, batches, fisher=fisher, key=key)`` and
+    passes ``initial_factors=``. ``kind="modes"`` (TNT, Shampoo):
+    ``qnopt.curvature.estimate_mode_statistics(capture, params, batches, estimator=fisher,
+    key=key, reshape=..., max_dim=...)`` (the view the optimizer is built with) and
+    ``initial_statistics=``. Both run on the first ``max_batches`` minibatches of epoch 1 (the
+    epoch's own order) at the initial parameters, outside the step timing (reported as
+    ``warm_start_time``); problems without a capture get no warm start.
 
     Attributes:
       fisher: ``None`` (only ``A``: K-BFGS), ``"sampled"`` or ``"empirical"`` (``A`` and ``G``:
-        K-FAC). A per-problem ``Tuned.kwargs["fisher"]`` overrides a non-``None`` value, so
-        the warm start estimates the Fisher the optimizer then uses.
+        K-FAC; the gradient statistics of TNT / Shampoo). A per-problem
+        ``Tuned.kwargs["fisher"]`` (``["estimator"]`` for ``"modes"``) overrides a
+        non-``None`` value, so the warm start estimates what the optimizer then uses.
       max_batches: cap on the number of minibatches (``--warm-start-batches`` overrides it;
         ``0`` disables the warm start).
+      kind: ``"factors"`` or ``"modes"``.
     """
 
     fisher: str | None = None
     max_batches: int = 10
+    kind: str = "factors"
+
+    @property
+    def argument(self) -> str:
+        """The factory's keyword for the estimate."""
+        return "initial_factors" if self.kind == "factors" else "initial_statistics"
 
 
 @dataclass(frozen=True)
@@ -94,9 +106,9 @@ class OptimizerSpec:
         """The warm start on ``problem`` (its Fisher kind follows a tuned ``fisher=``)."""
         ws = self.warm_start
         if ws is not None and ws.fisher is not None:
-            fisher = self.kwargs_for(problem).get("fisher")
+            fisher = self.kwargs_for(problem).get("fisher" if ws.kind == "factors" else "estimator")
             if fisher is not None and fisher != ws.fisher:
-                ws = WarmStart(fisher=fisher, max_batches=ws.max_batches)
+                ws = WarmStart(fisher=fisher, max_batches=ws.max_batches, kind=ws.kind)
         return ws
 
     def build(self, lr: float, problem: Any = None, **extra: Any) -> optax.GradientTransformation:
@@ -169,6 +181,9 @@ _KBFGS_TUNED = {
 # Default learning rates are chosen not to diverge on any problem (SGD at 1e-2
 # diverges on the Fashion-MNIST autoencoder, whose loss is summed over 784
 # pixels); use --sweep for tuned comparisons.
+_TNT_TUNED: dict[str, Tuned] = {}
+_SHAMPOO_TUNED: dict[str, Tuned] = {}
+
 _TABLE: list[OptimizerSpec] = [
     # name      factory                                                    lr     sweep grid
     OptimizerSpec("adam", lambda lr: optax.adam(lr), 1e-3, (3e-3, 1e-3, 3e-4),
@@ -216,6 +231,16 @@ _TABLE: list[OptimizerSpec] = [
                          "autoencoder/fashion_mnist": Tuned(0.1, (0.3, 0.1, 0.03), {"damping": 30.0}),
                          "classifier": Tuned(0.3, (1.0, 0.3, 0.1)),
                          "convnet": Tuned(0.1, (0.3, 0.1, 0.03))}),
+    # TNT / Shampoo: thesis Table 4.3 (MNIST autoencoder): TNT (lr 1e-4, ε 0.1), Shampoo
+    # (lr 3e-4, ε 3e-4), T1 = 1, T2 = 20, statistics warm-started (Alg. 15/16 line 2).
+    OptimizerSpec("tnt", _qnopt_alias("tnt", damping=0.1, inverse_every=20), 1e-4, (3e-4, 1e-4, 3e-5),
+                  needs_oracle=True, warm_start=WarmStart(fisher="sampled", kind="modes"),
+                  description="qnopt.tnt (damping 0.1, T1 1, T2 20; statistics warm-started)",
+                  tuned=_TNT_TUNED),
+    OptimizerSpec("shampoo", _qnopt_alias("shampoo", damping=3e-4, inverse_every=20), 3e-4,
+                  (1e-3, 3e-4, 1e-4), warm_start=WarmStart(fisher="empirical", kind="modes"),
+                  description="qnopt.shampoo (damping 3e-4, T1 1, T2 20, coupled Newton; warm-started)",
+                  tuned=_SHAMPOO_TUNED),
     OptimizerSpec("kfac", _qnopt_alias("kfac", damping=1.0, inverse_every=20), 0.03, (0.1, 0.03, 0.01),
                   needs_oracle=True, warm_start=WarmStart(fisher="sampled"),
                   description="qnopt.kfac (damping 1, inverses every 20; A and G warm-started)",

@@ -222,24 +222,30 @@ def warm_start_factors(
 ) -> tuple[Any, float, int]:
     """Initial curvature factors of ``spec`` on ``problem``: ``(factors, seconds, n_batches)``.
 
-    ``qnopt.curvature.estimate_factors(capture, params, batches, fisher=..., key=...)`` on the
-    first ``max_batches`` (default: the spec's ``WarmStart.max_batches``) minibatches of
+    ``qnopt.curvature.estimate_factors`` (or ``estimate_mode_statistics``, see
+    :class:`~qnopt.bench.optimizers.WarmStart`) on the first ``max_batches`` (default: the spec's ``WarmStart.max_batches``) minibatches of
     epoch 1, blocked until ready. ``(None, 0.0, 0)`` without a warm start or with a cap of 0.
     """
     ws = spec.warm_start_for(problem)
     cap = ws.max_batches if ws is not None and max_batches is None else max_batches
-    if ws is None or not cap:
+    if ws is None or not cap or not problem.has_capture:
         return None, 0.0, 0
     import qnopt.curvature
 
-    estimate = getattr(qnopt.curvature, "estimate_factors", None)
+    name = "estimate_factors" if ws.kind == "factors" else "estimate_mode_statistics"
+    estimate = getattr(qnopt.curvature, name, None)
     if estimate is None:
-        raise NotImplementedError("qnopt.curvature.estimate_factors does not exist (yet) in this qnopt")
+        raise NotImplementedError(f"qnopt.curvature.{name} does not exist (yet) in this qnopt")
+    if ws.kind == "factors":
+        options = {"fisher": ws.fisher}
+    else:
+        kw = spec.kwargs_for(problem)
+        options = {"estimator": ws.fisher, **{k: kw[k] for k in ("reshape", "max_dim") if k in kw}}
     capture = problem.capture()
     t0 = time.perf_counter()
     bs = [jax.device_put(b) for b in _epoch_batches(problem, batch_size, seed, 0, cap)]
     key = jax.random.fold_in(jax.random.key(seed), WARM_KEY_SALT)
-    factors = jax.block_until_ready(estimate(capture, params, bs, fisher=ws.fisher, key=key))
+    factors = jax.block_until_ready(estimate(capture, params, bs, key=key, **options))
     return factors, time.perf_counter() - t0, len(bs)
 
 
@@ -256,7 +262,7 @@ def _compile(
     reason = oracle_unavailable(problem, spec)
     if reason is not None:
         raise ValueError(reason)
-    extra = {} if initial_factors is None else {"initial_factors": initial_factors}
+    extra = {} if initial_factors is None else {spec.warm_start_for(problem).argument: initial_factors}
     opt = spec.build(lr, problem, **extra)
     # Fresh buffers per leaf: an optimizer state may hold one buffer twice or share the
     # params' buffers (optax.lbfgs does), or the initial factors', which donation would reject.

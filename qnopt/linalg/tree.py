@@ -119,7 +119,20 @@ def tree_stack_set(stack: PyTree, index: jax.Array, v: PyTree) -> PyTree:
     return jax.tree.map(lambda st, x: st.at[index].set(x.astype(st.dtype)), stack, v)
 
 
+#: Trees with at most this many entries are checked by one reduction over their concatenation.
+_CONCAT_LIMIT = 1 << 26
+
+
 def tree_all_finite(tree: PyTree) -> jax.Array:
-    """True iff every entry of every leaf is finite (a scalar bool array)."""
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+    """True iff every entry of every leaf is finite (a scalar bool array).
+
+    A tree of up to ``2**26`` entries is checked by one fused reduction over the concatenated
+    leaves (one GPU kernel instead of one per leaf: on small models the per-leaf reductions
+    cost more than the copy); larger trees leaf by leaf (no copy of the whole tree)."""
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.asarray(True)
+    if len(leaves) > 1 and sum(jnp.size(x) for x in leaves) <= _CONCAT_LIMIT:
+        dtype = jnp.result_type(*[jnp.asarray(x).dtype for x in leaves], jnp.float32)
+        return jnp.all(jnp.isfinite(jnp.concatenate([jnp.ravel(x).astype(dtype) for x in leaves])))
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))

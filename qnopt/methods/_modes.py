@@ -152,15 +152,22 @@ def scale_by_mode_preconditioner(*, method: str, refresh: Refresh, estimator: st
             return optax.tree.where(s_ok, new, stats), s_ok.astype(jnp.int32)
 
         stats_step = ok & (t % stats_every == 0)
-        stats, counted = jax.lax.cond(stats_step, new_statistics,
-                                      lambda s: (s, jnp.zeros((), jnp.int32)), state.stats)
+        if isinstance(stats_every, int) and stats_every == 1:  # every step: no cond (fuses better)
+            stats, counted = new_statistics(state.stats)
+        else:
+            stats, counted = jax.lax.cond(stats_step, new_statistics,
+                                          lambda s: (s, jnp.zeros((), jnp.int32)), state.stats)
 
         # Lines 14-17 / 11-13: preconditioner factors (kept if a refresh is not finite).
         def new_factors(precond):
             out = []
             for st, old, lay in zip(treedef.flatten_up_to(stats), treedef.flatten_up_to(precond),
                                     layouts):
-                fac = tuple(f.astype(o.dtype) for f, o in zip(refresh(st, damping, lay), old))
+                # Factors are exactly symmetric; returning the transpose hands XLA the row-major
+                # layout (cuSOLVER/LAPACK results are column-major), so the state needs no
+                # transpose kernel on the steps that do not refresh.
+                fac = tuple((f.T if f.ndim == 2 else f).astype(o.dtype)
+                            for f, o in zip(refresh(st, damping, lay), old))
                 fine = tree_all_finite(fac)
                 out.append(tuple(jnp.where(fine, f, o) for f, o in zip(fac, old)))
             return treedef.unflatten(out)
@@ -171,12 +178,16 @@ def scale_by_mode_preconditioner(*, method: str, refresh: Refresh, estimator: st
         # Lines 18-19 / 14-15: p = ĝ ×_1 P_1 ⋯ ×_k P_k + γ W.
         directions = []
         for m, P, lay in zip(treedef.flatten_up_to(mom), treedef.flatten_up_to(precond), layouts):
-            directions.append(mode_products(m.reshape(lay.shape), P).reshape(m.shape))
+            directions.append(mode_products(m.reshape(lay.shape), P, symmetric=True).reshape(m.shape))
         direction = treedef.unflatten(directions)
         if not no_decay:
             direction = jax.tree.map(lambda d, w: d + weight_decay * w.astype(d.dtype), direction, params)
         out = jax.tree.map(lambda d, u: jnp.where(ok, d, 0).astype(u.dtype), direction, updates)
-        new_state = ModePreconditionerState(t + 1, state.stats_count + counted, mom, stats, precond)
-        return out, optax.tree.where(ok, new_state, state)
+        # A non-finite step leaves the state as it was (the factors were not refreshed: the
+        # refresh condition includes ``ok``).
+        keep = lambda new, old: optax.tree.where(ok, new, old)
+        new_state = ModePreconditionerState(jnp.where(ok, t + 1, t), state.stats_count + counted * ok,
+                                            keep(mom, state.momentum), keep(stats, state.stats), precond)
+        return out, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

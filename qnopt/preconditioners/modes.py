@@ -29,47 +29,59 @@ import jax.numpy as jnp
 
 PyTree = Any
 Reshape = Union[str, Callable[[tuple, tuple], tuple]]
+Precision = Optional[jax.lax.Precision]
 
 __all__ = ["ModeLayout", "mode_contraction", "mode_contractions", "mode_layout", "mode_product",
            "mode_products", "tensor_view"]
 
-_HIGHEST = jax.lax.Precision.HIGHEST
 
-
-def mode_product(X: jax.Array, U: jax.Array, mode: int) -> jax.Array:
+def mode_product(X: jax.Array, U: jax.Array, mode: int, precision: Precision = None) -> jax.Array:
     """``X ×_mode U``: ``U`` a ``(d', d_mode)`` matrix, or a vector of length ``d_mode`` for
-    ``diag(U)`` (the slices along ``mode`` are scaled)."""
+    ``diag(U)`` (the slices along ``mode`` are scaled). ``precision`` is ``jnp.tensordot``'s
+    (``None``: the default, as the model's own matmuls, e.g. TF32 on recent GPUs)."""
     if U.ndim == 1:
         shape = [1] * X.ndim
         shape[mode] = U.shape[0]
         return X * U.reshape(shape)
-    Y = jnp.tensordot(U, X, axes=((1,), (mode,)), precision=_HIGHEST)
+    Y = jnp.tensordot(U, X, axes=((1,), (mode,)), precision=precision)
     return jnp.moveaxis(Y, 0, mode)
 
 
-def mode_products(X: jax.Array, Us: Sequence[Optional[jax.Array]]) -> jax.Array:
-    """``X ×_1 U_1 ×_2 … ×_k U_k`` (eq. 4.8); a ``None`` factor is the identity."""
+def mode_products(X: jax.Array, Us: Sequence[Optional[jax.Array]], precision: Precision = None, *,
+                  symmetric: bool = False) -> jax.Array:
+    """``X ×_1 U_1 ×_2 … ×_k U_k`` (eq. 4.8); a ``None`` factor is the identity.
+
+    ``symmetric=True`` promises ``U_i = U_iᵀ`` (preconditioner factors): the products are then
+    taken without transposing any factor (``U_1 X U_2`` for a matrix; ``X ·_i U_i`` with the
+    new axis moved into place), which spares a transpose kernel per factor on GPUs."""
     if len(Us) != X.ndim:
         raise ValueError(f"mode_products: {len(Us)} factors for a tensor of rank {X.ndim}.")
+    if symmetric and X.ndim == 2 and all(U is not None and U.ndim == 2 for U in Us):
+        return jnp.matmul(jnp.matmul(Us[0], X, precision=precision), Us[1], precision=precision)
     for i, U in enumerate(Us):
-        if U is not None:
-            X = mode_product(X, U, i)
+        if U is None:
+            continue
+        if symmetric and U.ndim == 2:
+            X = jnp.moveaxis(jnp.tensordot(X, U, axes=((i,), (0,)), precision=precision), -1, i)
+        else:
+            X = mode_product(X, U, i, precision)
     return X
 
 
-def mode_contraction(G: jax.Array, mode: int, diagonal: bool = False) -> jax.Array:
+def mode_contraction(G: jax.Array, mode: int, diagonal: bool = False,
+                     precision: Precision = None) -> jax.Array:
     """``G^{(mode)} = mat_mode(G) mat_mode(G)ᵀ`` (``d × d``), or its diagonal (``d``)."""
     others = tuple(j for j in range(G.ndim) if j != mode)
     if diagonal:
         return jnp.sum(jnp.square(G), axis=others)
-    return jnp.tensordot(G, G, axes=(others, others), precision=_HIGHEST)
+    return jnp.tensordot(G, G, axes=(others, others), precision=precision)
 
 
-def mode_contractions(G: jax.Array, diagonal: Sequence[bool]) -> tuple:
+def mode_contractions(G: jax.Array, diagonal: Sequence[bool], precision: Precision = None) -> tuple:
     """All contractions of ``G`` (a tuple, one per mode; ``diagonal[i]`` keeps only the diagonal)."""
     if len(diagonal) != G.ndim:
         raise ValueError(f"mode_contractions: {len(diagonal)} flags for a tensor of rank {G.ndim}.")
-    return tuple(mode_contraction(G, i, d) for i, d in enumerate(diagonal))
+    return tuple(mode_contraction(G, i, d, precision) for i, d in enumerate(diagonal))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -98,3 +98,23 @@ def test_mode_layout_marks_large_modes_diagonal():
     assert lay["conv"]["kernel"] == ModeLayout((9, 2, 4), (False, False, False))
     assert lay["conv"]["bias"].factor_shapes == ((4, 4),)
     assert lay["s"].factor_shapes == ((1, 1),)
+
+
+@settings(max_examples=25, deadline=None)
+@given(shape=shapes, seed=st.integers(0, 2**16), diag_mask=st.integers(0, 15))
+def test_symmetric_fast_path_matches_general(shape, seed, diag_mask):
+    """``symmetric=True`` (no transposes) gives the general result for symmetric factors."""
+    rng = np.random.default_rng(seed)
+    G = rng.normal(size=shape)
+    Us = []
+    for i, d in enumerate(shape):
+        if diag_mask >> i & 1:
+            Us.append(rng.normal(size=d))
+        else:
+            M = rng.normal(size=(d, d))
+            Us.append(M + M.T)
+    with jax.enable_x64(True):
+        Us = [jnp.asarray(u) for u in Us]
+        fast = mode_products(jnp.asarray(G), Us, symmetric=True)
+        slow = mode_products(jnp.asarray(G), Us)
+    np.testing.assert_allclose(np.asarray(fast), np.asarray(slow), rtol=1e-10, atol=1e-10)
