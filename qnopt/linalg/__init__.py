@@ -12,7 +12,7 @@ from qnopt.linalg.lbfgs import (
     lbfgs_memory_push,
     lbfgs_two_loop,
 )
-from qnopt.linalg.smw import smw_solve
+from qnopt.linalg.smw import smw_gram_matrix, smw_gram_weights, smw_solve
 from qnopt.linalg.tree import (
     accumulation_dtype,
     tree_all_finite,
@@ -37,6 +37,8 @@ __all__ = [
     "lbfgs_memory_matrix",
     "lbfgs_memory_push",
     "lbfgs_two_loop",
+    "smw_gram_matrix",
+    "smw_gram_weights",
     "smw_solve",
     "accumulation_dtype",
     "tree_all_finite",
