@@ -113,7 +113,7 @@ def _spd_solve(D: jax.Array, b: jax.Array, jitter: ArrayLike) -> jax.Array:
 def smw_gram_weights(lam: ArrayLike, gram: jax.Array, jb: jax.Array, *, scale: ArrayLike = 1.0,
                      hessian: Optional[jax.Array] = None,
                      hessian_inv: Optional[jax.Array] = None,
-                     jitter: ArrayLike = 1e-6) -> jax.Array:
+                     jitter: ArrayLike = 1e-6, with_image: bool = False):
     r"""Weights ``w`` with ``(λI + s JᵀHJ)⁻¹ b = (b − Jᵀ w) / λ``, from ``K = JJᵀ`` and ``J b`` only.
 
     Thesis eq. (5.6): ``G⁻¹ = λ⁻¹ (I − s Jᵀ D⁻¹ J)`` so ``w = s D⁻¹ (J b)`` (``H = I`` or
@@ -131,6 +131,13 @@ def smw_gram_weights(lam: ArrayLike, gram: jax.Array, jb: jax.Array, *, scale: A
       scale: ``s`` (``1/N₂``).
       hessian, hessian_inv: see :func:`smw_gram_matrix`.
       jitter: relative diagonal shift of the Cholesky guard.
+      with_image: also return ``J G⁻¹ b`` (for ``pᵀBp`` without another product with ``J``),
+        from the push-through identity ``J G⁻¹ = (λI + sJJᵀH)⁻¹ J``: ``w/s`` for ``H = I``,
+        ``H⁻¹w/s`` for eq. 5.6, the solve ``D⁻¹ J b`` itself for eq. 5.7 (no cancellation, unlike
+        ``(Jb − Kw)/λ``).
+
+    Returns:
+      ``w`` ``(k,)``, or ``(w, J G⁻¹ b)`` with ``with_image``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -142,5 +149,10 @@ def smw_gram_weights(lam: ArrayLike, gram: jax.Array, jb: jax.Array, *, scale: A
     D = smw_gram_matrix(lam, gram, scale=scale, hessian=hessian, hessian_inv=hessian_inv)
     jb = jnp.asarray(jb, D.dtype)
     if hessian is not None:
-        return scale * jnp.matmul(hessian, jnp.linalg.solve(D, jb), precision=_HIGHEST)
-    return scale * _spd_solve(D, jb, jitter)
+        image = jnp.linalg.solve(D, jb)
+        w = scale * jnp.matmul(hessian, image, precision=_HIGHEST)
+    else:
+        c = _spd_solve(D, jb, jitter)
+        w = scale * c
+        image = c if hessian_inv is None else jnp.matmul(hessian_inv, c, precision=_HIGHEST)
+    return (w, image) if with_image else w

@@ -188,27 +188,26 @@ def _smw(kind: str, sub_batch_size: Optional[int], damping: float, tau: float, b
                      functools.partial(layer_gram, batch_mean=False))(sb.a[k], sb.dh[k], bias=bias[k])
                  for k in specs}
 
-        # Line 5: u = G⁻¹ g = (g − Jᵀw)/λ by SMW (eq. 5.6 / 5.7).
+        # Line 5: u = G⁻¹ g = (g − Jᵀw)/λ by SMW (eq. 5.6 / 5.7), with J u (push-through
+        # identity) for pᵀBp = (1/N₂) (Ju)ᵀ H (Ju) in line 6 (per layer for the block-diagonal B).
+        solve = functools.partial(smw_gram_weights, lam, scale=1.0 / n2, jitter=jitter, with_image=True)
         if kind == "ng_bd":
-            w = {k: smw_gram_weights(lam, grams[k], jx[k](X[k]), scale=1.0 / n2, jitter=jitter)
-                 for k in specs}
-            U = {k: (X[k] - jtw[k](w[k])) / lam for k in specs}
+            wj = {k: solve(grams[k], jx[k](X[k])) for k in specs}
+            U = {k: (X[k] - jtw[k](wj[k][0])) / lam for k in specs}
+            uBu = sum(jnp.sum(wj[k][1] ** 2) for k in specs) / n2
         else:
             jg = sum(jx[k](X[k]) for k in specs)
-            w = smw_gram_weights(lam, sum(grams.values()), jg.reshape(-1), scale=1.0 / n2,
-                                 jitter=jitter, **(hess if kind == "gn" else {}))
+            w, ju = solve(sum(grams.values()), jg.reshape(-1), **(hess if kind == "gn" else {}))
             U = {k: (X[k] - jtw[k](w.reshape(jg.shape))) / lam for k in specs}
+            if kind == "ng":
+                uBu = jnp.sum(ju ** 2) / n2
+            else:
+                ju = ju.reshape(jg.shape)
+                uBu = jnp.einsum("ia,iab,ib->", ju, _hessian_blocks(sb, hess), ju) / n2
         rest = {path: leaf / lam for path, leaf in K.fallback_leaves(g, specs).items()}
         u = K.assemble(g, specs, U, rest)
 
         # Line 6: ρ on S₁ for p = −u (eq. 5.5) and the LM rule for λ_LM.
-        if kind == "ng_bd":
-            uBu = sum(jnp.sum(jx[k](U[k]) ** 2) for k in specs) / n2
-        elif kind == "ng":
-            uBu = jnp.sum(sum(jx[k](U[k]) for k in specs) ** 2) / n2
-        else:
-            ju = sum(jx[k](U[k]) for k in specs)
-            uBu = jnp.einsum("ia,iab,ib->", ju, _hessian_blocks(sb, hess), ju) / n2
         model_decrease = lm_model_decrease(-tree_vdot(g, u), uBu)
         trial = jax.tree.map(lambda p, d: (p - d.astype(p.dtype)).astype(p.dtype), params, u)
         rho = lm_rho(curvature.loss, curvature.value(trial), model_decrease)

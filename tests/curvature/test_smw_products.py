@@ -156,13 +156,15 @@ def test_smw_gram_weights_solve_the_damped_system(system, form):
     else:
         H = _psd(rng, k, max(k - 1, 1))   # singular when k > 1 (softmax-like)
         kw = {"hessian": jnp.asarray(H, jnp.float32)}
-    w = smw_gram_weights(lam, jnp.asarray(J @ J.T, jnp.float32), jnp.asarray(J @ b, jnp.float32),
-                         scale=s, **kw)
+    w, image = smw_gram_weights(lam, jnp.asarray(J @ J.T, jnp.float32), jnp.asarray(J @ b, jnp.float32),
+                                scale=s, with_image=True, **kw)
     u = (b - J.T @ np.asarray(w, np.float64)) / lam
     G = s * J.T @ H @ J + lam * np.eye(J.shape[1])
     ref = np.linalg.solve(G, b)
     cond = np.linalg.cond(G)
     assert np.linalg.norm(u - ref) <= 1e-5 * cond * np.linalg.norm(ref) + 1e-6
+    # with_image: J G⁻¹ b (push-through identity), used for pᵀBp.
+    assert np.linalg.norm(np.asarray(image, np.float64) - J @ ref) <= 1e-5 * cond * np.linalg.norm(J @ ref) + 1e-6
 
 
 @HSET
