@@ -205,3 +205,13 @@ def test_layer_primitives_reject_mismatched_shapes():
         layer_jvp(jnp.ones((3, 1, 2)), jnp.ones((4, 1, 2)), jnp.ones((2, 3)))
     with pytest.raises(ValueError, match="expected inputs"):
         layer_vjp(jnp.ones((3, 2)), jnp.ones((3, 2)), jnp.ones(3))
+
+
+def test_doctests():
+    """The examples in qnopt.linalg.smw (the curvature.products and damping.lm examples run in
+    tests/curvature/test_kronecker.py and tests/damping/test_damping.py)."""
+    import doctest
+
+    import qnopt.linalg.smw as smw
+
+    assert doctest.testmod(smw).failed == 0

@@ -315,3 +315,13 @@ def test_trains_with_make_train_step_and_chain():
             p, s, loss = step(p, s, batch, jax.random.key(i))
             first = float(loss) if first is None else first
         assert float(loss) < 0.5 * first, (factory.__name__, first, float(loss))
+
+
+def test_alias_docstring_examples():
+    import doctest
+
+    runner = doctest.DocTestRunner()
+    for fn in (qnopt.smw_ng, qnopt.smw_ng_bd, qnopt.smw_gn):
+        for test in doctest.DocTestFinder().find(fn, fn.__name__, globs={}):
+            runner.run(test)
+    assert runner.failures == 0 and runner.tries > 0
