@@ -169,6 +169,7 @@ def smw_ng(
     boost: float = 1.01,
     drop: float = 0.99,
     eps: float = 0.25,
+    eta: Optional[float] = None,
     fisher: str = "empirical",
     jitter: float = 1e-6,
     layers: Any = None,
@@ -200,7 +201,7 @@ def smw_ng(
     """
     return optax.chain(
         scale_by_smw_ng(sub_batch_size, damping=damping, tau=tau, boost=boost, drop=drop, eps=eps,
-                        fisher=fisher, jitter=jitter, layers=layers),
+                        eta=eta, fisher=fisher, jitter=jitter, layers=layers),
         optax.scale_by_learning_rate(learning_rate))
 
 
@@ -213,6 +214,7 @@ def smw_ng_bd(
     boost: float = 1.01,
     drop: float = 0.99,
     eps: float = 0.25,
+    eta: Optional[float] = None,
     fisher: str = "empirical",
     jitter: float = 1e-6,
     layers: Any = None,
@@ -221,7 +223,7 @@ def smw_ng_bd(
     (one SMW inverse per layer); see :func:`qnopt.scale_by_smw_ng_bd`."""
     return optax.chain(
         scale_by_smw_ng_bd(sub_batch_size, damping=damping, tau=tau, boost=boost, drop=drop, eps=eps,
-                           fisher=fisher, jitter=jitter, layers=layers),
+                           eta=eta, fisher=fisher, jitter=jitter, layers=layers),
         optax.scale_by_learning_rate(learning_rate))
 
 
@@ -234,6 +236,7 @@ def smw_gn(
     boost: float = 1.01,
     drop: float = 0.99,
     eps: float = 0.25,
+    eta: Optional[float] = None,
     gn_form: str = "auto",
     max_rows: int = 4096,
     jitter: float = 1e-6,
@@ -245,5 +248,5 @@ def smw_gn(
     :func:`qnopt.scale_by_smw_gn`; ``sub_batch_size``, ``gn_form`` and ``max_rows`` are static."""
     return optax.chain(
         scale_by_smw_gn(sub_batch_size, damping=damping, tau=tau, boost=boost, drop=drop, eps=eps,
-                        gn_form=gn_form, max_rows=max_rows, jitter=jitter, layers=layers),
+                        eta=eta, gn_form=gn_form, max_rows=max_rows, jitter=jitter, layers=layers),
         optax.scale_by_learning_rate(learning_rate))

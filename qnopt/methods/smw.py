@@ -26,7 +26,7 @@ examples) and the sub-batch ``S₂`` = its first ``N₂`` examples [3]::
 Choices where the thesis leaves room (the authors' experiments in brackets):
 
 * S₂ is the first ``N₂`` examples of the minibatch (shuffle the data; Alg. 23 line 3 draws
-  ``S₂ ⊂ S₁`` at random). ``sub_batch_size=None`` takes ``N₂ = min(32, N₁ // 2)`` (§5.8 uses
+  ``S₂ ⊂ S₁`` at random); every leaf of the batch must have the example axis first. ``sub_batch_size=None`` takes ``N₂ = min(32, N₁ // 2)`` (§5.8 uses
   ``N₂ = N₁/2``: 60/30, 100/50); ``N₂ > N₁`` uses the whole minibatch. For the empirical
   Fisher the S₂ statistics are the first rows of the S₁ pass (no extra pass); the sampled
   Fisher and GN take one extra pass on S₂.
@@ -35,8 +35,10 @@ Choices where the thesis leaves room (the authors' experiments in brackets):
   The trial loss costs one forward pass on S₁ per step.
 * Parameters outside the captured layers are not in ``J`` (``B`` is zero there), so ``G⁻¹``
   acts on them as ``1/λ``.
-* A step whose gradient, direction or ρ is not finite returns a zero update and leaves the state
-  (``λ_LM`` included) unchanged.
+* Line 7 is taken whatever ρ (as Alg. 23 states); ``eta`` gives Theorem 6's variant that moves θ
+  only when ``ρ ≥ η`` (λ is updated either way). A non-finite ρ (e.g. an overflowing trial loss)
+  counts as a bad step: ``λ_LM`` is boosted. A non-finite gradient or direction returns a zero
+  update and leaves the state (``λ_LM`` included) unchanged.
 """
 
 from __future__ import annotations
@@ -103,10 +105,9 @@ def _ng_sub_batch(curvature: Any, stats: dict, specs: dict, n2: int, fisher: str
     return _SubBatch(a, {k: st.dh_rows() * n2 for k, st in sampled.items()})
 
 
-def _gn_sub_batch(curvature: Any, stats: dict, n2: int, gn_form: str, max_rows: int,
-                  method: str) -> _SubBatch:
+def _gn_sub_batch(curvature: Any, stats: dict, n2: int, max_rows: int, method: str) -> _SubBatch:
     """Back-propagated output unit vectors ``ĥ_i^{(j)}`` of S₂ (Alg. 22 lines 3–8) and the
-    output Hessians ``H_i`` (eq. 5.2), as ``H`` (eq. 5.7) or ``H⁻¹`` (eq. 5.6) blocks."""
+    output Hessian blocks ``H_i`` (eq. 5.2)."""
     outputs, targets = curvature.outputs[:n2], _first(curvature.targets, n2)
     m = math.prod(outputs.shape[1:])
     if m * n2 > max_rows:
@@ -120,8 +121,6 @@ def _gn_sub_batch(curvature: Any, stats: dict, n2: int, gn_form: str, max_rows: 
         h = jnp.moveaxis(hat[name], 0, 1)  # (N₂, m, *h.shape[1:])
         dh[layer_key(info)] = h.reshape(n2, m, info.spatial_size, info.d_out)
     blocks = output_hessian_blocks(curvature.capture.loss, outputs, targets)
-    if gn_form == "symmetric":
-        blocks = jnp.linalg.inv(blocks)
     return _SubBatch({k: st.a_rows()[:n2] for k, st in stats.items()}, dh, blocks)
 
 
@@ -132,8 +131,8 @@ def _block_diag(blocks: jax.Array) -> jax.Array:
 
 
 def _smw(kind: str, sub_batch_size: Optional[int], damping: float, tau: float, boost: float,
-         drop: float, eps: float, jitter: float, fisher: str, gn_form: str, max_rows: int,
-         layers: Any) -> optax.GradientTransformationExtraArgs:
+         drop: float, eps: float, eta: Optional[float], jitter: float, fisher: str, gn_form: str,
+         max_rows: int, layers: Any) -> optax.GradientTransformationExtraArgs:
     """Alg. 23 for ``kind`` in ``"ng"``, ``"ng_bd"``, ``"gn"`` (see the module docstring)."""
     method = {"ng": "qnopt.smw_ng", "ng_bd": "qnopt.smw_ng_bd", "gn": "qnopt.smw_gn"}[kind]
     if fisher not in ("empirical", "sampled"):
@@ -148,6 +147,8 @@ def _smw(kind: str, sub_batch_size: Optional[int], damping: float, tau: float, b
     check_range("boost", boost, 1.0, low_open=True)
     check_range("drop", drop, 0.0, 1.0, low_open=True, high_open=True)
     check_range("eps", eps, 0.0, 0.5, low_open=True, high_open=True)
+    if eta is not None:
+        check_range("eta", eta, 0.0, low_open=True)
 
     def init_fn(params: PyTree) -> ScaleBySmwState:
         K.find_layers(params, layers)  # fail early on a model without layers
@@ -172,9 +173,10 @@ def _smw(kind: str, sub_batch_size: Optional[int], damping: float, tau: float, b
         stats = K.check_oracle(curvature, specs, method)
         n2 = _sub_batch_size(next(iter(stats.values())).a.shape[0], sub_batch_size)
         if kind == "gn":
-            form = resolve_form(curvature.capture.loss)
-            sb = _gn_sub_batch(curvature, stats, n2, form, max_rows, method)
-            hess = {"hessian_inv" if form == "symmetric" else "hessian": _block_diag(sb.hessian)}
+            sb = _gn_sub_batch(curvature, stats, n2, max_rows, method)
+            hess = ({"hessian_inv": _block_diag(jnp.linalg.inv(sb.hessian))}   # eq. 5.6
+                    if resolve_form(curvature.capture.loss) == "symmetric"
+                    else {"hessian": _block_diag(sb.hessian)})                  # eq. 5.7
         else:
             sb = _ng_sub_batch(curvature, stats, specs, n2, fisher, method)
         bias = {k: sp.has_bias for k, sp in specs.items()}
@@ -203,7 +205,7 @@ def _smw(kind: str, sub_batch_size: Optional[int], damping: float, tau: float, b
                 uBu = jnp.sum(ju ** 2) / n2
             else:
                 ju = ju.reshape(jg.shape)
-                uBu = jnp.einsum("ia,iab,ib->", ju, _hessian_blocks(sb, hess), ju) / n2
+                uBu = jnp.einsum("ia,iab,ib->", ju, sb.hessian, ju) / n2
         rest = {path: leaf / lam for path, leaf in K.fallback_leaves(g, specs).items()}
         u = K.assemble(g, specs, U, rest)
 
@@ -211,19 +213,16 @@ def _smw(kind: str, sub_batch_size: Optional[int], damping: float, tau: float, b
         model_decrease = lm_model_decrease(-tree_vdot(g, u), uBu)
         trial = jax.tree.map(lambda p, d: (p - d.astype(p.dtype)).astype(p.dtype), params, u)
         rho = lm_rho(curvature.loss, curvature.value(trial), model_decrease)
-        ok = tree_all_finite(updates) & tree_all_finite(u) & jnp.isfinite(rho)
+        ok = tree_all_finite(updates) & tree_all_finite(u)
         lambda_lm = levenberg_marquardt(state.lambda_lm, rho, boost=boost, drop=drop, eps=eps)
 
-        out = jax.tree.map(lambda d, x: jnp.where(ok, d, 0).astype(x.dtype), u, updates)
+        # Line 7 (the alias scales by −α); Theorem 6's variant takes the step only if ρ ≥ η.
+        take = ok if eta is None else ok & (rho >= eta)
+        out = jax.tree.map(lambda d, x: jnp.where(take, d, 0).astype(x.dtype), u, updates)
         return out, ScaleBySmwState(jnp.where(ok, state.count + 1, state.count).astype(jnp.int32),
                                     jnp.where(ok, lambda_lm, state.lambda_lm).astype(jnp.float32))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _hessian_blocks(sb: _SubBatch, hess: dict) -> jax.Array:
-    """``H_i`` blocks for ``pᵀBp`` (the sub-batch holds ``H⁻¹`` blocks for eq. 5.6)."""
-    return jnp.linalg.inv(sb.hessian) if "hessian_inv" in hess else sb.hessian
 
 
 _ARGS_DOC = r"""
@@ -234,6 +233,8 @@ _ARGS_DOC = r"""
       tau: ``τ`` in ``λ = λ_LM + τ`` (1e-3).
       boost, drop: LM factors (1.01, 0.99).
       eps: LM threshold ``ε ∈ (0, ½)`` (1/4).
+      eta: ``None`` (Alg. 23: always step) or ``η ∈ (0, ε)``: step only when ``ρ ≥ η``
+        (the variant of Theorem 6).
       jitter: relative diagonal shift of the Cholesky guard on ``D``.
       layers: which parameters form layers (see :func:`qnopt.scale_by_kbfgs`)."""
 
@@ -247,7 +248,7 @@ def _with_args(f):
 @_with_args
 def scale_by_smw_ng(sub_batch_size: Optional[int] = None, *, damping: float = 1.0, tau: float = 1e-3,
                     boost: float = 1.01, drop: float = 0.99, eps: float = 0.25,
-                    fisher: str = "empirical", jitter: float = 1e-6,
+                    eta: Optional[float] = None, fisher: str = "empirical", jitter: float = 1e-6,
                     layers: Any = None) -> optax.GradientTransformationExtraArgs:
     r"""SMW-NG (thesis Alg. 23 with eq. 5.3, 5.6): ``u = (F + λI)⁻¹ g`` with ``F`` the Fisher of
     the sub-batch, inverted exactly through the ``N₂ × N₂`` matrix ``D = λI + JJᵀ/N₂``.
@@ -257,26 +258,27 @@ def scale_by_smw_ng(sub_batch_size: Optional[int] = None, *, damping: float = 1.
     ``fisher``: ``"empirical"`` (the batch's labels, eq. 5.3) or ``"sampled"`` (labels drawn
     from the model; needs the oracle's PRNG key and an NLL loss).
     """
-    return _smw("ng", sub_batch_size, damping, tau, boost, drop, eps, jitter, fisher, "auto", 0,
+    return _smw("ng", sub_batch_size, damping, tau, boost, drop, eps, eta, jitter, fisher, "auto", 0,
                 layers)
 
 
 @_with_args
 def scale_by_smw_ng_bd(sub_batch_size: Optional[int] = None, *, damping: float = 1.0,
                        tau: float = 1e-3, boost: float = 1.01, drop: float = 0.99, eps: float = 0.25,
-                       fisher: str = "empirical", jitter: float = 1e-6,
+                       eta: Optional[float] = None, fisher: str = "empirical", jitter: float = 1e-6,
                        layers: Any = None) -> optax.GradientTransformationExtraArgs:
     r"""SMW-NG-BD (thesis §5.8): SMW-NG with ``F`` block-diagonal over layers, one ``N₂ × N₂``
     SMW inverse ``D_l = λI + J_l J_lᵀ/N₂`` per layer (as K-FAC's block-diagonal approximation).
     """
-    return _smw("ng_bd", sub_batch_size, damping, tau, boost, drop, eps, jitter, fisher, "auto", 0,
-                layers)
+    return _smw("ng_bd", sub_batch_size, damping, tau, boost, drop, eps, eta, jitter, fisher, "auto",
+                0, layers)
 
 
 @_with_args
 def scale_by_smw_gn(sub_batch_size: Optional[int] = None, *, damping: float = 1.0, tau: float = 1e-3,
                     boost: float = 1.01, drop: float = 0.99, eps: float = 0.25,
-                    gn_form: str = "auto", max_rows: int = 4096, jitter: float = 1e-6,
+                    eta: Optional[float] = None, gn_form: str = "auto", max_rows: int = 4096,
+                    jitter: float = 1e-6,
                     layers: Any = None) -> optax.GradientTransformationExtraArgs:
     r"""SMW-GN (thesis Alg. 23 with eq. 5.2, 5.6–5.7, Alg. 22): ``u = (Jᵀ H J/N₂ + λI)⁻¹ g``
     through the ``(m_L N₂)²`` matrix ``D``.
@@ -286,5 +288,5 @@ def scale_by_smw_gn(sub_batch_size: Optional[int] = None, *, damping: float = 1.
     (5.6 for ``mse``, 5.7 otherwise: softmax cross-entropy's ``H_i`` is singular and sigmoid
     cross-entropy's can underflow). ``max_rows`` bounds ``m_L·N₂`` (a ``ValueError`` beyond).
     """
-    return _smw("gn", sub_batch_size, damping, tau, boost, drop, eps, jitter, "empirical", gn_form,
-                max_rows, layers)
+    return _smw("gn", sub_batch_size, damping, tau, boost, drop, eps, eta, jitter, "empirical",
+                gn_form, max_rows, layers)
