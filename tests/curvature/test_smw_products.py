@@ -215,3 +215,24 @@ def test_doctests():
     import qnopt.linalg.smw as smw
 
     assert doctest.testmod(smw).failed == 0
+
+
+@HSET
+@given(st.floats(1e-4, 1e4), st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32),
+                                                 st.sampled_from([0.25, 0.75])), min_size=1, max_size=30),
+       st.floats(1.001, 2.0), st.floats(0.5, 0.999), st.floats(0.01, 0.49))
+def test_lm_rule_bounds_and_counts(lam0, rhos, boost, drop, eps):
+    """Each step keeps λ_LM in [drop·λ, boost·λ] (> 0); after a ρ sequence λ_LM = λ₀·boost^#bad·
+    drop^#good, bad = (ρ < ε or non-finite), good = ρ > 1 − ε (boundaries leave λ unchanged)."""
+    from qnopt.damping import levenberg_marquardt
+
+    lam = np.float64(lam0)
+    bad = good = 0
+    for rho in rhos:
+        new = float(levenberg_marquardt(lam, rho,
+                                        boost=boost, drop=drop, eps=eps))
+        assert 0 < new and drop * lam * (1 - 1e-6) <= new <= boost * lam * (1 + 1e-6)
+        bad += (not np.isfinite(rho)) or rho < eps
+        good += bool(np.isfinite(rho) and rho > 1 - eps)
+        lam = new
+    np.testing.assert_allclose(lam, lam0 * boost ** bad * drop ** good, rtol=1e-5 * (len(rhos) + 1))
