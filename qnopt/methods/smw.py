@@ -20,14 +20,16 @@ examples) and the sub-batch ``S₂`` = its first ``N₂`` examples [3]::
 * ``smw_ng_bd``: one SMW inverse per layer (``B`` block-diagonal over layers, §5.8).
 * ``smw_gn``: ``J_i = ∂ŷ_i/∂θ`` (``m_L`` rows per example, the back-propagated output unit
   vectors of Alg. 22 via :meth:`qnopt.capture.Oracle.backprop`), ``H_i`` the loss's output
-  Hessians; ``D`` is ``(m_L N₂)²``: eq. 5.6 (``D = λH⁻¹ + JJᵀ/N₂``) when ``H`` is invertible,
-  eq. 5.7 (``D = λI + JJᵀH/N₂``) otherwise (softmax cross-entropy).
+  Hessians; ``D`` is ``(m_L N₂)²``: eq. 5.6 (``D = λH⁻¹ + JJᵀ/N₂``) when ``H`` is known to be
+  invertible (``mse``), eq. 5.7 (``D = λI + JJᵀH/N₂``) otherwise (softmax cross-entropy's ``H_i``
+  is singular; sigmoid cross-entropy's ``σ(1−σ)`` can underflow).
 
-Choices where the thesis leaves room (the authors' experiments in brackets):
+Choices where the thesis leaves room:
 
 * S₂ is the first ``N₂`` examples of the minibatch (shuffle the data; Alg. 23 line 3 draws
-  ``S₂ ⊂ S₁`` at random); every leaf of the batch must have the example axis first. ``sub_batch_size=None`` takes ``N₂ = min(32, N₁ // 2)`` (§5.8 uses
-  ``N₂ = N₁/2``: 60/30, 100/50); ``N₂ > N₁`` uses the whole minibatch. For the empirical
+  ``S₂ ⊂ S₁`` at random); every leaf of the batch must have the example axis first.
+  ``sub_batch_size=None`` takes ``N₂ = min(32, N₁ // 2)`` (§5.8 uses ``N₂ = N₁/2``: 60/30,
+  100/50); ``N₂ > N₁`` uses the whole minibatch. For the empirical
   Fisher the S₂ statistics are the first rows of the S₁ pass (no extra pass); the sampled
   Fisher and GN take one extra pass on S₂.
 * ρ is evaluated for the full LM step ``p_t = −u`` (eq. 5.5 as written), independently of the
