@@ -171,15 +171,17 @@ class _Scripted:
         return self._o.loss - self._rho * self._md
 
 
-@pytest.mark.parametrize("eta", [None, 0.15])
-def test_lm_rule_on_scripted_rho_sequence(x64, eta):
+@pytest.mark.parametrize("kind,eta", [("ng", None), ("ng", 0.15), ("ng_bd", None), ("gn", None)])
+def test_lm_rule_on_scripted_rho_sequence(x64, kind, eta):
     """λ_LM follows the rule for a scripted ρ sequence (a non-finite ρ boosts it); Alg. 23 always
-    steps, Theorem 6's variant (``eta``) only when ρ ≥ η."""
+    steps, Theorem 6's variant (``eta``) only when ρ ≥ η. The ρ values 1e-4 from ε and 1 − ε also
+    check the method's model decrease m(0) − m(p) (its pᵀBp) against the dense B."""
     net, capture, params, batch = _problem()
-    opt = qnopt.scale_by_smw_ng(N2, damping=LAM_LM, tau=TAU, eta=eta)
+    factory = {"ng": qnopt.scale_by_smw_ng, "ng_bd": qnopt.scale_by_smw_ng_bd, "gn": qnopt.scale_by_smw_gn}[kind]
+    opt = factory(N2, damping=LAM_LM, tau=TAU, eta=eta)
     oracle = capture.oracle(params, batch)
     g = ravel_pytree(oracle.grads)[0]
-    B, _ = _dense_B("ng", net, capture, params, batch)
+    B, _ = _dense_B(kind, net, capture, params, batch)
     state = opt.init(params)
 
     @jax.jit
@@ -187,7 +189,8 @@ def test_lm_rule_on_scripted_rho_sequence(x64, eta):
         o = capture.oracle(params, batch)
         return opt.update(o.grads, state, params, curvature=_Scripted(o, md, rho))
 
-    rhos = [0.1, -3.0, 0.26, 0.5, 0.74, 0.76, 2.0, 0.9, float("nan"), 0.2]   # (boundaries: tests/damping)
+    # ρ within 1e-4 of ε and 1 − ε: the method's model decrease must match the dense one to ~1e-4.
+    rhos = [0.1, -3.0, 0.2501, 0.5, 0.7499, 0.7501, 2.0, 0.9, float("nan"), 0.2499]
     expected = [1.01, 1.01, 1.0, 1.0, 1.0, 0.99, 0.99, 0.99, 1.01, 1.01]
     lam_lm = np.float32(LAM_LM)
     for rho, factor in zip(rhos, expected):
