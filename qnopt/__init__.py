@@ -8,11 +8,12 @@ learning rate. The primitives they are built from live in ``qnopt.linalg`` and `
 __version__ = "0.1.0"
 
 from qnopt import base, capture, curvature, damping, data, linalg, preconditioners, sharding, testing
-from qnopt.alias import kbfgs, kbfgs_l, kfac, shampoo, slimqn, tnt
+from qnopt.alias import kbfgs, kbfgs_l, kfac, shampoo, slimqn, smw_gn, smw_ng, smw_ng_bd, tnt
 from qnopt.training import make_train_step
 from qnopt.methods import (KbfgsLayerState, KfacLayerState, ScaleByKbfgsState, ScaleByKfacState,
-                           ScaleByShampooState, ScaleBySlimQNState, ScaleByTntState, scale_by_kbfgs,
-                           scale_by_kfac, scale_by_shampoo, scale_by_slimqn, scale_by_tnt)
+                           ScaleByShampooState, ScaleBySlimQNState, ScaleBySmwState, ScaleByTntState,
+                           scale_by_kbfgs, scale_by_kfac, scale_by_shampoo, scale_by_slimqn,
+                           scale_by_smw_gn, scale_by_smw_ng, scale_by_smw_ng_bd, scale_by_tnt)
 
 __all__ = [
     "__version__",
@@ -44,4 +45,11 @@ __all__ = [
     "make_train_step",
     "scale_by_slimqn",
     "ScaleBySlimQNState",
+    "smw_ng",
+    "smw_ng_bd",
+    "smw_gn",
+    "scale_by_smw_ng",
+    "scale_by_smw_ng_bd",
+    "scale_by_smw_gn",
+    "ScaleBySmwState",
 ]

@@ -10,9 +10,10 @@ from qnopt.methods.kbfgs import scale_by_kbfgs
 from qnopt.methods.kfac import scale_by_kfac
 from qnopt.methods.shampoo import scale_by_shampoo
 from qnopt.methods.slimqn import scale_by_slimqn
+from qnopt.methods.smw import scale_by_smw_gn, scale_by_smw_ng, scale_by_smw_ng_bd
 from qnopt.methods.tnt import scale_by_tnt
 
-__all__ = ["kbfgs", "kbfgs_l", "kfac", "shampoo", "slimqn", "tnt"]
+__all__ = ["kbfgs", "kbfgs_l", "kfac", "shampoo", "slimqn", "smw_gn", "smw_ng", "smw_ng_bd", "tnt"]
 
 
 def slimqn(
@@ -252,4 +253,129 @@ def shampoo(
                          inverse_every=inverse_every, root=root, max_iters=max_iters, tol=tol,
                          weight_decay=weight_decay, reshape=reshape, max_dim=max_dim,
                          initial_statistics=initial_statistics),
+        optax.scale_by_learning_rate(learning_rate))
+
+
+def smw_ng(
+    learning_rate: optax.ScalarOrSchedule = 0.1,
+    sub_batch_size: Optional[int] = None,
+    *,
+    damping: float = 1.0,
+    tau: float = 1e-3,
+    boost: float = 1.01,
+    drop: float = 0.99,
+    eps: float = 0.25,
+    eta: Optional[float] = None,
+    fisher: str = "empirical",
+    jitter: float = 1e-6,
+    layers: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""SMW-NG (Ren thesis ch. 5, Alg. 23): ``θ ← θ − α (F + λI)⁻¹ g`` with ``F`` the Fisher of
+    the first ``N₂`` examples of the minibatch, inverted exactly by Sherman–Morrison–Woodbury,
+    and ``λ = λ_LM + τ`` adapted by the Levenberg–Marquardt rule.
+
+    ``chain(scale_by_smw_ng(...), scale_by_learning_rate(α))``; see :func:`qnopt.scale_by_smw_ng`
+    and :mod:`qnopt.methods.smw` for the algorithm and every argument. Defaults are the thesis'
+    (§5.8: ``α = 0.1``, ``λ_LM = 1``, boost 1.01, drop 0.99, ``ε = 1/4``, ``τ = 1e-3``).
+    ``update`` needs ``params`` and the curvature oracle (``curvature=``); ``sub_batch_size``
+    and ``fisher`` are static under ``optax.inject_hyperparams``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, qnopt
+      >>> model = nn.Sequential([nn.Dense(8), nn.sigmoid, nn.Dense(3)])
+      >>> x = jax.random.normal(jax.random.key(0), (64, 5))
+      >>> batch = (x, jnp.argmax(x[:, :3], axis=1))
+      >>> capture = qnopt.capture.linen(model, loss="softmax_cross_entropy")
+      >>> params = model.init(jax.random.key(1), x)["params"]
+      >>> opt = qnopt.smw_ng(0.3, sub_batch_size=32, damping=0.01)
+      >>> state = opt.init(params)
+      >>> step = jax.jit(qnopt.make_train_step(capture, opt, donate=False))
+      >>> for i in range(30):
+      ...     params, state, loss = step(params, state, batch)
+      >>> bool(loss < 0.1)
+      True
+    """
+    return optax.chain(
+        scale_by_smw_ng(sub_batch_size, damping=damping, tau=tau, boost=boost, drop=drop, eps=eps,
+                        eta=eta, fisher=fisher, jitter=jitter, layers=layers),
+        optax.scale_by_learning_rate(learning_rate))
+
+
+def smw_ng_bd(
+    learning_rate: optax.ScalarOrSchedule = 0.1,
+    sub_batch_size: Optional[int] = None,
+    *,
+    damping: float = 1.0,
+    tau: float = 1e-3,
+    boost: float = 1.01,
+    drop: float = 0.99,
+    eps: float = 0.25,
+    eta: Optional[float] = None,
+    fisher: str = "empirical",
+    jitter: float = 1e-6,
+    layers: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""SMW-NG-BD (Ren thesis §5.8): :func:`smw_ng` with the Fisher block-diagonal over layers
+    (one ``N₂ × N₂`` SMW inverse ``D_l = λI + J_l J_lᵀ/N₂`` per layer, as K-FAC's block-diagonal
+    approximation); see :func:`qnopt.scale_by_smw_ng_bd`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, qnopt
+      >>> model = nn.Sequential([nn.Dense(8), nn.sigmoid, nn.Dense(3)])
+      >>> x = jax.random.normal(jax.random.key(0), (64, 5))
+      >>> batch = (x, jnp.argmax(x[:, :3], axis=1))
+      >>> capture = qnopt.capture.linen(model, loss="softmax_cross_entropy")
+      >>> params = model.init(jax.random.key(1), x)["params"]
+      >>> opt = qnopt.smw_ng_bd(0.3, sub_batch_size=32, damping=0.01)
+      >>> state = opt.init(params)
+      >>> step = jax.jit(qnopt.make_train_step(capture, opt, donate=False))
+      >>> for i in range(30):
+      ...     params, state, loss = step(params, state, batch)
+      >>> bool(loss < 0.1)
+      True
+    """
+    return optax.chain(
+        scale_by_smw_ng_bd(sub_batch_size, damping=damping, tau=tau, boost=boost, drop=drop, eps=eps,
+                           eta=eta, fisher=fisher, jitter=jitter, layers=layers),
+        optax.scale_by_learning_rate(learning_rate))
+
+
+def smw_gn(
+    learning_rate: optax.ScalarOrSchedule = 0.1,
+    sub_batch_size: Optional[int] = None,
+    *,
+    damping: float = 1.0,
+    tau: float = 1e-3,
+    boost: float = 1.01,
+    drop: float = 0.99,
+    eps: float = 0.25,
+    eta: Optional[float] = None,
+    gn_form: str = "auto",
+    max_rows: int = 4096,
+    jitter: float = 1e-6,
+    layers: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""SMW-GN (Ren thesis ch. 5, Alg. 23 with eq. 5.2, 5.6–5.7, Alg. 22): :func:`smw_ng` with the
+    Gauss-Newton matrix ``(1/N₂) Σ_i J_iᵀ H_i J_i`` of the sub-batch; ``D`` is
+    ``(m_L N₂) × (m_L N₂)`` (``m_L`` outputs per example, at most ``max_rows``). See
+    :func:`qnopt.scale_by_smw_gn`; ``sub_batch_size``, ``gn_form`` and ``max_rows`` are static.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, qnopt
+      >>> model = nn.Sequential([nn.Dense(8), nn.sigmoid, nn.Dense(3)])
+      >>> x = jax.random.normal(jax.random.key(0), (64, 5))
+      >>> batch = (x, jnp.argmax(x[:, :3], axis=1))
+      >>> capture = qnopt.capture.linen(model, loss="softmax_cross_entropy")
+      >>> params = model.init(jax.random.key(1), x)["params"]
+      >>> opt = qnopt.smw_gn(0.3, sub_batch_size=32, damping=0.01)   # D is (3·32) × (3·32)
+      >>> state = opt.init(params)
+      >>> step = jax.jit(qnopt.make_train_step(capture, opt, donate=False))
+      >>> for i in range(30):
+      ...     params, state, loss = step(params, state, batch)
+      >>> bool(loss < 0.1)
+      True
+    """
+    return optax.chain(
+        scale_by_smw_gn(sub_batch_size, damping=damping, tau=tau, boost=boost, drop=drop, eps=eps,
+                        eta=eta, gn_form=gn_form, max_rows=max_rows, jitter=jitter, layers=layers),
         optax.scale_by_learning_rate(learning_rate))

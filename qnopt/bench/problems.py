@@ -24,6 +24,11 @@ Problems (``data="auto"`` picks Fashion-MNIST when
 ``classifier``
     MLP with one ReLU hidden layer and softmax cross-entropy: 784-256-10
     (batch 250) on Fashion-MNIST, 64-128-10 (batch 100) on digits.
+``thesis_mlp``
+    The MNIST experiment of Ren's thesis §5.8 (SMW-GN/NG): 784-500-10 with a logistic (sigmoid)
+    hidden layer and softmax cross-entropy, features standardised to zero mean and unit
+    variance (training-set statistics, as the thesis scales its data), batch ``N₁ = 60``; on
+    Fashion-MNIST. On digits 64-500-10, batch 60. Glorot-uniform init for both layers.
 ``convnet``
     Small ConvNet (S2QN §6.3 style): three 3x3 ``nn.Conv`` layers with 16, 32
     and 32 channels (ReLU, SAME padding), then ``nn.Dense`` to 10 logits,
@@ -69,6 +74,7 @@ __all__ = [
     "convnet",
     "logreg",
     "make_problem",
+    "thesis_mlp",
     "resolve_data",
 ]
 
@@ -148,20 +154,24 @@ class MLP(nn.Module):
 
     Attributes:
       widths: output width of each layer.
-      linear: indices of layers *without* a ReLU after them (code and output).
+      linear: indices of layers *without* an activation after them (code and output).
+      activation: ``"relu"`` (He-normal init before it) or ``"sigmoid"`` (Glorot-uniform).
     """
 
     widths: Sequence[int]
     linear: Sequence[int] = ()
+    activation: str = "relu"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        act = {"relu": nn.relu, "sigmoid": nn.sigmoid}[self.activation]
         for i, width in enumerate(self.widths):
             is_linear = i in self.linear
-            init = nn.initializers.glorot_uniform() if is_linear else nn.initializers.he_normal()
+            he = not is_linear and self.activation == "relu"
+            init = nn.initializers.he_normal() if he else nn.initializers.glorot_uniform()
             x = nn.Dense(width, kernel_init=init, name=f"Dense_{i}")(x)
             if not is_linear:
-                x = nn.relu(x)
+                x = act(x)
         return x
 
 
@@ -219,6 +229,8 @@ def _load(name: str) -> qdata.Dataset:
         return qdata.fashion_mnist()
     if name == "digits":
         return qdata.digits()
+    if name.endswith("_standardized"):
+        return qdata.standardize(_load(name[: -len("_standardized")]))
     if name == "breast_cancer":
         return qdata.breast_cancer(standardize=True)
     raise ValueError(name)
@@ -320,6 +332,28 @@ def classifier(data: str = "auto", batch_size: int | None = None) -> Problem:
     )
 
 
+def thesis_mlp(data: str = "auto", batch_size: int | None = None) -> Problem:
+    """Ren thesis §5.8's MNIST network, 784-500-10 logistic hidden layer (see module docstring)."""
+    data = resolve_data(data)
+    ds = _load(f"{data}_standardized")
+    n_in = ds.x_train.shape[1]
+    model = MLP(widths=(500, 10), linear=(1,), activation="sigmoid")
+    apply = _apply(model)
+    return Problem(
+        name="thesis_mlp",
+        init=_flax_init(model, n_in),
+        loss_fn=_softmax_ce(apply),
+        data=ds,
+        batch_size=batch_size or 60,
+        description=f"MLP {n_in}-500-10 (sigmoid hidden) on standardised {data}, softmax CE "
+        "(Ren thesis §5.8)",
+        model=model,
+        metric_fn=_accuracy(apply),
+        metric_name="accuracy",
+        loss_name="softmax_cross_entropy",
+    )
+
+
 def convnet(data: str = "auto", batch_size: int | None = None) -> Problem:
     """Three 3x3 conv layers and a dense layer with softmax cross-entropy (see module docstring)."""
     data = resolve_data(data)
@@ -388,6 +422,7 @@ PROBLEMS: dict[str, Callable[..., Problem]] = {
     "classifier": classifier,
     "convnet": convnet,
     "logreg": logreg,
+    "thesis_mlp": thesis_mlp,
 }
 
 

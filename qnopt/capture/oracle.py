@@ -415,6 +415,28 @@ class Oracle:
                  for s in source.layers.values()]
         return functools.reduce(jnp.add, parts)
 
+    def backprop(self, cotangents: jax.Array) -> dict:
+        r"""``{name: ĥ}``: the captured layers' pre-activation gradients of ``⟨u, f(x; θ)⟩`` for
+        each output cotangent ``u`` in the leading axis of ``cotangents``.
+
+        ``cotangents`` has shape ``(K, *outputs.shape)``; the result for a layer has shape
+        ``(K, *h.shape)`` and is NOT divided by ``N``. One forward pass and ``K`` vmapped
+        backward passes (thesis Alg. 20 in partial-computing mode; with ``u = e_j`` for every
+        example, Alg. 22 lines 3–8: the back-propagated output unit vectors ``ĥ^{(l),(j)}_i``
+        of SMW-GN). The layer inputs are ``layers[name].a_rows()``.
+        """
+        cap = self.capture
+        perts0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._disc.perturbations)
+        out, vjp_fn, sown = jax.vjp(lambda p: cap.run_captured(self.params, p, self.inputs),
+                                    perts0, has_aux=True)
+
+        def one(u):
+            (g_perts,) = vjp_fn(u.astype(out.dtype))
+            return {name: cap.layer_values(sown, g_perts, info)[2]
+                    for name, info in self._disc.infos.items()}
+
+        return jax.vmap(one)(cotangents)
+
     def per_example_grads(self):
         """``vmap(grad(ℓ_n))``: per-example gradients (not divided by N), tree with leading N."""
         cap = self.capture

@@ -9,7 +9,9 @@
 * Kronecker products in the layer-matrix layout ``(d_out, d_in)``: :func:`kron_matvec`,
   :func:`kron_inverse_apply`.
 * Curvature-vector products and per-example Gram matrices: :func:`hvp`, :func:`ggn_vp`,
-  :func:`layer_gram`, :func:`gram`.
+  :func:`layer_gram`, :func:`gram`; SMW-NG/GN's ``J X`` and ``Jᵀ w`` per layer
+  :func:`layer_jvp`, :func:`layer_vjp`, the Jacobian block Gram :func:`layer_jacobian_gram`
+  and the output Hessians :func:`output_hessian_blocks`.
 * Per-layer statistics from a capture's ``LayerStats`` (dense and conv alike): :func:`layer_A`,
   :func:`layer_G`, :func:`layer_A_matvec`, :func:`layer_mean_input`, K-BFGS's pairs
   :func:`output_pair` and :func:`hessian_action_pair`, the warm start :func:`estimate_factors`
@@ -36,7 +38,8 @@ from qnopt.curvature.layers import (KronFactors, estimate_factors, hessian_actio
                                     layer_A_matvec, layer_G, layer_key, layer_mean_input,
                                     output_pair)
 from qnopt.curvature.patches import conv_patches
-from qnopt.curvature.products import ggn_vp, gram, hvp, layer_gram
+from qnopt.curvature.products import (ggn_vp, gram, hvp, layer_gram, layer_jacobian_gram, layer_jvp,
+                                      layer_vjp, output_hessian_blocks)
 from qnopt.curvature.tensor_normal import (estimate_mode_statistics, factor_trace, mode_statistics,
                                            trace_normalize)
 
@@ -72,6 +75,10 @@ __all__ = [
     "kron_inverse_apply",
     "kron_matvec",
     "layer_gram",
+    "layer_jacobian_gram",
+    "layer_jvp",
+    "layer_vjp",
+    "output_hessian_blocks",
     "mean_input",
     "warmup_decay",
 ]

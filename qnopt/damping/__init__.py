@@ -5,14 +5,14 @@
   :func:`dpi_dlm`.
 * SLIM-QN adaptive damping: :func:`slimqn_tau`, :func:`slimqn_damp`.
 * Levenberg-Marquardt ``lambda`` adaptation: :func:`levenberg_marquardt`,
-  :func:`lm_rho`, :func:`lm_total_damping`.
+  :func:`lm_rho`, :func:`lm_model_decrease`, :func:`lm_total_damping`.
 * S2QN gradient-norm regulariser: :func:`gradient_norm_lambda`.
 
 All functions are pure and jit-compatible; vector arguments may be 1-D arrays
 or pytrees of arrays.
 """
 
-from qnopt.damping.lm import levenberg_marquardt, lm_rho, lm_total_damping
+from qnopt.damping.lm import levenberg_marquardt, lm_model_decrease, lm_rho, lm_total_damping
 from qnopt.damping.powell import (double_damping, dp_dlm, dpi_dlm, powell_b,
                                   powell_h, powell_identity)
 from qnopt.damping.s2qn import gradient_norm_lambda
@@ -24,6 +24,7 @@ __all__ = [
     "dpi_dlm",
     "gradient_norm_lambda",
     "levenberg_marquardt",
+    "lm_model_decrease",
     "lm_rho",
     "lm_total_damping",
     "powell_b",

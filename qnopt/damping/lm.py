@@ -18,7 +18,7 @@ from jax.typing import ArrayLike
 
 from qnopt.damping._tree import safe_div
 
-__all__ = ["levenberg_marquardt", "lm_rho", "lm_total_damping"]
+__all__ = ["levenberg_marquardt", "lm_model_decrease", "lm_rho", "lm_total_damping"]
 
 
 def levenberg_marquardt(lam: ArrayLike, rho: ArrayLike, *,
@@ -106,6 +106,21 @@ def lm_rho(f_old: ArrayLike, f_new: ArrayLike,
     actual = f_old - f_new
     ok = md > 0
     return safe_div(actual, md, ok, jnp.zeros_like(actual * md))
+
+
+def lm_model_decrease(g_dot_p: ArrayLike, p_B_p: ArrayLike) -> jax.Array:
+    """Predicted decrease of the quadratic model, ``m(0) − m(p) = −gᵀp − ½ pᵀB p`` (§5.2.3).
+
+    The denominator of :func:`lm_rho` (eq. 5.5), with the undamped ``B`` (``m_t`` has no
+    ``λ`` term). For ``p = −(B + λI)⁻¹ g`` it is ``≥ λ‖p‖² > 0`` (thesis Lemma 11).
+
+    Example:
+      >>> from qnopt.damping import lm_model_decrease
+      >>> print(lm_model_decrease(-2.0, 1.0))
+      1.5
+    """
+    g_dot_p, p_B_p = jnp.asarray(g_dot_p), jnp.asarray(p_B_p)
+    return -g_dot_p - 0.5 * p_B_p
 
 
 def lm_total_damping(lam_lm: ArrayLike, tau: ArrayLike = 1e-3) -> jax.Array:

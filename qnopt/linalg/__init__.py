@@ -13,7 +13,7 @@ from qnopt.linalg.lbfgs import (
     lbfgs_two_loop,
 )
 from qnopt.linalg.roots import inverse_pth_root, power_iteration
-from qnopt.linalg.smw import smw_solve
+from qnopt.linalg.smw import smw_gram_matrix, smw_gram_weights, smw_solve
 from qnopt.linalg.tree import (
     accumulation_dtype,
     tree_all_finite,
@@ -40,6 +40,8 @@ __all__ = [
     "lbfgs_two_loop",
     "inverse_pth_root",
     "power_iteration",
+    "smw_gram_matrix",
+    "smw_gram_weights",
     "smw_solve",
     "accumulation_dtype",
     "tree_all_finite",

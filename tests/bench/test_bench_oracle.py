@@ -166,6 +166,32 @@ def test_registry_oracle_optimizers_train(digits_problems, opt_name, prob_name):
     assert r.warm_start_batches == 2 and r.warm_start_time > 0
 
 
+@pytest.mark.parametrize("opt_name,prob_name", [("smw_ng", "thesis_mlp"), ("smw_ng_bd", "classifier"),
+                                               ("smw_gn", "thesis_mlp")])
+def test_registry_smw_optimizers_train(digits_problems, opt_name, prob_name):
+    """The SMW rows run through the runner (no warm start) and lower the loss in 8 steps."""
+    spec = OPTIMIZERS[opt_name]
+    prob = digits_problems[prob_name]
+    r = run_one(prob, spec, 0.3, epochs=1, steps_per_epoch=8, quiet=True)
+    assert r.error is None, r.error
+    assert not r.diverged and r.final_train_loss < r.initial_train_loss
+    assert r.warm_start_batches == 0
+
+
+def test_thesis_mlp_problem(digits_problems):
+    """Thesis §5.8's network: 64-500-10 on digits, sigmoid hidden layer, standardised inputs."""
+    prob = digits_problems["thesis_mlp"]
+    params = prob.init(jax.random.key(0))
+    assert params["Dense_0"]["kernel"].shape == (64, 500) and params["Dense_1"]["kernel"].shape == (500, 10)
+    x = prob.data.x_train
+    np.testing.assert_allclose(x.mean(0), 0.0, atol=1e-5)
+    assert prob.batch_size == 60 and prob.loss_name == "softmax_cross_entropy"
+    xb = x[:3].astype(np.float64)
+    h = 1 / (1 + np.exp(-(xb @ np.asarray(params["Dense_0"]["kernel"], np.float64))))
+    logits = h @ np.asarray(params["Dense_1"]["kernel"], np.float64)
+    np.testing.assert_allclose(prob.model.apply({"params": params}, jnp.asarray(x[:3])), logits, rtol=1e-4, atol=1e-5)
+
+
 def test_registry_warm_start_kinds(digits_problems):
     ae = digits_problems["autoencoder"]
     assert OPTIMIZERS["kbfgs"].warm_start_for(ae).fisher is None

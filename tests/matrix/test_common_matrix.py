@@ -78,6 +78,28 @@ CASES += [
                  factory=qnopt.shampoo, factory_kwargs=dict(damping=1e-3, inverse_every=5),
                  static_args=_SHAMPOO_STATIC, steps=60, problem=lambda: MLP),
 ]
+
+
+def _smw_case(name, factory, **kwargs):
+    """SMW rows: the thesis' N₂ = N₁/2 (128 of the 256 examples; GN 64, D is 192×192) and initial
+    λ_LM below its 1 (the LM rule moves λ by 1 % a step, so with λ_LM = 1 a 60-step run is SGD
+    with step α/λ). The first learning rate (used by every check but the convergence race) is
+    one where the trajectory is stable: at λ_LM ≈ 0.03–0.1 with α = 1, float32 round-off (e.g.
+    sharded vs unsharded reductions) grows ~100× over 30 steps."""
+    kwargs = {"sub_batch_size": 128, **kwargs}
+    static = ("sub_batch_size", "layers") + (("gn_form", "max_rows") if factory is qnopt.smw_gn
+                                              else ("fisher",))
+    return T.MethodCase(name, functools.partial(factory, **kwargs), lrs=(0.3, 1.0), factory=factory,
+                        factory_kwargs=kwargs, static_args=static, steps=60, extra_args=_oracle,
+                        problem=lambda: MLP)
+
+
+CASES += [
+    _smw_case("smw_ng", qnopt.smw_ng, damping=0.1),
+    _smw_case("smw_ng_sampled", qnopt.smw_ng, damping=0.1, fisher="sampled"),
+    _smw_case("smw_ng_bd", qnopt.smw_ng_bd, damping=0.3),
+    _smw_case("smw_gn", qnopt.smw_gn, damping=0.3, sub_batch_size=64),
+]
 IDS = [c.name for c in CASES]
 
 _LOGREG = []
