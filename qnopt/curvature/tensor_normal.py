@@ -36,7 +36,13 @@ __all__ = ["estimate_mode_statistics", "factor_trace", "mode_statistics", "trace
 
 
 def factor_trace(F: jax.Array) -> jax.Array:
-    """``tr(F)`` for a matrix, ``Σ F`` for a diagonal given as a vector."""
+    """``tr(F)`` for a matrix, ``Σ F`` for a diagonal given as a vector.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> float(factor_trace(jnp.eye(3))), float(factor_trace(jnp.array([1.0, 2.0])))
+      (3.0, 3.0)
+    """
     return jnp.sum(F) if F.ndim == 1 else jnp.trace(F)
 
 
@@ -69,7 +75,15 @@ def trace_normalize(stats: Sequence[jax.Array]) -> tuple:
 
 def mode_statistics(grads: PyTree, layouts: PyTree) -> list:
     """Per parameter (leaves in ``jax.tree.leaves`` order), the contractions of its gradient
-    viewed as the :class:`~qnopt.preconditioners.ModeLayout`'s tensor (float32 or wider)."""
+    viewed as the :class:`~qnopt.preconditioners.ModeLayout`'s tensor (float32 or wider).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from qnopt.preconditioners import mode_layout
+      >>> g = {"w": jnp.ones((2, 3))}
+      >>> [s.shape for s in mode_statistics(g, mode_layout(g))[0]]
+      [(2, 2), (3, 3)]
+    """
     treedef = jax.tree.structure(grads)
     out = []
     for g, lay in zip(jax.tree.leaves(grads), treedef.flatten_up_to(layouts)):
