@@ -8,7 +8,7 @@ import jax
 
 PyTree = Any
 
-__all__ = ["require_params", "check_range", "check_like"]
+__all__ = ["require_params", "check_range", "check_like", "check_statistics_hyperparams"]
 
 
 def require_params(params: PyTree, method: str) -> PyTree:
@@ -55,3 +55,16 @@ def check_like(tree: PyTree, ref: PyTree, what: str, method: str) -> None:
                 f"{method}: {what} leaf {jax.tree_util.keystr(path)} has shape {tuple(x.shape)}, "
                 f"but the state was initialised for shape {tuple(r.shape)}."
             )
+
+
+def check_statistics_hyperparams(*, damping: Any, momentum: Any, beta: Any, stats_every: Any,
+                                 inverse_every: Any, weight_decay: Any) -> None:
+    """The ranges shared by the methods with EMA curvature statistics refreshed on a schedule
+    (K-FAC, TNT, Shampoo): ``damping > 0``, ``momentum, beta ∈ [0, 1)``, ``T1, T2 ≥ 1``,
+    ``weight_decay ≥ 0`` (each checked by :func:`check_range`)."""
+    check_range("damping", damping, 0.0, low_open=True)
+    check_range("momentum", momentum, 0.0, 1.0, high_open=True)
+    check_range("beta", beta, 0.0, 1.0, high_open=True)
+    check_range("stats_every", stats_every, 1)
+    check_range("inverse_every", inverse_every, 1)
+    check_range("weight_decay", weight_decay, 0.0)

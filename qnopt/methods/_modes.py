@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from qnopt.base import check_like, check_range, require_params
+from qnopt.base import check_like, check_range, check_statistics_hyperparams, require_params
 from qnopt.curvature.ema import debiased_decay, ema_update
 from qnopt.curvature.tensor_normal import mode_statistics
 from qnopt.linalg.tree import accumulation_dtype, tree_all_finite
@@ -97,12 +97,8 @@ def scale_by_mode_preconditioner(*, method: str, refresh: Refresh, estimator: st
     parameter's statistics to its preconditioner factors."""
     if estimator not in ("sampled", "empirical"):
         raise ValueError(f"{method}: estimator must be 'sampled' or 'empirical', got {estimator!r}.")
-    check_range("damping", damping, 0.0, low_open=True)
-    check_range("momentum", momentum, 0.0, 1.0, high_open=True)
-    check_range("beta", beta, 0.0, 1.0, high_open=True)
-    check_range("stats_every", stats_every, 1)
-    check_range("inverse_every", inverse_every, 1)
-    check_range("weight_decay", weight_decay, 0.0)
+    check_statistics_hyperparams(damping=damping, momentum=momentum, beta=beta, stats_every=stats_every,
+                                 inverse_every=inverse_every, weight_decay=weight_decay)
     check_range("max_dim", max_dim, 1)
     warm = initial_statistics is not None
     no_decay = isinstance(weight_decay, (int, float)) and weight_decay == 0

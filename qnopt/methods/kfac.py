@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from qnopt.base import check_range
+from qnopt.base import check_statistics_hyperparams
 from qnopt.curvature.ema import debiased_decay, ema_update
 from qnopt.curvature.layers import layer_A, layer_G
 from qnopt.methods import _kron as K
@@ -135,12 +135,8 @@ def scale_by_kfac(
                         ("inverse", inverse)):
         if value not in _CHOICES[name]:
             raise ValueError(f"{name} must be one of {_CHOICES[name]}, got {value!r}.")
-    check_range("damping", damping, 0.0, low_open=True)
-    check_range("momentum", momentum, 0.0, 1.0, high_open=True)
-    check_range("beta", beta, 0.0, 1.0, high_open=True)
-    check_range("stats_every", stats_every, 1)
-    check_range("inverse_every", inverse_every, 1)
-    check_range("weight_decay", weight_decay, 0.0)
+    check_statistics_hyperparams(damping=damping, momentum=momentum, beta=beta, stats_every=stats_every,
+                                 inverse_every=inverse_every, weight_decay=weight_decay)
     method = "qnopt.kfac"
     fb = K.default_fallback(momentum, 1.0) if fallback is None else fallback
     warm = initial_factors is not None
