@@ -12,6 +12,19 @@ from qnopt.linalg.lbfgs import (
     lbfgs_memory_push,
     lbfgs_two_loop,
 )
+from qnopt.linalg.lsr1 import (
+    Lsr1Compact,
+    Lsr1Memory,
+    lsr1_accept,
+    lsr1_compact,
+    lsr1_gamma,
+    lsr1_matvec,
+    lsr1_memory_init,
+    lsr1_memory_push,
+    lsr1_memory_reset,
+    lsr1_psi_combine,
+    lsr1_psi_dot,
+)
 from qnopt.linalg.roots import inverse_pth_root, power_iteration
 from qnopt.linalg.smw import smw_gram_matrix, smw_gram_weights, smw_solve
 from qnopt.linalg.tree import (
@@ -38,6 +51,17 @@ __all__ = [
     "lbfgs_memory_matrix",
     "lbfgs_memory_push",
     "lbfgs_two_loop",
+    "Lsr1Compact",
+    "Lsr1Memory",
+    "lsr1_accept",
+    "lsr1_compact",
+    "lsr1_gamma",
+    "lsr1_matvec",
+    "lsr1_memory_init",
+    "lsr1_memory_push",
+    "lsr1_memory_reset",
+    "lsr1_psi_combine",
+    "lsr1_psi_dot",
     "inverse_pth_root",
     "power_iteration",
     "smw_gram_matrix",
