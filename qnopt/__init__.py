@@ -7,10 +7,11 @@ learning rate. The primitives they are built from live in ``qnopt.linalg`` and `
 
 __version__ = "0.1.0"
 
-from qnopt import base, capture, curvature, damping, data, linalg, preconditioners, sharding, testing
-from qnopt.alias import kbfgs, kbfgs_l, kfac, shampoo, slimqn, smw_gn, smw_ng, smw_ng_bd, tnt
+from qnopt import base, capture, curvature, damping, data, linalg, preconditioners, sharding, testing, trust_region
+from qnopt.alias import kbfgs, kbfgs_l, kfac, lssr1_tr, mb_lsr1, shampoo, slimqn, smw_gn, smw_ng, smw_ng_bd, tnt
 from qnopt.training import make_train_step
 from qnopt.methods import (KbfgsLayerState, KfacLayerState, ScaleByKbfgsState, ScaleByKfacState,
+                           ScaleByMbLsr1State, scale_by_mb_lsr1,
                            ScaleByShampooState, ScaleBySlimQNState, ScaleBySmwState, ScaleByTntState,
                            scale_by_kbfgs, scale_by_kfac, scale_by_shampoo, scale_by_slimqn,
                            scale_by_smw_gn, scale_by_smw_ng, scale_by_smw_ng_bd, scale_by_tnt)
@@ -25,6 +26,11 @@ __all__ = [
     "testing",
     "linalg",
     "preconditioners",
+    "trust_region",
+    "mb_lsr1",
+    "lssr1_tr",
+    "scale_by_mb_lsr1",
+    "ScaleByMbLsr1State",
     "kbfgs",
     "kbfgs_l",
     "scale_by_kbfgs",

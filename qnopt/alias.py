@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import optax
 
 from qnopt.methods.kbfgs import scale_by_kbfgs
 from qnopt.methods.kfac import scale_by_kfac
+from qnopt.methods.mb_lsr1 import scale_by_mb_lsr1
 from qnopt.methods.shampoo import scale_by_shampoo
 from qnopt.methods.slimqn import scale_by_slimqn
 from qnopt.methods.smw import scale_by_smw_gn, scale_by_smw_ng, scale_by_smw_ng_bd
 from qnopt.methods.tnt import scale_by_tnt
 
-__all__ = ["kbfgs", "kbfgs_l", "kfac", "shampoo", "slimqn", "smw_gn", "smw_ng", "smw_ng_bd", "tnt"]
+__all__ = ["kbfgs", "kbfgs_l", "kfac", "lssr1_tr", "mb_lsr1", "shampoo", "slimqn", "smw_gn", "smw_ng", "smw_ng_bd", "tnt"]
 
 
 def slimqn(
@@ -379,3 +381,44 @@ def smw_gn(
         scale_by_smw_gn(sub_batch_size, damping=damping, tau=tau, boost=boost, drop=drop, eps=eps,
                         eta=eta, gn_form=gn_form, max_rows=max_rows, jitter=jitter, layers=layers),
         optax.scale_by_learning_rate(learning_rate))
+
+
+@functools.wraps(scale_by_mb_lsr1, assigned=("__module__", "__annotations__"))
+def mb_lsr1(*args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
+    r"""MB-LSR1 (MB-LSR1 paper Alg. 1–6): minibatch L-SR1 trust region with the averaged-ratio
+    radius rule, restarts / sampled warm starts, the hybrid momentum–SGD direction, an Armijo
+    line search and the progress-check batch-size controller.
+
+    This is :func:`qnopt.scale_by_mb_lsr1` itself, with its signature and defaults (the update
+    is the whole step ``s``: the curvature pair needs the step actually taken); see it for the
+    algorithm and every argument. ``update`` needs ``params`` and the minibatch's oracle
+    (``curvature=``); pass ``progress=`` (an oracle on a fresh sample of
+    ``state.batch.check_size`` examples) to let the controller raise the batch size, and read
+    the recommendation from ``state.batch.batch_size``. ``memory_size``, ``restart_memory``,
+    ``radius_rule`` and ``warm_start_curvature`` are static under ``optax.inject_hyperparams``.
+    """
+    return scale_by_mb_lsr1(*args, **kwargs)
+
+
+def lssr1_tr(learning_rate: optax.ScalarOrSchedule = 1.0, *, memory_size: int = 16,
+             initial_radius: float = 1e-4, progress_every: int = 10, gamma1: float = 1e-3,
+             batch_size: int = 1, num_examples: Optional[int] = None,
+             **kwargs: Any) -> optax.GradientTransformationExtraArgs:
+    r"""L-SSR1-TR (Erway, Griffin, Marcia & Omheni 2019), the baseline MB-LSR1 improves on.
+
+    MB-LSR1's framework with the settings that make it L-SSR1-TR (MB-LSR1 paper §3): no
+    restarts (``m̂ = −1``, ``ξ = 0``), ``γ₂ = η = ζ = 0``, no momentum (the step is the OBS
+    trust-region step), the classic radius rule (``ρ > 0.75`` doubles ``Δ`` unless
+    ``‖p‖ ≤ 0.8Δ``, ``ρ < 0.1`` halves it), ``γ`` from the generalised-eigenvalue rule, and
+    the periodic progress check every ``K = progress_every`` iterations on the evaluation batch
+    the user passes as ``progress=`` (L-SSR1-TR evaluates the whole training set: pass an
+    oracle on all of it), which doubles the batch size when the loss fell by less than ``γ₁``.
+    """
+    fixed = dict(restart_memory=-1, xi=0.0, gamma2=0.0, eta=0.0, zeta=0.0, momentum=0.0,
+                 radius_rule="classic")
+    clash = sorted(set(fixed) & set(kwargs))
+    if clash:
+        raise ValueError(f"lssr1_tr fixes {clash} (they define L-SSR1-TR); use qnopt.mb_lsr1 to change them.")
+    return scale_by_mb_lsr1(learning_rate, memory_size=memory_size, initial_radius=initial_radius,
+                            progress_every=progress_every, gamma1=gamma1, batch_size=batch_size,
+                            num_examples=num_examples, **fixed, **kwargs)

@@ -39,6 +39,7 @@ __all__ = [
     "check_inject_hyperparams",
     "check_dtype",
     "check_sharding",
+    "check_sharding_one_step",
     "check_nonfinite_skip",
     "check_bad_input",
 ]
@@ -74,6 +75,11 @@ class MethodCase:
         ``update`` (a curvature oracle, ``value_fn``...); ``None`` for gradient-only methods.
       problem: ``problem() -> Problem`` when the method needs its own problem (e.g. a model
         with capturable layers, :func:`mlp_problem`); ``None`` for the shared one.
+      compare_steps: steps of the trajectory comparisons (sharded vs unsharded, injected vs
+        plain hyper-parameters). Trust-region methods with an Armijo search and near-collinear
+        L-SR1 pairs amplify float32 round-off (a different XLA fusion or reduction order) by
+        ~3–10× per step, so they compare a few steps here and one step from a warm state in
+        their own tests (:func:`check_sharding_one_step`).
     """
 
     name: str
@@ -85,6 +91,7 @@ class MethodCase:
     steps: int = 150
     extra_args: Optional[Callable[[PyTree, Callable], dict]] = None
     problem: Optional[Callable[[], "Problem"]] = None
+    compare_steps: int = 30
 
 
 def logreg_problem(n: int = 256, d: int = 12, correlation: float = 0.9, l2: float = 1e-3, seed: int = 0) -> Problem:
@@ -262,8 +269,9 @@ def check_inject_hyperparams(case: MethodCase, problem: Problem) -> None:
     injected = optax.inject_hyperparams(case.factory, static_args=case.static_args)(
         learning_rate=lr, **case.factory_kwargs)
     plain = case.factory(learning_rate=lr, **case.factory_kwargs)
-    p1, s1, l1 = run_steps(injected, problem, 25, case)
-    p2, _, l2 = run_steps(plain, problem, 25, case)
+    steps = min(25, case.compare_steps)
+    p1, s1, l1 = run_steps(injected, problem, steps, case)
+    p2, _, l2 = run_steps(plain, problem, steps, case)
     chex_equal(p1, p2, f"{case.name}: inject_hyperparams changed the result", rtol=1e-5, atol=1e-6)
     assert "learning_rate" in s1.hyperparams
     s1.hyperparams["learning_rate"] = jnp.zeros_like(s1.hyperparams["learning_rate"])
@@ -286,9 +294,9 @@ def check_dtype(case: MethodCase, problem: Problem, dtype: Any) -> None:
     assert losses[-1] < losses[0], f"{case.name}: loss did not fall with {dtype} params: {losses[[0, -1]]}"
 
 
-def check_sharding(case: MethodCase, problem: Problem, steps: int = 30) -> None:
-    """State placed by :func:`qnopt.sharding.state_shardings` on a 1-D mesh over all devices
-    gives the same parameters as an unsharded run (to float32 round-off)."""
+def _sharded_setup(case: MethodCase, problem: Problem):
+    """The optimizer, a 1-D mesh over all devices, parameter and state shardings, and the
+    jitted sharded and unsharded steps."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from qnopt.sharding import state_shardings
@@ -303,8 +311,6 @@ def check_sharding(case: MethodCase, problem: Problem, steps: int = 30) -> None:
 
     p_shard = jax.tree.map(lambda p: NamedSharding(mesh, spec(p)), problem.params)
     s_shard = state_shardings(opt, problem.params, p_shard)
-    params = jax.device_put(problem.params, p_shard)
-    state = jax.jit(opt.init, out_shardings=s_shard)(params)
 
     def step(params, state):
         grads = jax.grad(problem.loss)(params)
@@ -312,12 +318,39 @@ def check_sharding(case: MethodCase, problem: Problem, steps: int = 30) -> None:
         return optax.apply_updates(params, updates), state
 
     sharded_step = jax.jit(step, in_shardings=(p_shard, s_shard), out_shardings=(p_shard, s_shard))
-    for _ in range(steps):
-        params, state = sharded_step(params, state)
+    return opt, p_shard, s_shard, sharded_step, jax.jit(step)
+
+
+def _check_placed(case: MethodCase, state, s_shard) -> None:
     for leaf, sh in zip(jax.tree.leaves(state), jax.tree.leaves(s_shard)):
         assert leaf.sharding.is_equivalent_to(sh, leaf.ndim), f"{case.name}: state leaf not placed as asked"
+
+
+def check_sharding(case: MethodCase, problem: Problem, steps: Optional[int] = None) -> None:
+    """State placed by :func:`qnopt.sharding.state_shardings` on a 1-D mesh over all devices
+    gives the same parameters as an unsharded run (to float32 round-off) after ``steps``
+    (default ``case.compare_steps``) steps."""
+    steps = case.compare_steps if steps is None else steps
+    opt, p_shard, s_shard, sharded_step, _ = _sharded_setup(case, problem)
+    params = jax.device_put(problem.params, p_shard)
+    state = jax.jit(opt.init, out_shardings=s_shard)(params)
+    for _ in range(steps):
+        params, state = sharded_step(params, state)
+    _check_placed(case, state, s_shard)
     ref, _, _ = run_steps(opt, problem, steps, case)
     chex_equal(params, ref, f"{case.name}: sharded run differs", rtol=2e-4, atol=2e-5)
+
+
+def check_sharding_one_step(case: MethodCase, problem: Problem, warm_steps: int = 30) -> None:
+    """From the state of ``warm_steps`` unsharded steps, one sharded step gives the parameters
+    and state of one unsharded step (to float32 round-off): the comparison for methods whose
+    trajectories amplify round-off (see :attr:`MethodCase.compare_steps`)."""
+    opt, p_shard, s_shard, sharded_step, plain_step = _sharded_setup(case, problem)
+    params, state, _ = run_steps(opt, problem, warm_steps, case)
+    ref = plain_step(params, state)
+    out = sharded_step(jax.device_put(params, p_shard), jax.device_put(state, s_shard))
+    _check_placed(case, out[1], s_shard)
+    chex_equal(out, ref, f"{case.name}: one sharded step differs", rtol=2e-4, atol=2e-5)
 
 
 def check_nonfinite_skip(case: MethodCase, problem: Problem, warm_steps: int = 12) -> None:

@@ -100,6 +100,25 @@ CASES += [
     _smw_case("smw_ng_bd", qnopt.smw_ng_bd, damping=0.3),
     _smw_case("smw_gn", qnopt.smw_gn, damping=0.3, sub_batch_size=64),
 ]
+# MB-LSR1 / L-SSR1-TR: the learning rate multiplies the trust-region direction (1 is the paper's
+# method); δ₀ = 1e-2 instead of the paper's 1e-4 so that a 60-step race is not spent doubling δ.
+# Their float32 trajectories amplify reduction-order round-off (~10× a step while δ doubles and the
+# L-SR1 pairs are near-collinear), so the sharded and injected runs are compared over 3 steps here,
+# and the sharded one also one step from a 30-step state in tests/methods/test_mb_lsr1.py.
+_LSR1 = dict(memory_size=8, initial_radius=1e-2)
+CASES += [
+    T.MethodCase("mb_lsr1", functools.partial(qnopt.mb_lsr1, **_LSR1), lrs=(1.0,), factory=qnopt.mb_lsr1,
+                 factory_kwargs=_LSR1, static_args=("memory_size", "restart_memory", "radius_rule",
+                                                    "warm_start_curvature"),
+                 steps=60, extra_args=_oracle, problem=lambda: MLP, compare_steps=3),
+    T.MethodCase("mb_lsr1_warm", functools.partial(qnopt.mb_lsr1, restart_memory=4, **_LSR1), lrs=(1.0,),
+                 factory=qnopt.mb_lsr1, factory_kwargs=dict(restart_memory=4, **_LSR1),
+                 static_args=("memory_size", "restart_memory", "radius_rule", "warm_start_curvature"),
+                 steps=60, extra_args=_oracle, problem=lambda: MLP, compare_steps=3),
+    T.MethodCase("lssr1_tr", functools.partial(qnopt.lssr1_tr, **_LSR1), lrs=(1.0,), factory=qnopt.lssr1_tr,
+                 factory_kwargs=_LSR1, static_args=("memory_size",), steps=60, extra_args=_oracle,
+                 problem=lambda: MLP, compare_steps=3),
+]
 IDS = [c.name for c in CASES]
 
 _LOGREG = []
