@@ -270,6 +270,16 @@ _TABLE: list[OptimizerSpec] = [
                   tuned=_SMW_TUNED),
     OptimizerSpec("smw_gn", _qnopt_alias("smw_gn"), 0.1, (0.3, 0.1, 0.03), needs_oracle=True,
                   description="qnopt.smw_gn (Gauss-Newton, D of size (m_L N2)^2; classifiers only)"),
+    # L-SR1 trust-region methods (MB-LSR1 paper §5; L-SSR1-TR of Erway et al. is its baseline):
+    # memory 16, initial radius 1e-2. Their learning rate multiplies the trust-region step
+    # (1.0 = the method as published). They take the oracle (the ratio test needs the minibatch
+    # loss at the trial point, which ``oracle.value`` gives); no warm start.
+    OptimizerSpec("mb_lsr1", _qnopt_alias("mb_lsr1", memory_size=16, initial_radius=1e-2), 1.0,
+                  (0.3, 1.0, 3.0), needs_oracle=True,
+                  description="qnopt.mb_lsr1 (memory 16, radius 1e-2; lr scales the TR step)"),
+    OptimizerSpec("lssr1_tr", _qnopt_alias("lssr1_tr", memory_size=16, initial_radius=1e-2), 1.0,
+                  (0.3, 1.0, 3.0), needs_oracle=True,
+                  description="qnopt.lssr1_tr (L-SSR1-TR; memory 16, radius 1e-2; lr scales the TR step)"),
 ]
 
 #: name -> spec, in table order.

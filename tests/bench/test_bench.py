@@ -26,7 +26,7 @@ def digits_problems():
 def test_registry_is_table_like():
     for name, spec in OPTIMIZERS.items():
         assert spec.name == name and spec.default_lr > 0 and spec.lr_grid
-        assert spec.needs_oracle is name.startswith(("kbfgs", "kfac", "smw", "tnt"))
+        assert spec.needs_oracle is name.startswith(("kbfgs", "kfac", "smw", "tnt", "mb_lsr1", "lssr1"))
         # SMW: none; Shampoo is gradient-only but warm-starts its statistics (when there is a capture)
         assert (spec.warm_start is not None) is name.startswith(("kbfgs", "kfac", "tnt", "shampoo"))
     assert {"adam", "sgd", "lbfgs", "slimqn", "kbfgs", "kbfgs_l", "kbfgs_l_t10", "kfac"} <= set(OPTIMIZERS)
