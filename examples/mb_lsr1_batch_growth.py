@@ -52,7 +52,7 @@ def main(steps: int = 150, initial_batch: int = 32, exit_tol: float = 1e-4, seed
     capture = qnopt.capture.linen(model, loss="sigmoid_binary_cross_entropy")
     params = model.init(jax.random.key(seed), x[:1])["params"]
     opt = qnopt.mb_lsr1(memory_size=16, initial_radius=1e-2, batch_size=initial_batch, num_examples=n,
-                        progress_every=10, gamma1=0.0, gamma2=0.1, exit_tol=exit_tol)
+                        progress_every=5, gamma1=1e-3, gamma2=0.5, exit_tol=exit_tol)
     state = opt.init(params)
 
     @jax.jit  # retraced once per (batch size, check size)

@@ -53,3 +53,13 @@ def test_kbfgs_cnn_example_runs(capsys):
     assert "kbfgs epoch 2" in out and "kfac epoch 2" in out and "fallback" in out
     accs = [float(line.rsplit(" ", 1)[1]) for line in out.splitlines() if "epoch 2" in line]
     assert min(accs) > 0.8, accs
+
+
+def test_mb_lsr1_example_pipeline_follows_the_controller(capsys):
+    module = runpy.run_path(str(ROOT / "examples" / "mb_lsr1_batch_growth.py"))
+    out = module["main"](steps=40)
+    sizes, state = out["sizes"], out["state"]
+    assert sizes[0] == 32 and all(b >= a for a, b in zip(sizes, sizes[1:]))
+    assert int(state.batch.batch_size) == 32 * 2 ** int(state.batch.increases)   # doubling only
+    assert out["balanced_accuracy"] > 0.7   # it learned (0.5 = predicting one class)
+    assert "final batch size" in capsys.readouterr().out

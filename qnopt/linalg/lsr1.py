@@ -46,6 +46,7 @@ __all__ = [
     "lsr1_compact",
     "lsr1_psi_dot",
     "lsr1_psi_combine",
+    "lsr1_m",
     "lsr1_matvec",
     "lsr1_accept",
     "lsr1_gamma",
@@ -152,10 +153,27 @@ def lsr1_psi_combine(memory: Lsr1Memory, gamma: ArrayLike, c: jax.Array) -> PyTr
     return tree_axpy(-jnp.asarray(gamma, c.dtype), ss, ys)
 
 
+def lsr1_m(compact: Lsr1Compact) -> jax.Array:
+    """``M = (M⁻¹)⁺`` by a symmetric eigen-decomposition (zero rows and columns in empty slots).
+
+    ``M⁻¹`` is singular exactly when stored pairs are dependent with a null vector ``c`` that ``Ψ``
+    annihilates too (a pair pushed twice, ``s₃ = s₁ + s₂`` on a quadratic): the SR1 recursion skips
+    such a pair (``y = Bs``), and ``Ψ(M⁻¹)⁺Ψᵀ`` is then the matrix it builds, where a solve would
+    give NaN. Eigenvalues below ``m·ε`` of the largest are dropped, as ``numpy.linalg.pinv``; a
+    nonsingular ``M⁻¹`` is inverted directly (LU), which is more accurate than its eigenvectors.
+    """
+    m_inv = 0.5 * (compact.m_inv + compact.m_inv.T)
+    w, v = jnp.linalg.eigh(m_inv)
+    eps = jnp.finfo(m_inv.dtype).eps
+    keep = jnp.abs(w) > m_inv.shape[0] * eps * jnp.max(jnp.abs(w))
+    inv = jnp.where(keep, 1 / jnp.where(keep, w, 1), 0)
+    both = compact.active[:, None] & compact.active[None, :]
+    return jnp.where(both, jnp.where(jnp.all(keep), jnp.linalg.inv(m_inv), (v * inv[None, :]) @ v.T), 0)
+
+
 def _m_times(compact: Lsr1Compact, b: jax.Array) -> jax.Array:
     """``M b`` (zero in empty slots)."""
-    out = jnp.linalg.solve(compact.m_inv, b)
-    return jnp.where(compact.active, out, 0)
+    return lsr1_m(compact) @ jnp.where(compact.active, b, 0)
 
 
 def lsr1_matvec(memory: Lsr1Memory, gamma: ArrayLike, v: PyTree) -> PyTree:
@@ -168,12 +186,20 @@ def lsr1_matvec(memory: Lsr1Memory, gamma: ArrayLike, v: PyTree) -> PyTree:
 
 def lsr1_accept(memory: Lsr1Memory, gamma: ArrayLike, s: PyTree, y: PyTree, r: ArrayLike = 1e-8) -> jax.Array:
     """The SR1 safeguard: ``|sᵀ(y − Bs)| > r‖s‖‖y − Bs‖`` with ``B`` the current compact matrix
-    (Nocedal & Wright eq. 6.26; METHODS.md: r = 1e-8), and every quantity finite."""
-    res = jax.tree.map(jnp.subtract, jax.tree.map(lambda x: x.astype(accumulation_dtype(x.dtype)), y),
-                       lsr1_matvec(memory, gamma, s))
+    (Nocedal & Wright eq. 6.26; METHODS.md: r = 1e-8), and every quantity finite.
+
+    The rule is scale-free, so a residual that is pure round-off (``y = Bs`` in exact arithmetic:
+    the SR1 update would be undefined) passes it about as often as not and makes ``M⁻¹`` nearly
+    singular. A pair is therefore also refused when ``‖y − Bs‖ ≤ √ε·max(‖y‖, ‖Bs‖)``.
+    """
+    y32 = jax.tree.map(lambda x: x.astype(accumulation_dtype(x.dtype)), y)
+    bs = lsr1_matvec(memory, gamma, s)
+    res = jax.tree.map(jnp.subtract, y32, bs)
     s_res, ss, rr = tree_vdot(s, res), tree_vdot(s, s), tree_vdot(res, res)
-    ok = jnp.isfinite(s_res) & jnp.isfinite(ss) & jnp.isfinite(rr) & (ss > 0)
-    return ok & (jnp.abs(s_res) > r * jnp.sqrt(ss) * jnp.sqrt(rr))
+    scale = jnp.maximum(tree_vdot(y32, y32), tree_vdot(bs, bs))
+    ok = jnp.isfinite(s_res) & jnp.isfinite(ss) & jnp.isfinite(rr) & jnp.isfinite(scale) & (ss > 0)
+    noise = rr <= jnp.finfo(rr.dtype).eps * scale
+    return ok & ~noise & (jnp.abs(s_res) > r * jnp.sqrt(ss) * jnp.sqrt(rr))
 
 
 def lsr1_gamma(memory: Lsr1Memory, *, scale: ArrayLike = 0.9, default: ArrayLike = 1.0,
