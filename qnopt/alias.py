@@ -402,8 +402,10 @@ def mb_lsr1(*args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
 
 def lssr1_tr(learning_rate: optax.ScalarOrSchedule = 1.0, *, memory_size: int = 16,
              initial_radius: float = 1e-4, progress_every: int = 10, gamma1: float = 1e-3,
-             batch_size: int = 1, num_examples: Optional[int] = None,
-             **kwargs: Any) -> optax.GradientTransformationExtraArgs:
+             batch_size: int = 1, num_examples: Optional[int] = None, exit_tol: float = 0.0,
+             sr1_tol: float = 1e-8, armijo: float = 1e-4, backtrack: float = 0.5,
+             max_line_search: int = 10, gamma: Optional[float] = None,
+             seed: int = 0) -> optax.GradientTransformationExtraArgs:
     r"""L-SSR1-TR (Erway, Griffin, Marcia & Omheni 2019), the baseline MB-LSR1 improves on.
 
     MB-LSR1's framework with the settings that make it L-SSR1-TR (MB-LSR1 paper §3): no
@@ -413,12 +415,11 @@ def lssr1_tr(learning_rate: optax.ScalarOrSchedule = 1.0, *, memory_size: int = 
     the periodic progress check every ``K = progress_every`` iterations on the evaluation batch
     the user passes as ``progress=`` (L-SSR1-TR evaluates the whole training set: pass an
     oracle on all of it), which doubles the batch size when the loss fell by less than ``γ₁``.
+    The other arguments are those of :func:`qnopt.scale_by_mb_lsr1`.
     """
-    fixed = dict(restart_memory=-1, xi=0.0, gamma2=0.0, eta=0.0, zeta=0.0, momentum=0.0,
-                 radius_rule="classic")
-    clash = sorted(set(fixed) & set(kwargs))
-    if clash:
-        raise ValueError(f"lssr1_tr fixes {clash} (they define L-SSR1-TR); use qnopt.mb_lsr1 to change them.")
     return scale_by_mb_lsr1(learning_rate, memory_size=memory_size, initial_radius=initial_radius,
-                            progress_every=progress_every, gamma1=gamma1, batch_size=batch_size,
-                            num_examples=num_examples, **fixed, **kwargs)
+                            restart_memory=-1, xi=0.0, eta=0.0, momentum=0.0, zeta=0.0, gamma2=0.0,
+                            radius_rule="classic", progress_every=progress_every, gamma1=gamma1,
+                            batch_size=batch_size, num_examples=num_examples, exit_tol=exit_tol,
+                            sr1_tol=sr1_tol, armijo=armijo, backtrack=backtrack,
+                            max_line_search=max_line_search, gamma=gamma, seed=seed)

@@ -46,7 +46,7 @@ __all__ = [
     "lsr1_compact",
     "lsr1_psi_dot",
     "lsr1_psi_combine",
-    "lsr1_m",
+    "lsr1_m_times",
     "lsr1_matvec",
     "lsr1_accept",
     "lsr1_gamma",
@@ -153,33 +153,31 @@ def lsr1_psi_combine(memory: Lsr1Memory, gamma: ArrayLike, c: jax.Array) -> PyTr
     return tree_axpy(-jnp.asarray(gamma, c.dtype), ss, ys)
 
 
-def lsr1_m(compact: Lsr1Compact) -> jax.Array:
-    """``M = (M⁻¹)⁺`` by a symmetric eigen-decomposition (zero rows and columns in empty slots).
+def lsr1_m_times(compact: Lsr1Compact, b: jax.Array) -> jax.Array:
+    """``M b`` with ``M = (M⁻¹)⁺`` (``b`` of shape ``(m,)`` or ``(m, k)``; zero in empty slots).
 
     ``M⁻¹`` is singular exactly when stored pairs are dependent with a null vector ``c`` that ``Ψ``
     annihilates too (a pair pushed twice, ``s₃ = s₁ + s₂`` on a quadratic): the SR1 recursion skips
     such a pair (``y = Bs``), and ``Ψ(M⁻¹)⁺Ψᵀ`` is then the matrix it builds, where a solve would
-    give NaN. Eigenvalues below ``m·ε`` of the largest are dropped, as ``numpy.linalg.pinv``; a
-    nonsingular ``M⁻¹`` is inverted directly (LU), which is more accurate than its eigenvectors.
+    give NaN. So a nonsingular ``M⁻¹`` is solved (LU); one with an eigenvalue below ``m·ε`` of
+    the largest goes through the pseudo-inverse of its eigen-decomposition (as ``numpy.linalg.pinv``).
     """
-    m_inv = 0.5 * (compact.m_inv + compact.m_inv.T)
-    w, v = jnp.linalg.eigh(m_inv)
+    m_inv = compact.m_inv
+    mask = compact.active if b.ndim == 1 else compact.active[:, None]
+    b = jnp.where(mask, b, 0)
+    w, v = jnp.linalg.eigh(0.5 * (m_inv + m_inv.T))
     eps = jnp.finfo(m_inv.dtype).eps
     keep = jnp.abs(w) > m_inv.shape[0] * eps * jnp.max(jnp.abs(w))
     inv = jnp.where(keep, 1 / jnp.where(keep, w, 1), 0)
-    both = compact.active[:, None] & compact.active[None, :]
-    return jnp.where(both, jnp.where(jnp.all(keep), jnp.linalg.inv(m_inv), (v * inv[None, :]) @ v.T), 0)
-
-
-def _m_times(compact: Lsr1Compact, b: jax.Array) -> jax.Array:
-    """``M b`` (zero in empty slots)."""
-    return lsr1_m(compact) @ jnp.where(compact.active, b, 0)
+    pinv = v @ ((inv[:, None] if b.ndim == 2 else inv) * (v.T @ b))
+    out = jnp.where(jnp.all(keep), jnp.linalg.solve(m_inv, b), pinv)
+    return jnp.where(mask, out, 0)
 
 
 def lsr1_matvec(memory: Lsr1Memory, gamma: ArrayLike, v: PyTree) -> PyTree:
     """``B v = γv + Ψ M Ψᵀ v``."""
     compact = lsr1_compact(memory, gamma)
-    c = _m_times(compact, lsr1_psi_dot(memory, gamma, v))
+    c = lsr1_m_times(compact, lsr1_psi_dot(memory, gamma, v))
     v32 = jax.tree.map(lambda x: x.astype(accumulation_dtype(x.dtype)), v)
     return tree_axpy(compact.gamma, v32, lsr1_psi_combine(memory, gamma, c))
 

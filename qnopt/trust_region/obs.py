@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from qnopt.linalg.lsr1 import Lsr1Memory, lsr1_compact, lsr1_m, lsr1_psi_combine, lsr1_psi_dot
+from qnopt.linalg.lsr1 import Lsr1Memory, lsr1_compact, lsr1_m_times, lsr1_psi_combine, lsr1_psi_dot
 from qnopt.linalg.tree import accumulation_dtype, tree_axpy, tree_scale, tree_vdot
 
 PyTree = Any
@@ -126,7 +126,7 @@ def _orthonormal_basis(compact, rank_rtol: jax.Array) -> _Basis:
 
     # RMRᵀ on the kept rows; the others get a sentinel above its spectrum, so that the kept
     # eigenpairs come first (ascending) and never mix with the dropped ones.
-    rmr = r @ lsr1_m(compact) @ r.T
+    rmr = r @ lsr1_m_times(compact, r.T)
     keep2 = keep[:, None] & keep[None, :]
     rmr = jnp.where(keep2, 0.5 * (rmr + rmr.T), 0)
     big = 2 * jnp.sqrt(jnp.sum(rmr ** 2)) + 1

@@ -144,7 +144,7 @@ def test_lssr1_tr_is_the_pure_trust_region_step():
     s, state = opt.update(oracle.grads, state, params, curvature=oracle)
     g = oracle.grads["w"]
     np.testing.assert_allclose(np.asarray(s["w"]), -0.05 * np.asarray(g / jnp.linalg.norm(g)), rtol=1e-5)
-    with pytest.raises(ValueError, match="fixes"):
+    with pytest.raises(TypeError, match="eta"):   # η, μ, ζ, γ₂, m̂, ξ define L-SSR1-TR
         qnopt.lssr1_tr(eta=0.5)
 
 
