@@ -26,6 +26,7 @@ Choices where the paper is silent (its code is not public):
 * ``learning_rate`` multiplies the search direction before the line search (default 1: the
   paper's method); the returned update is the whole step ``s`` (the pair needs the step that
   is taken), so no learning-rate transform follows it.
+  Alg. 5 sees the trust-region step ``αp`` (``= s`` for ``learning_rate = 1``).
 * The restart of Alg. 4 line 13 redoes the direction once with ``B = I`` (no second test).
 * After ``max_line_search`` failed trials the smallest ``α`` is taken.
 * The warm-start pairs are taken at the new iterate ``w + s`` on the same minibatch.
@@ -36,6 +37,7 @@ Choices where the paper is silent (its code is not public):
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -113,6 +115,12 @@ def _identity_step(g: PyTree, radius: jax.Array) -> tuple[PyTree, jax.Array]:
 
 def _apply(params: PyTree, step: PyTree) -> PyTree:
     return optax.apply_updates(params, jax.tree.map(lambda x, p: x.astype(jnp.asarray(p).dtype), step, params))
+
+
+def _scalar_dtype(params: PyTree) -> Any:
+    """float32, or float64 when a parameter is float64 (the dtype of the pair Grams)."""
+    return functools.reduce(jnp.promote_types, [accumulation_dtype(jnp.asarray(p).dtype)
+                                                for p in jax.tree.leaves(params)], jnp.float32)
 
 
 def _progress_value(progress: Any):
@@ -221,7 +229,8 @@ def scale_by_mb_lsr1(
     def init_fn(params: PyTree) -> ScaleByMbLsr1State:
         zeros = lambda: jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), accumulation_dtype(jnp.asarray(p).dtype)),
                                      params)
-        f32 = lambda x: jnp.asarray(x, jnp.float32)
+        dt = _scalar_dtype(params)
+        f32 = lambda x: jnp.asarray(x, dt)
         return ScaleByMbLsr1State(
             count=jnp.zeros((), jnp.int32), memory=lsr1_memory_init(params, memory_size),
             gamma=f32(1.0 if gamma is None else gamma), radius=f32(initial_radius), rho=f32(0.0),
@@ -239,9 +248,11 @@ def scale_by_mb_lsr1(
         if curvature is None or not all(hasattr(curvature, a) for a in ("value", "at", "grads", "loss")):
             raise ValueError(_NO_ORACLE.format(method=method))
         oracle = curvature
-        # Hyper-parameters as float32 arrays, so that plain and injected values
-        # (optax.inject_hyperparams) give bit-identical arithmetic.
-        f32 = lambda x: jnp.asarray(x, jnp.float32)
+        # Scalars in the state's dtype (float32, or float64 for float64 parameters); hyper-parameters
+        # cast to it, so that plain and injected values (optax.inject_hyperparams) give identical
+        # arithmetic.
+        dt = state.radius.dtype
+        f32 = lambda x: jnp.asarray(x, dt)
         eta_, mu, alpha_s, xi_, tau_, g1, g2, c1, beta, r = map(
             f32, (eta, momentum, sgd_learning_rate, xi, restart_tolerance, gamma1, gamma2, armijo, backtrack,
                   sr1_tol))
@@ -275,14 +286,14 @@ def scale_by_mb_lsr1(
         gam = jnp.where(restart, 1.0, state.gamma)
 
         # Lines 15–19: Armijo on this minibatch, ρ from the trust-region step, y on the same batch.
-        lr = jnp.asarray(learning_rate_at(learning_rate, state.count), jnp.float32)
+        lr = f32(learning_rate_at(learning_rate, state.count))
         d = tree_scale(lr, p)
-        f0 = jnp.asarray(oracle.loss, jnp.float32)
+        f0 = f32(oracle.loss)
         ls = armijo_backtracking(lambda a: oracle.value(_apply(params, tree_scale(a, d))), f0, lr * gp,
                                  c1=c1, shrink=beta, max_trials=max_line_search)
         new_params = _apply(params, tree_scale(ls.alpha, d))
         s = jax.tree.map(lambda a, b, r: (a.astype(r.dtype) - b.astype(r.dtype)), new_params, params, state.velocity)
-        reduction = jnp.asarray(oracle.value(_apply(params, p_star)), jnp.float32) - f0
+        reduction = f32(oracle.value(_apply(params, p_star))) - f0
         rho = reduction / model
         new_oracle = oracle.at(new_params)
         y = jax.tree.map(lambda a, b, r: a.astype(r.dtype) - b.astype(r.dtype), new_oracle.grads, oracle.grads,
@@ -290,7 +301,9 @@ def scale_by_mb_lsr1(
         ok = ok & tree_all_finite(s)
 
         # getRadius (Alg. 5 / classic).
-        snorm = jnp.sqrt(tree_vdot(s, s))
+        # Alg. 5 on the trust-region step αp (‖s‖ for learning_rate 1): with the multiplier in ‖s‖
+        # a learning rate below 1 would never let a boundary step double δ.
+        snorm = ls.alpha * jnp.sqrt(tree_vdot(p, p))
         if radius_rule == "progressive":
             radius, rho_hat, rho_count = progressive_radius(delta, snorm, rho, state.zeta, state.rho_hat,
                                                             state.rho_count)

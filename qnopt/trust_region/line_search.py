@@ -45,8 +45,9 @@ def armijo_backtracking(value_at: Callable[[jax.Array], jax.Array], value0: Arra
       >>> float(armijo_backtracking(f, 1.0, -8.0).alpha)   # f(1) = 9, f(½) = 1 fail; f(¼) = 0
       0.25
     """
-    value0 = jnp.asarray(value0, jnp.float32)
-    slope = jnp.asarray(slope, jnp.float32)
+    dt = jnp.promote_types(jnp.result_type(value0, slope), jnp.float32)
+    value0 = jnp.asarray(value0, dt)
+    slope = jnp.asarray(slope, dt)
 
     def ok(alpha, value):
         return jnp.isfinite(value) & (value <= value0 + c1 * alpha * slope)
@@ -58,9 +59,9 @@ def armijo_backtracking(value_at: Callable[[jax.Array], jax.Array], value0: Arra
     def body(carry):
         i, alpha, _ = carry
         alpha = alpha * shrink
-        return i + 1, alpha, jnp.asarray(value_at(alpha), jnp.float32)
+        return i + 1, alpha, jnp.asarray(value_at(alpha), dt)
 
-    one = jnp.ones((), jnp.float32)
-    init = (jnp.ones((), jnp.int32), one, jnp.asarray(value_at(one), jnp.float32))
+    one = jnp.ones((), dt)
+    init = (jnp.ones((), jnp.int32), one, jnp.asarray(value_at(one), dt))
     trials, alpha, value = jax.lax.while_loop(cond, body, init)
     return LineSearchResult(alpha, value, ok(alpha, value), trials)

@@ -257,8 +257,9 @@ class Reference:
         # Line 19: y on the same batch.
         y = self.grad(w_new) - g
 
-        # Alg. 1 line 8: getRadius.
-        snorm = np.linalg.norm(s)
+        # Alg. 1 line 8: getRadius on the trust-region step αp [convention: before the learning-rate
+        # multiplier, so that lr < 1 still lets a boundary step double δ; = ‖s‖ for lr = 1].
+        snorm = alpha * np.linalg.norm(p)
         if self.rule == "progressive":                                                # Alg. 5
             weight = r(self.zeta * self.T)
             total = r(weight + 1)
