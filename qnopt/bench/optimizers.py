@@ -277,6 +277,15 @@ _TABLE: list[OptimizerSpec] = [
     OptimizerSpec("mb_lsr1", _qnopt_alias("mb_lsr1", memory_size=16, initial_radius=1e-2), 1.0,
                   (0.3, 1.0, 3.0), needs_oracle=True,
                   description="qnopt.mb_lsr1 (memory 16, radius 1e-2; lr scales the TR step)"),
+    # Ablations of MB-LSR1's additions (its paper gives no defaults for η, μ, τ): the pure
+    # trust-region direction (η = μ = 0: only the averaged-ratio radius and the restarts differ
+    # from L-SSR1-TR) and the sampled warm start (m̂ = m, Hessian-vector pairs) instead of the reset.
+    OptimizerSpec("mb_lsr1_tr", _qnopt_alias("mb_lsr1", memory_size=16, initial_radius=1e-2, eta=0.0,
+                                             momentum=0.0), 1.0, (0.3, 1.0, 3.0), needs_oracle=True,
+                  description="qnopt.mb_lsr1 with eta = momentum = 0 (no hybrid SGD/momentum direction)"),
+    OptimizerSpec("mb_lsr1_warm", _qnopt_alias("mb_lsr1", memory_size=16, initial_radius=1e-2,
+                                               restart_memory=16), 1.0, (0.3, 1.0, 3.0), needs_oracle=True,
+                  description="qnopt.mb_lsr1 with the sampled warm start (16 Hessian-vector pairs) on restart"),
     OptimizerSpec("lssr1_tr", _qnopt_alias("lssr1_tr", memory_size=16, initial_radius=1e-2), 1.0,
                   (0.3, 1.0, 3.0), needs_oracle=True,
                   description="qnopt.lssr1_tr (L-SSR1-TR; memory 16, radius 1e-2; lr scales the TR step)"),
