@@ -286,6 +286,11 @@ _TABLE: list[OptimizerSpec] = [
     OptimizerSpec("mb_lsr1_warm", _qnopt_alias("mb_lsr1", memory_size=16, initial_radius=1e-2,
                                                restart_memory=16), 1.0, (0.3, 1.0, 3.0), needs_oracle=True,
                   description="qnopt.mb_lsr1 with the sampled warm start (16 Hessian-vector pairs) on restart"),
+    # ζ = 1 (the paper's choice) averages ρ over the whole run, so once early steps had ρ ≈ 1 the
+    # radius can stay at its largest value for hundreds of steps; ζ = 0.5 forgets.
+    OptimizerSpec("mb_lsr1_z05", _qnopt_alias("mb_lsr1", memory_size=16, initial_radius=1e-2, zeta=0.5),
+                  1.0, (0.3, 1.0, 3.0), needs_oracle=True,
+                  description="qnopt.mb_lsr1 with zeta = 0.5 (the averaged ratio forgets)"),
     OptimizerSpec("lssr1_tr", _qnopt_alias("lssr1_tr", memory_size=16, initial_radius=1e-2), 1.0,
                   (0.3, 1.0, 3.0), needs_oracle=True,
                   description="qnopt.lssr1_tr (L-SSR1-TR; memory 16, radius 1e-2; lr scales the TR step)"),

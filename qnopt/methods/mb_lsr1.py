@@ -28,7 +28,8 @@ Choices where the paper is silent (its code is not public):
   is taken), so no learning-rate transform follows it.
   Alg. 5 sees the trust-region step ``αp`` (``= s`` for ``learning_rate = 1``).
 * The restart of Alg. 4 line 13 redoes the direction once with ``B = I`` (no second test).
-* After ``max_line_search`` failed trials the smallest ``α`` is taken.
+* After ``max_line_search`` failed Armijo trials the iterate stays (``s = 0``, no pair is stored);
+  the radius rule sees the smallest trial step ``αp``, so a poor model shrinks ``δ``.
 * The warm-start pairs are taken at the new iterate ``w + s`` on the same minibatch.
 * ``R`` of Alg. 6 is Alg. 4 line 17's ``R``. ``progress=`` is an oracle (``.value``) or a
   function of the parameters on a fresh sample of ``state.batch.check_size`` examples,
@@ -291,7 +292,8 @@ def scale_by_mb_lsr1(
         f0 = f32(oracle.loss)
         ls = armijo_backtracking(lambda a: oracle.value(_apply(params, tree_scale(a, d))), f0, lr * gp,
                                  c1=c1, shrink=beta, max_trials=max_line_search)
-        new_params = _apply(params, tree_scale(ls.alpha, d))
+        # No Armijo point within max_line_search trials: no move this iteration (s = 0, no pair).
+        new_params = _apply(params, tree_scale(jnp.where(ls.accepted, ls.alpha, 0), d))
         s = jax.tree.map(lambda a, b, r: (a.astype(r.dtype) - b.astype(r.dtype)), new_params, params, state.velocity)
         reduction = f32(oracle.value(_apply(params, p_star))) - f0
         rho = reduction / model

@@ -245,11 +245,11 @@ class Reference:
             return value <= r(f0_32 + r(r(self.c1 * alpha) * slope))
 
         ok = armijo_ok(alpha)
-        while not ok and trials < self.max_ls:       # [convention] the smallest α after the cap
+        while not ok and trials < self.max_ls:
             alpha, trials = r(alpha * self.beta), trials + 1
             ok = armijo_ok(alpha)
         info.update(alpha=alpha, armijo=bool(ok))
-        w_new = w + alpha * d
+        w_new = w + alpha * d if ok else w.copy()    # [convention] no Armijo point: no move
         s = w_new - w                                                                 # line 16
         # Lines 17–18: R = f̂(w + p*) − f̂(w), ρ = R/q(p*).
         reduction = r(r(self.loss(w + p_star)) - f0_32)
@@ -367,7 +367,7 @@ CASES = {
     # L-SSR1-TR: the classic radius rule, no restart of the memory (m̂ = −1).
     "classic": (dict(memory_size=4, initial_radius=1e-1, radius_rule="classic", restart_memory=-1),
                 {"boundary", "interior", "grow", "shrink", "wrap", "backtrack"}),
-    # A large δ₀, ζ = 0.5, a line search capped at 3 trials (k = 2, 3 keep the smallest α) and
+    # A large δ₀, ζ = 0.5, a line search capped at 3 trials (k = 2, 3 fail it: no move) and
     # learning_rate = 0.7 (the direction scaled before the line search): Alg. 5 shrinks δ to ‖s‖.
     "shrink": (dict(memory_size=3, initial_radius=3.0, zeta=0.5, max_line_search=3, learning_rate=0.7),
                {"boundary", "interior", "negative_curvature", "shrink", "reset", "armijo_cap", "wrap"}),
