@@ -28,6 +28,18 @@ from qnopt.linalg.lsr1 import (
 )
 from qnopt.linalg.roots import inverse_pth_root, power_iteration
 from qnopt.linalg.smw import smw_gram_matrix, smw_gram_weights, smw_solve
+from qnopt.linalg.structured import (
+    LbfgsDirectCompact,
+    CgInfo,
+    compact_lbfgs_direct,
+    structured_c_dot,
+    structured_c_combine,
+    structured_lbfgs_matvec,
+    structured_solve,
+    lowrank_structured_solve,
+    cg_solve,
+    structured_pair,
+)
 from qnopt.linalg.tree import (
     accumulation_dtype,
     tree_all_finite,
@@ -79,4 +91,14 @@ __all__ = [
     "tree_stack_dot_many",
     "tree_stack_set",
     "tree_vdot",
+    "LbfgsDirectCompact",
+    "CgInfo",
+    "compact_lbfgs_direct",
+    "structured_c_dot",
+    "structured_c_combine",
+    "structured_lbfgs_matvec",
+    "structured_solve",
+    "lowrank_structured_solve",
+    "cg_solve",
+    "structured_pair",
 ]
