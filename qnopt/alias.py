@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, Optional
 
 import optax
@@ -10,12 +11,13 @@ import optax
 from qnopt.methods.kbfgs import scale_by_kbfgs
 from qnopt.methods.kfac import scale_by_kfac
 from qnopt.methods.mb_lsr1 import scale_by_mb_lsr1
+from qnopt.methods.s2qn import scale_by_s2qn
 from qnopt.methods.shampoo import scale_by_shampoo
 from qnopt.methods.slimqn import scale_by_slimqn
 from qnopt.methods.smw import scale_by_smw_gn, scale_by_smw_ng, scale_by_smw_ng_bd
 from qnopt.methods.tnt import scale_by_tnt
 
-__all__ = ["kbfgs", "kbfgs_l", "kfac", "lssr1_tr", "mb_lsr1", "shampoo", "slimqn", "smw_gn", "smw_ng", "smw_ng_bd", "tnt"]
+__all__ = ["kbfgs", "kbfgs_l", "kfac", "lssr1_tr", "mb_lsr1", "s2qn", "s4qn", "shampoo", "slimqn", "smw_gn", "smw_ng", "smw_ng_bd", "tnt"]
 
 
 def slimqn(
@@ -398,6 +400,37 @@ def mb_lsr1(*args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
     ``radius_rule`` and ``warm_start_curvature`` are static under ``optax.inject_hyperparams``.
     """
     return scale_by_mb_lsr1(*args, **kwargs)
+
+
+@functools.wraps(scale_by_s2qn, assigned=("__module__", "__annotations__"))
+def s2qn(*args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
+    r"""S2QN (S2QN paper Alg. 1): ``θ ← θ − β (H + Λ + λI)⁻¹ g`` with a cheap base ``H`` (default the
+    subsampled empirical Fisher, inverted with the L-BFGS refinement ``Λ`` by eq. 14) and the
+    gradient-norm rule for ``λ`` (eq. 8).
+
+    This is :func:`qnopt.scale_by_s2qn` itself, with its signature and defaults (the update is
+    the whole step: the pair needs the step that is taken); see it for every argument. ``update``
+    needs ``params`` and the minibatch's oracle (``curvature=``). ``base``, ``memory_size``,
+    ``sub_batch_size``, ``refine``, ``damped`` and ``cg_iters`` are static under
+    ``optax.inject_hyperparams``.
+    """
+    return scale_by_s2qn(*args, **kwargs)
+
+
+@functools.wraps(scale_by_s2qn, assigned=("__module__", "__annotations__"))
+def s4qn(*args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
+    r"""S4QN (S2QN paper §6.1): S2QN whose base is the subsampled Hessian (``base="hessian"``,
+    ``oracle.hvp`` on the first ``sub_batch_size`` examples, ``(H + (γ+λ)I)⁻¹`` by conjugate
+    gradients inside eq. 13). ``refine=False`` is the subsampled-Newton (SSN) baseline with the
+    same ``λ`` rule. See :func:`qnopt.scale_by_s2qn`.
+    """
+    kwargs.setdefault("base", "hessian")
+    return scale_by_s2qn(*args, **kwargs)
+
+
+_sig = inspect.signature(scale_by_s2qn)
+s4qn.__signature__ = _sig.replace(parameters=[  # base="hessian" also for optax.inject_hyperparams
+    p.replace(default="hessian") if p.name == "base" else p for p in _sig.parameters.values()])
 
 
 def lssr1_tr(learning_rate: optax.ScalarOrSchedule = 1.0, *, memory_size: int = 16,

@@ -442,7 +442,8 @@ def structured_pair(u: PyTree, v_hat: PyTree, base_matvec: Callable[[PyTree], Py
     .. math::  u^\top v \ge \epsilon_B \|u\|\|v\|,\qquad u^\top v > 0,\qquad \text{all finite},
 
     with ``ε_B = 1e-8`` (§3.2; ``uᵀv > 0`` also refuses ``u = 0`` or ``v = 0``, for which the
-    inequality holds trivially but ``D`` in ``P`` would be singular).
+    inequality holds trivially but ``D`` in ``P`` would be singular). A ``v`` that is round-off,
+    ``‖v̂ − Hu‖ ≤ √ε·max(‖v̂‖, ‖Hu‖)`` (the base explains the change), is refused too, damped or not.
 
     ``damped=True`` replaces ``v`` first by Powell's damping on the *initial* refinement
     ``Λ⁰ = γI``: :func:`qnopt.damping.powell_b` with ``B = γI``::
@@ -482,10 +483,15 @@ def structured_pair(u: PyTree, v_hat: PyTree, base_matvec: Callable[[PyTree], Py
     """
     from qnopt.damping.powell import powell_b  # lazy: qnopt.damping imports qnopt.linalg.tree
 
-    v = tree_axpy(-1.0, base_matvec(u), v_hat)
+    hu = base_matvec(u)
+    v = tree_axpy(-1.0, hu, v_hat)
+    # v = v̂ − Hu is pure round-off when the base already explains the gradient change (e.g. the
+    # full-batch Hessian on a quadratic); such a "pair" would set γ = vᵀv/uᵀv to noise.
+    noise = tree_vdot(v, v) <= jnp.finfo(jnp.result_type(tree_vdot(v, v))).eps * jnp.maximum(
+        tree_vdot(v_hat, v_hat), tree_vdot(hu, hu))
     if damped:
         v, _ = powell_b(u, v, lambda x: tree_scale(gamma, x), mu)
     uv, uu, vv = tree_vdot(u, v), tree_vdot(u, u), tree_vdot(v, v)
     finite = jnp.isfinite(uv) & jnp.isfinite(uu) & jnp.isfinite(vv)
-    accept = finite & (uv > 0) & (uv >= jnp.asarray(eps, uv.dtype) * jnp.sqrt(uu) * jnp.sqrt(vv))
+    accept = finite & ~noise & (uv > 0) & (uv >= jnp.asarray(eps, uv.dtype) * jnp.sqrt(uu) * jnp.sqrt(vv))
     return v, accept

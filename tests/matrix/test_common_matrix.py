@@ -119,6 +119,21 @@ CASES += [
                  factory_kwargs=_LSR1, static_args=("memory_size",), steps=60, extra_args=_oracle,
                  problem=lambda: MLP, compare_steps=3),
 ]
+# S2QN (subsampled empirical Fisher base, eq. 14, Powell-damped pairs) and S4QN (subsampled
+# Hessian base by CG, eq. 13) on the first 64 of the 256 examples; α = 10 (λ ∈ [0.1, 0.2]). The
+# moderate step first (see above). S4QN's ten CG iterations amplify reduction-order round-off ~2×
+# every 5 steps (5e-5 after 30 sharded steps, 1.5e-5 after 20): its trajectories are compared over
+# 20 steps, and one sharded step from a 30-step state in tests/methods/test_s2qn_sharding.py.
+_S2QN_STATIC = ("base", "memory_size", "sub_batch_size", "refine", "damped", "cg_iters")
+_S2QN = dict(alpha=10.0, sub_batch_size=64, damped=True)
+_S4QN = dict(alpha=10.0, sub_batch_size=64, cg_iters=10)
+CASES += [
+    T.MethodCase("s2qn", functools.partial(qnopt.s2qn, **_S2QN), lrs=(0.5, 1.0), factory=qnopt.s2qn,
+                 factory_kwargs=_S2QN, static_args=_S2QN_STATIC, steps=60, extra_args=_oracle, problem=lambda: MLP),
+    T.MethodCase("s4qn", functools.partial(qnopt.s4qn, **_S4QN), lrs=(0.5, 1.0), factory=qnopt.s4qn,
+                 factory_kwargs=_S4QN, static_args=_S2QN_STATIC, steps=60, extra_args=_oracle, problem=lambda: MLP,
+                 compare_steps=20),
+]
 IDS = [c.name for c in CASES]
 
 _LOGREG = []

@@ -1,0 +1,236 @@
+r"""S2QN / S4QN: structured stochastic quasi-Newton (S2QN paper §3, Alg. 1, eq. 7–14).
+
+``B_k = H_k + Λ_k``: a cheap partial Hessian ``H_k`` (the *base*) plus an L-BFGS *refinement*
+``Λ_k`` that learns what the base misses. One ``update`` is one iteration ``k`` of Alg. 1 on the
+oracle's minibatch ``S_g^k`` (line numbers in brackets)::
+
+    H_k   = the base on S_H^k = the first N_H examples of the minibatch                    [2]
+    v     = v̂_{k−1} − H_k u_{k−1}  (eq. 10: Λ_k u = v̂ − H_k u), kept if uᵀv ≥ ε_B‖u‖‖v‖
+            (ε_B = 1e-8), or Powell-damped on Λ⁰ = γI (``damped=True``)                    [3]
+    Λ_k   = LBFGS(U_k, V_k), Λ⁰ = γ_k I, γ_k = vᵀv/uᵀv of the newest pair (eq. 12)          [3]
+    λ_k   = eq. 8 from ‖g_{k−1}‖ and α_k                                                  [4]
+    d_k   = −(H_k + Λ_k + λ_k I)⁻¹ g_k                                                     [4]
+    θ_k+1 = θ_k + β_k d_k             (the update returned: β_k = ``learning_rate``)        [4]
+    v̂_k   = ∇_{S_g^k}Ψ(θ_k+1) − ∇_{S_g^k}Ψ(θ_k),  u_k = θ_k+1 − θ_k  (same samples)        [5]
+
+Bases (``base=``) and how ``(H + Λ + λI)⁻¹`` is applied:
+
+* ``"empirical_fisher"`` (S2QN with the subsampled EFIM, §2.2, §3.3): ``H = QQᵀ`` with the
+  columns of ``Q`` the per-example gradients of ``S_H`` over ``√N_H``: eq. 14, one
+  ``(N_H + 2p)``-sized system (:func:`qnopt.linalg.lowrank_structured_solve`).
+* ``"hessian"`` (S4QN, §2.1: the subsampled Hessian, ``oracle.hvp`` on ``S_H``) and ``"ggn"``
+  (the subsampled Gauss-Newton matrix, ``oracle.ggn_vp``, eq. 5): eq. 13 with
+  ``(H + (γ+λ)I)⁻¹`` by conjugate gradients (:func:`qnopt.linalg.structured_solve`,
+  :func:`qnopt.linalg.cg_solve`).
+
+``refine=False`` drops ``Λ`` (``B = H``): the SSN-style subsampled Newton baseline with the same
+``λ`` rule. The pair of step ``k`` is formed at step ``k + 1``, when ``H_{k+1}`` is known (eq. 10
+uses the base of the iteration whose ``Λ`` it builds).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from qnopt.base import check_like, check_range, require_params
+from qnopt.damping import gradient_norm_lambda
+from qnopt.linalg import (Lsr1Memory, accumulation_dtype, cg_solve, lowrank_structured_solve, lsr1_memory_init,
+                          lsr1_memory_push, structured_pair, structured_solve, tree_all_finite, tree_axpy,
+                          tree_scale, tree_stack_combine, tree_stack_dot, tree_vdot)
+from qnopt.methods._kron import learning_rate_at
+
+PyTree = Any
+
+__all__ = ["ScaleByS2qnState", "scale_by_s2qn"]
+
+_BASES = ("empirical_fisher", "hessian", "ggn")
+_NO_ORACLE = ("{method} needs the minibatch's curvature oracle: pass curvature=capture.oracle(params, batch, "
+              "key) (qnopt.capture) to opt.update(...); it gives the base matrix on the first N_H examples "
+              "and the gradient at the new point on the same samples.")
+
+
+class ScaleByS2qnState(NamedTuple):
+    """State of :func:`scale_by_s2qn`.
+
+    Attributes:
+      count: iterations taken.
+      memory: the refinement pairs ``(u_i, v_i)`` (with ``UᵀU``, ``UᵀV``, ``VᵀV``).
+      step: ``u_{k−1} = θ_k − θ_{k−1}`` of the previous iteration.
+      grad_change: ``v̂_{k−1}``, the gradient change on its samples.
+      prev_grad_norm: ``‖g_{k−1}‖`` for eq. 8 (``+∞`` marks "no previous gradient": ``λ = 1/α``).
+      lam: the last ``λ_k`` (diagnostic).
+      gamma: the last ``γ_k`` of ``Λ⁰ = γ_k I`` (0 while the refinement is empty).
+    """
+
+    count: jax.Array
+    memory: Lsr1Memory
+    step: PyTree
+    grad_change: PyTree
+    prev_grad_norm: jax.Array
+    lam: jax.Array
+    gamma: jax.Array
+
+
+def _first(tree: PyTree, n: int) -> PyTree:
+    return jax.tree.map(lambda x: x[:n], tree)
+
+
+def _newest_gamma(memory: Lsr1Memory, default: jax.Array) -> jax.Array:
+    """``γ = vᵀv/uᵀv`` of the newest stored pair (the L-BFGS scaling of a Hessian approximation)."""
+    pairs = memory.pairs
+    m = pairs.written_at.shape[0]
+    k = (pairs.num_pushed - 1) % m
+    uv, vv = pairs.sy[k, k], pairs.yy[k, k]
+    ok = (pairs.num_pushed > 0) & (uv > 0) & (vv > 0)
+    return jnp.where(ok, vv / jnp.where(ok, uv, 1), default)
+
+
+def scale_by_s2qn(
+    learning_rate: optax.ScalarOrSchedule = 1.0,
+    *,
+    base: str = "empirical_fisher",
+    memory_size: int = 5,
+    alpha: optax.ScalarOrSchedule = 1.0,
+    r1: float = 1e-3,
+    r2: float = 1.0,
+    sub_batch_size: Optional[int] = None,
+    refine: bool = True,
+    damped: bool = False,
+    eps: float = 1e-8,
+    powell_mu: float = 0.25,
+    gamma: Optional[float] = None,
+    cg_iters: int = 20,
+    cg_tol: float = 1e-6,
+) -> optax.GradientTransformationExtraArgs:
+    r"""S2QN (Alg. 1) as an optax transformation; ``update`` returns the step ``β_k d_k``.
+
+    ``update(grads, state, params, curvature=oracle)``; see the module docstring.
+
+    Args:
+      learning_rate: ``β_k`` (scalar or schedule of the step count).
+      base: ``"empirical_fisher"`` (S2QN, eq. 14), ``"hessian"`` (S4QN) or ``"ggn"`` (eq. 13 + CG).
+      memory_size: ``p`` pairs of the refinement (the paper: "usually small, e.g. 1 ∼ 5").
+      alpha: ``α_k`` of eq. 8 (``λ_k ∈ [1/α_k, 2/α_k]``); scalar or schedule.
+      r1, r2: the gradient-norm thresholds ``r₁ < r₂`` of eq. 8.
+      sub_batch_size: ``N_H``, the first examples of the minibatch that form ``S_H`` (static;
+        ``None``: the whole minibatch for the Hessian / GGN, ``min(32, N)`` for the EFIM).
+      refine: use ``Λ`` (``False``: the subsampled-Newton baseline ``B = H``).
+      damped: Powell-damp pairs that fail the curvature test instead of skipping them.
+      eps: ``ε_B`` of the curvature test.
+      powell_mu: Powell's threshold for ``damped``.
+      gamma: a fixed ``γ`` of ``Λ⁰ = γI``; ``None``: ``vᵀv/uᵀv`` of the newest pair (0 before the
+        first pair: ``B = H``; Powell damping then uses ``γ = 1``).
+      cg_iters, cg_tol: the conjugate-gradient budget for the Hessian / GGN bases.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, qnopt
+      >>> x = jax.random.normal(jax.random.key(0), (64, 3)); t = x @ jnp.array([1., -2., .5])
+      >>> cap = qnopt.capture.jax_capture(lambda p, x: x @ p["w"], "mse")
+      >>> params = {"w": jnp.zeros(3)}
+      >>> opt = qnopt.s4qn(1.0, alpha=100.0, sub_batch_size=16)   # Hessian of 16 of the 64 rows
+      >>> state = opt.init(params)
+      >>> for _ in range(10):
+      ...     oracle = cap.oracle(params, (x, t))
+      ...     d, state = opt.update(oracle.grads, state, params, curvature=oracle)
+      ...     params = jax.tree.map(jnp.add, params, d)
+      >>> bool(cap.oracle(params, (x, t)).loss < 1e-3)
+      True
+    """
+    method = "qnopt.s2qn"
+    if base not in _BASES:
+        raise ValueError(f"base must be one of {_BASES}, got {base!r}.")
+    if not isinstance(memory_size, int) or memory_size < 1:
+        raise ValueError(f"memory_size must be a positive int (static), got {memory_size!r}.")
+    if sub_batch_size is not None:
+        check_range("sub_batch_size", sub_batch_size, 1)
+    check_range("r1", r1, 0.0)
+    if isinstance(r1, (int, float)) and isinstance(r2, (int, float)) and not r1 < r2:
+        raise ValueError(f"eq. 8 needs r1 < r2, got r1={r1}, r2={r2}.")
+    check_range("eps", eps, 0.0)
+    check_range("powell_mu", powell_mu, 0.0, 1.0, low_open=True)
+    check_range("cg_iters", cg_iters, 1)
+
+    def init_fn(params: PyTree) -> ScaleByS2qnState:
+        zeros = lambda: jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), accumulation_dtype(jnp.asarray(p).dtype)),
+                                     params)
+        memory = lsr1_memory_init(params, memory_size)
+        dt = memory.ss.dtype
+        return ScaleByS2qnState(jnp.zeros((), jnp.int32), memory, zeros(), zeros(), jnp.asarray(jnp.inf, dt),
+                                jnp.zeros((), dt), jnp.ones((), dt))
+
+    def update_fn(updates: PyTree, state: ScaleByS2qnState, params: Optional[PyTree] = None,
+                  curvature: Any = None, **extra_args):
+        del extra_args
+        params = require_params(params, method)
+        check_like(updates, state.step, "the gradient", method)
+        check_like(params, state.step, "params", method)
+        if curvature is None or not hasattr(curvature, "capture") or not hasattr(curvature, "at"):
+            raise ValueError(_NO_ORACLE.format(method=method))
+        dt = state.lam.dtype
+        ok = tree_all_finite(updates)
+        g = jax.tree.map(lambda u, r: jnp.where(ok, u.astype(r.dtype), 0), updates, state.step)
+        cast = lambda tree: jax.tree.map(lambda x, p: x.astype(jnp.asarray(p).dtype), tree, params)
+
+        # Line 2: the base H_k on S_H (the first N_H examples of the minibatch).
+        n = jax.tree.leaves(curvature.batch)[0].shape[0]
+        n_h = (min(32, n) if base == "empirical_fisher" else n) if sub_batch_size is None else min(sub_batch_size, n)
+        sub = curvature if n_h == n else curvature.capture.oracle(params, _first(curvature.batch, n_h),
+                                                                  curvature.key)
+        if base == "empirical_fisher":
+            q = jax.tree.map(lambda x, r: x.astype(r.dtype) / math.sqrt(n_h), sub.per_example_grads(), state.step)
+            h_mv = lambda x: tree_stack_combine(q, tree_stack_dot(q, x))
+        else:
+            product = sub.hvp if base == "hessian" else sub.ggn_vp
+            h_mv = lambda x: jax.tree.map(lambda a, r: a.astype(r.dtype), product(cast(x)), x)
+
+        # Line 3: the pair of the previous step (eq. 10) and Λ_k.
+        memory = state.memory
+        # Before the first pair the refinement is empty (γ = 0: B = H), unless γ is fixed.
+        gam = jnp.asarray(0.0 if gamma is None else gamma, dt)
+        if refine:
+            gam0 = _newest_gamma(memory, jnp.ones((), dt)) if gamma is None else gam
+            v, accept = structured_pair(state.step, state.grad_change, h_mv, eps=eps, damped=damped, gamma=gam0,
+                                        mu=powell_mu)
+            # (a non-finite step leaves the memory as it was: its pair is refused here)
+            memory = lsr1_memory_push(memory, state.step, v, accept & ok & (state.count > 0))
+            gam = _newest_gamma(memory, gam) if gamma is None else gam
+
+        # Line 4: λ_k (eq. 8) and d_k = −(H + Λ + λI)⁻¹ g.
+        a_k = jnp.asarray(learning_rate_at(alpha, state.count), dt)
+        lam = jnp.where(jnp.isfinite(state.prev_grad_norm),
+                        gradient_norm_lambda(state.prev_grad_norm, a_k, r1, r2), 1 / a_k).astype(dt)
+        shift = (gam if refine else 0.0) + lam
+        if base == "empirical_fisher":
+            if refine:
+                x = lowrank_structured_solve(memory, gam, lam, q, g)
+            else:   # (QQᵀ + λI)⁻¹ g by the same formula with an empty refinement
+                x = lowrank_structured_solve(lsr1_memory_init(g, 1), 0.0, lam, q, g)
+        else:
+            base_solve = lambda b: cg_solve(lambda z: tree_axpy(shift, z, h_mv(z)), b, max_iters=cg_iters,
+                                            tol=cg_tol)[0]
+            x = structured_solve(memory, gam, lam, g, base_solve) if refine else base_solve(g)
+        beta = jnp.asarray(learning_rate_at(learning_rate, state.count), dt)
+        step = tree_scale(-beta, x)
+        ok = ok & tree_all_finite(step)
+
+        # Line 5: the gradient change on the same samples at θ_k+1 (its pair is formed next step).
+        new_params = optax.apply_updates(params, cast(step))
+        u = jax.tree.map(lambda a, b, r: a.astype(r.dtype) - b.astype(r.dtype), new_params, params, state.step)
+        v_hat = jax.tree.map(lambda a, b, r: a.astype(r.dtype) - b.astype(r.dtype),
+                             curvature.at(new_params).grads, curvature.grads, state.step)
+
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b).astype(b.dtype), new, old)
+        new_state = ScaleByS2qnState(
+            count=keep(state.count + 1, state.count), memory=memory, step=keep(u, state.step),
+            grad_change=keep(v_hat, state.grad_change),
+            prev_grad_norm=keep(jnp.sqrt(tree_vdot(g, g)).astype(dt), state.prev_grad_norm),
+            lam=keep(lam, state.lam), gamma=keep(gam, state.gamma))
+        out = jax.tree.map(lambda s, u_: jnp.where(ok, s, 0).astype(jnp.asarray(u_).dtype), step, updates)
+        return out, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
