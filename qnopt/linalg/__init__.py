@@ -1,6 +1,7 @@
 """Linear-algebra primitives: dense and limited-memory BFGS, compact forms, SMW solves, pytree helpers."""
 
 from qnopt.linalg.bfgs import bfgs_inverse_update
+from qnopt.linalg.block_bfgs import block_bfgs_update, block_damping_tau, block_sketch, gaussian_sketch
 from qnopt.linalg.lbfgs import (
     LbfgsMemory,
     compact_inverse_coefficients,
@@ -101,4 +102,8 @@ __all__ = [
     "lowrank_structured_solve",
     "cg_solve",
     "structured_pair",
+    "block_bfgs_update",
+    "block_damping_tau",
+    "block_sketch",
+    "gaussian_sketch",
 ]
