@@ -40,6 +40,8 @@ PyTree = Any
 __all__ = [
     "Lsr1Memory",
     "Lsr1Compact",
+    "MaskedGrams",
+    "masked_grams",
     "lsr1_memory_init",
     "lsr1_memory_push",
     "lsr1_memory_reset",
@@ -116,19 +118,35 @@ def lsr1_memory_reset(memory: Lsr1Memory, where: ArrayLike = True) -> Lsr1Memory
     return Lsr1Memory(pairs, memory.ss)
 
 
-def lsr1_compact(memory: Lsr1Memory, gamma: ArrayLike) -> Lsr1Compact:
-    """The small matrices of the compact form for the scale ``gamma`` (see the module docstring)."""
+class MaskedGrams(NamedTuple):
+    """The memory's Gram matrices with empty slots zeroed, and the chronological lower part of
+    ``SᵀY`` (``low[i, j] = s_iᵀ y_j`` for ``i`` written after ``j``): the pieces of every compact
+    form built on the memory (L-SR1 here, the direct L-BFGS of :mod:`qnopt.linalg.structured`)."""
+
+    active: jax.Array
+    ss: jax.Array
+    sy: jax.Array
+    yy: jax.Array
+    low: jax.Array
+
+
+def masked_grams(memory: Lsr1Memory) -> MaskedGrams:
+    """:class:`MaskedGrams` of ``memory``."""
     pairs = memory.pairs
-    dt = pairs.sy.dtype
-    gamma = jnp.asarray(gamma, dt)
     order = pairs.written_at
     active = order >= 0
     both = active[:, None] & active[None, :]
     sy = jnp.where(both, pairs.sy, 0)
-    ss = jnp.where(both, memory.ss, 0)
-    yy = jnp.where(both, pairs.yy, 0)
-    later = order[:, None] > order[None, :]
-    low = jnp.where(later, sy, 0)  # L_ij = s_iᵀ y_j, i later than j
+    low = jnp.where(order[:, None] > order[None, :], sy, 0)
+    return MaskedGrams(active, jnp.where(both, memory.ss, 0), sy, jnp.where(both, pairs.yy, 0), low)
+
+
+def lsr1_compact(memory: Lsr1Memory, gamma: ArrayLike) -> Lsr1Compact:
+    """The small matrices of the compact form for the scale ``gamma`` (see the module docstring)."""
+    dt = memory.pairs.sy.dtype
+    gamma = jnp.asarray(gamma, dt)
+    active, ss, sy, yy, low = masked_grams(memory)
+    both = active[:, None] & active[None, :]
     m_inv = jnp.diag(jnp.diagonal(sy)) + low + low.T - gamma * ss
     m_inv = jnp.where(both, m_inv, 0) + jnp.diag((~active).astype(dt))
     psi_gram = yy - gamma * (sy + sy.T) + gamma ** 2 * ss

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from qnopt.linalg.lsr1 import Lsr1Memory
+from qnopt.linalg.lsr1 import Lsr1Memory, masked_grams
 from qnopt.linalg.tree import (
     accumulation_dtype,
     tree_axpy,
@@ -139,15 +139,9 @@ def compact_lbfgs_direct(memory: Lsr1Memory, gamma: ArrayLike) -> LbfgsDirectCom
              [ 0.,  0., -2.,  0.],
              [ 0.,  0.,  0.,  1.]], dtype=float32)
     """
-    pairs = memory.pairs
-    dt = pairs.sy.dtype
+    dt = memory.pairs.sy.dtype
     gamma = jnp.asarray(gamma, dt)
-    order = pairs.written_at
-    active = order >= 0
-    both = active[:, None] & active[None, :]
-    sy = jnp.where(both, pairs.sy, 0)
-    ss = jnp.where(both, memory.ss, 0)
-    low = jnp.where(order[:, None] > order[None, :], sy, 0)  # L_ij = u_iᵀ v_j, i later than j
+    active, ss, sy, _, low = masked_grams(memory)  # low: L_ij = u_iᵀ v_j, i later than j
     empty = jnp.diag((~active).astype(dt))
     p = jnp.block([[gamma * ss + empty, low],
                    [low.T, -jnp.diag(jnp.diagonal(sy)) + empty]])
