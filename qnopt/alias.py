@@ -411,7 +411,7 @@ def s2qn(*args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
     This is :func:`qnopt.scale_by_s2qn` itself, with its signature and defaults (the update is
     the whole step: the pair needs the step that is taken); see it for every argument. ``update``
     needs ``params`` and the minibatch's oracle (``curvature=``). ``base``, ``memory_size``,
-    ``sub_batch_size``, ``refine``, ``damped`` and ``cg_iters`` are static under
+    ``sub_batch_size``, ``refine``, ``damped``, ``cg_iters`` and ``blocks`` are static under
     ``optax.inject_hyperparams``.
     """
     return scale_by_s2qn(*args, **kwargs)

@@ -26,12 +26,40 @@ Bases (``base=``) and how ``(H + Λ + λI)⁻¹`` is applied:
 ``refine=False`` drops ``Λ`` (``B = H``): the SSN-style subsampled Newton baseline with the same
 ``λ`` rule. The pair of step ``k`` is formed at step ``k + 1``, when ``H_{k+1}`` is known (eq. 10
 uses the base of the iteration whose ``Λ`` it builds).
+
+Block-diagonal S2QN (§3.4, ``blocks=``): the parameters are split into blocks ``j = 1 … L`` and
+``B_k = blockdiag(B_k^1, …, B_k^L)`` with ``B^j = H^j + Λ^j``, where ``H^j`` is the diagonal block
+of the base and each ``Λ^j`` is its own L-BFGS refinement, satisfying its own secant equation::
+
+    Λ_k^j u_{k−1}^j = v_{k−1}^j := v̂_{k−1}^j − H_k^j u_{k−1}^j        (§3.4; u^j, v̂^j the block's
+                                                                      sub-vectors of u, v̂)
+    d_k^j = −(H_k^j + Λ_k^j + λ_k I)⁻¹ g_k^j
+
+Per block: the pair test of §3.2 (and Powell damping) on ``(u^j, v^j)``, the memory of ``p`` pairs
+and ``γ_j = v^jᵀv^j / u^jᵀv^j`` of its newest pair (eq. 12 within the block); shared: ``λ_k``
+(eq. 8 on the *full* ``‖g_{k−1}‖``), ``β_k`` and the finite-step test. The diagonal block of the
+base is ``H^j = Q_j Q_jᵀ`` for the EFIM (``Q_j`` the per-example gradients restricted to block
+``j``: eq. 14 per block, an ``(N_H + 2p)``-sized system each), and for the Hessian / GGN
+``H^j x_j = (H [0, …, x_j, …, 0])_j`` (one full product per CG iteration of each block; eq. 13
+per block). A *block* is (static, from the parameter tree):
+
+* ``blocks="layer"``: one per layer found by the layer discovery of the Kronecker methods
+  (:func:`qnopt.methods._kron.find_layers`: a dict node's ``"kernel"`` of rank ≥ 2 with its
+  ``"bias"``; the block is named by the kernel's path, e.g. ``"Dense_0/kernel"``), and one for
+  each other parameter leaf (named by its path, e.g. ``"LayerNorm_0/scale"``);
+* ``blocks=fn``: ``fn(path) -> name``, ``path`` the tuple of the leaf's key names (dict keys,
+  sequence indices, attribute names; ``("Dense_0", "kernel")``); leaves with equal ``str(name)``
+  form one block.
+
+With ``blocks`` set, the state's ``memory`` is ``{block name: Lsr1Memory}`` over the block's
+leaves (each a ``{path: leaf}`` dict) and ``gamma`` is ``{block name: γ_j}``; ``blocks=None``
+(the default) is the single-block method above.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +70,7 @@ from qnopt.damping import gradient_norm_lambda
 from qnopt.linalg import (Lsr1Memory, accumulation_dtype, cg_solve, lowrank_structured_solve, lsr1_memory_init,
                           lsr1_memory_push, structured_pair, structured_solve, tree_all_finite, tree_axpy,
                           tree_scale, tree_stack_combine, tree_stack_dot, tree_vdot)
-from qnopt.methods._kron import learning_rate_at
+from qnopt.methods._kron import _key, _leaves, find_layers, learning_rate_at
 
 PyTree = Any
 
@@ -59,16 +87,18 @@ class ScaleByS2qnState(NamedTuple):
 
     Attributes:
       count: iterations taken.
-      memory: the refinement pairs ``(u_i, v_i)`` (with ``UᵀU``, ``UᵀV``, ``VᵀV``).
+      memory: the refinement pairs ``(u_i, v_i)`` (with ``UᵀU``, ``UᵀV``, ``VᵀV``); with ``blocks``
+        a dict ``{block name: Lsr1Memory}`` of each block's pairs ``(u^j, v^j)``.
       step: ``u_{k−1} = θ_k − θ_{k−1}`` of the previous iteration.
       grad_change: ``v̂_{k−1}``, the gradient change on its samples.
       prev_grad_norm: ``‖g_{k−1}‖`` for eq. 8 (``+∞`` marks "no previous gradient": ``λ = 1/α``).
       lam: the last ``λ_k`` (diagnostic).
-      gamma: the last ``γ_k`` of ``Λ⁰ = γ_k I`` (0 while the refinement is empty).
+      gamma: the last ``γ_k`` of ``Λ⁰ = γ_k I`` (0 while the refinement is empty); with ``blocks``
+        a dict ``{block name: γ_j}``.
     """
 
     count: jax.Array
-    memory: Lsr1Memory
+    memory: Union[Lsr1Memory, dict]
     step: PyTree
     grad_change: PyTree
     prev_grad_norm: jax.Array
@@ -90,6 +120,52 @@ def _newest_gamma(memory: Lsr1Memory, default: jax.Array) -> jax.Array:
     return jnp.where(ok, vv / jnp.where(ok, uv, 1), default)
 
 
+class _Blocks(NamedTuple):
+    """The static partition of a parameter tree: per leaf (flatten order) its path key and block."""
+
+    keys: tuple
+    names: tuple
+    order: tuple     # the block names, sorted (the dict order of the state)
+
+    def split(self, tree: PyTree) -> dict:
+        """``{block: {path: leaf}}`` of a tree shaped like the parameters (leaves may carry a leading axis)."""
+        out = {b: {} for b in self.order}
+        for k, b, leaf in zip(self.keys, self.names, jax.tree.leaves(tree)):
+            out[b][k] = leaf
+        return out
+
+    def merge(self, parts: dict, like: PyTree) -> PyTree:
+        """The inverse of :meth:`split`: a tree with the structure of ``like``."""
+        leaves = [parts[b][k] for k, b in zip(self.keys, self.names)]
+        return jax.tree.unflatten(jax.tree.structure(like), leaves)
+
+
+def _partition(params: PyTree, blocks: Union[str, Callable], method: str) -> _Blocks:
+    """The blocks of §3.4 for ``params`` (see the module docstring)."""
+    leaves = _leaves(params)
+    if len(leaves) != len(jax.tree.leaves(params)):
+        raise ValueError(f"{method}: blocks= needs a parameter tree whose leaves are arrays.")
+    paths = [p for p, _ in leaves]
+    if blocks == "layer":
+        try:
+            specs = find_layers(params)
+        except ValueError as e:
+            raise ValueError(f"{method}: blocks='layer' found no layer ({e}) Pass blocks=fn(path) -> block "
+                             f"name to group the parameters yourself.") from None
+        owner = {}
+        for key, spec in specs.items():
+            owner[spec.kernel_path] = key
+            if spec.has_bias:
+                owner[spec.bias_path] = key
+        names = [owner.get(p, _key(p)) for p in paths]
+    else:
+        names = [str(blocks(p)) for p in paths]
+    keys = tuple(_key(p) for p in paths)
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"{method}: blocks= needs distinct parameter paths, got {sorted(keys)}.")
+    return _Blocks(keys, tuple(names), tuple(sorted(set(names))))
+
+
 def scale_by_s2qn(
     learning_rate: optax.ScalarOrSchedule = 1.0,
     *,
@@ -106,6 +182,7 @@ def scale_by_s2qn(
     gamma: Optional[float] = None,
     cg_iters: int = 20,
     cg_tol: float = 1e-6,
+    blocks: Union[None, str, Callable] = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""S2QN (Alg. 1) as an optax transformation; ``update`` returns the step ``β_k d_k``.
 
@@ -125,7 +202,11 @@ def scale_by_s2qn(
       powell_mu: Powell's threshold for ``damped``.
       gamma: a fixed ``γ`` of ``Λ⁰ = γI``; ``None``: ``vᵀv/uᵀv`` of the newest pair (0 before the
         first pair: ``B = H``; Powell damping then uses ``γ = 1``).
-      cg_iters, cg_tol: the conjugate-gradient budget for the Hessian / GGN bases.
+      cg_iters, cg_tol: the conjugate-gradient budget for the Hessian / GGN bases (per block).
+      blocks: the block-diagonal S2QN of §3.4 (static): ``None`` (one block, the default),
+        ``"layer"`` (each layer's kernel and bias one block, every other parameter leaf its own
+        block) or ``fn(path) -> block name``. Each block has its own base block ``H^j``, pair
+        test, memory and ``γ_j``; ``λ_k`` is shared. See the module docstring.
 
     Example:
       >>> import jax, jax.numpy as jnp, qnopt
@@ -154,14 +235,71 @@ def scale_by_s2qn(
     check_range("eps", eps, 0.0)
     check_range("powell_mu", powell_mu, 0.0, 1.0, low_open=True)
     check_range("cg_iters", cg_iters, 1)
+    if not (blocks is None or blocks == "layer" or callable(blocks)):
+        raise ValueError(f"blocks must be None, 'layer' or a callable path -> block name, got {blocks!r}.")
 
     def init_fn(params: PyTree) -> ScaleByS2qnState:
         zeros = lambda: jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), accumulation_dtype(jnp.asarray(p).dtype)),
                                      params)
-        memory = lsr1_memory_init(params, memory_size)
-        dt = memory.ss.dtype
+        if blocks is None:
+            memory = lsr1_memory_init(params, memory_size)
+            dt = memory.ss.dtype
+            return ScaleByS2qnState(jnp.zeros((), jnp.int32), memory, zeros(), zeros(), jnp.asarray(jnp.inf, dt),
+                                    jnp.zeros((), dt), jnp.ones((), dt))
+        parts = _partition(params, blocks, method).split(params)
+        memory = {b: lsr1_memory_init(sub, memory_size) for b, sub in parts.items()}
+        dt = jnp.result_type(*[mem.ss.dtype for mem in memory.values()])
         return ScaleByS2qnState(jnp.zeros((), jnp.int32), memory, zeros(), zeros(), jnp.asarray(jnp.inf, dt),
-                                jnp.zeros((), dt), jnp.ones((), dt))
+                                jnp.zeros((), dt), {b: jnp.ones((), dt) for b in memory})
+
+    def _block_direction(state, g, ok, dt, h_mv, q, part: _Blocks):
+        """Lines 3–4 per block (§3.4): the blocks' pairs, memories, ``γ_j``, the shared ``λ`` and the
+        direction ``x = blockdiag(H^j + Λ^j + λI)⁻¹ g``."""
+        if not isinstance(state.memory, dict) or set(state.memory) != set(part.order):
+            have = sorted(state.memory) if isinstance(state.memory, dict) else "one block (blocks=None)"
+            raise ValueError(f"{method}: the state holds blocks {have} but params have blocks {list(part.order)}. "
+                             f"Call opt.init(params) with the params you update.")
+        gs, us, vhs = part.split(g), part.split(state.step), part.split(state.grad_change)
+        if q is not None:
+            qs = part.split(q)
+            block_mv = {b: (lambda x, qb=qs[b]: tree_stack_combine(qb, tree_stack_dot(qb, x))) for b in part.order}
+        else:
+            zero = part.split(jax.tree.map(jnp.zeros_like, state.step))
+
+            def block_mv_of(b):   # H^j x_j = (H [0, …, x_j, …, 0])_j
+                def mv(x):
+                    full = part.merge({**zero, b: jax.tree.map(lambda a, z: a.astype(z.dtype), x, zero[b])},
+                                      state.step)
+                    return part.split(h_mv(full))[b]
+                return mv
+            block_mv = {b: block_mv_of(b) for b in part.order}
+
+        a_k = jnp.asarray(learning_rate_at(alpha, state.count), dt)
+        lam = jnp.where(jnp.isfinite(state.prev_grad_norm),
+                        gradient_norm_lambda(state.prev_grad_norm, a_k, r1, r2), 1 / a_k).astype(dt)
+        memory, gams, xs = {}, {}, {}
+        for b in part.order:
+            mem = state.memory[b]
+            gam = jnp.asarray(0.0 if gamma is None else gamma, dt)
+            if refine:
+                gam0 = _newest_gamma(mem, jnp.ones((), dt)) if gamma is None else gam
+                v, accept = structured_pair(us[b], vhs[b], block_mv[b], eps=eps, damped=damped, gamma=gam0,
+                                            mu=powell_mu)
+                mem = lsr1_memory_push(mem, us[b], v, accept & ok & (state.count > 0))
+                gam = _newest_gamma(mem, gam) if gamma is None else gam
+            memory[b], gams[b] = mem, gam
+            shift = (gam if refine else 0.0) + lam
+            if q is not None:
+                if refine:
+                    xs[b] = lowrank_structured_solve(mem, gam, lam, qs[b], gs[b])
+                else:
+                    xs[b] = lowrank_structured_solve(lsr1_memory_init(gs[b], 1), 0.0, lam, qs[b], gs[b])
+            else:
+                mv = block_mv[b]
+                base_solve = lambda rhs, mv=mv, shift=shift: cg_solve(lambda z: tree_axpy(shift, z, mv(z)), rhs,
+                                                                      max_iters=cg_iters, tol=cg_tol)[0]
+                xs[b] = structured_solve(mem, gam, lam, gs[b], base_solve) if refine else base_solve(gs[b])
+        return memory, gams, lam, part.merge(xs, g)
 
     def update_fn(updates: PyTree, state: ScaleByS2qnState, params: Optional[PyTree] = None,
                   curvature: Any = None, **extra_args):
@@ -188,32 +326,36 @@ def scale_by_s2qn(
             product = sub.hvp if base == "hessian" else sub.ggn_vp
             h_mv = lambda x: jax.tree.map(lambda a, r: a.astype(r.dtype), product(cast(x)), x)
 
-        # Line 3: the pair of the previous step (eq. 10) and Λ_k.
-        memory = state.memory
-        # Before the first pair the refinement is empty (γ = 0: B = H), unless γ is fixed.
-        gam = jnp.asarray(0.0 if gamma is None else gamma, dt)
-        if refine:
-            gam0 = _newest_gamma(memory, jnp.ones((), dt)) if gamma is None else gam
-            v, accept = structured_pair(state.step, state.grad_change, h_mv, eps=eps, damped=damped, gamma=gam0,
-                                        mu=powell_mu)
-            # (a non-finite step leaves the memory as it was: its pair is refused here)
-            memory = lsr1_memory_push(memory, state.step, v, accept & ok & (state.count > 0))
-            gam = _newest_gamma(memory, gam) if gamma is None else gam
-
-        # Line 4: λ_k (eq. 8) and d_k = −(H + Λ + λI)⁻¹ g.
-        a_k = jnp.asarray(learning_rate_at(alpha, state.count), dt)
-        lam = jnp.where(jnp.isfinite(state.prev_grad_norm),
-                        gradient_norm_lambda(state.prev_grad_norm, a_k, r1, r2), 1 / a_k).astype(dt)
-        shift = (gam if refine else 0.0) + lam
-        if base == "empirical_fisher":
-            if refine:
-                x = lowrank_structured_solve(memory, gam, lam, q, g)
-            else:   # (QQᵀ + λI)⁻¹ g by the same formula with an empty refinement
-                x = lowrank_structured_solve(lsr1_memory_init(g, 1), 0.0, lam, q, g)
+        if blocks is not None:
+            memory, gam, lam, x = _block_direction(state, g, ok, dt, h_mv, q if base == "empirical_fisher" else None,
+                                                   _partition(params, blocks, method))
         else:
-            base_solve = lambda b: cg_solve(lambda z: tree_axpy(shift, z, h_mv(z)), b, max_iters=cg_iters,
-                                            tol=cg_tol)[0]
-            x = structured_solve(memory, gam, lam, g, base_solve) if refine else base_solve(g)
+            # Line 3: the pair of the previous step (eq. 10) and Λ_k.
+            memory = state.memory
+            # Before the first pair the refinement is empty (γ = 0: B = H), unless γ is fixed.
+            gam = jnp.asarray(0.0 if gamma is None else gamma, dt)
+            if refine:
+                gam0 = _newest_gamma(memory, jnp.ones((), dt)) if gamma is None else gam
+                v, accept = structured_pair(state.step, state.grad_change, h_mv, eps=eps, damped=damped, gamma=gam0,
+                                            mu=powell_mu)
+                # (a non-finite step leaves the memory as it was: its pair is refused here)
+                memory = lsr1_memory_push(memory, state.step, v, accept & ok & (state.count > 0))
+                gam = _newest_gamma(memory, gam) if gamma is None else gam
+
+            # Line 4: λ_k (eq. 8) and d_k = −(H + Λ + λI)⁻¹ g.
+            a_k = jnp.asarray(learning_rate_at(alpha, state.count), dt)
+            lam = jnp.where(jnp.isfinite(state.prev_grad_norm),
+                            gradient_norm_lambda(state.prev_grad_norm, a_k, r1, r2), 1 / a_k).astype(dt)
+            shift = (gam if refine else 0.0) + lam
+            if base == "empirical_fisher":
+                if refine:
+                    x = lowrank_structured_solve(memory, gam, lam, q, g)
+                else:   # (QQᵀ + λI)⁻¹ g by the same formula with an empty refinement
+                    x = lowrank_structured_solve(lsr1_memory_init(g, 1), 0.0, lam, q, g)
+            else:
+                base_solve = lambda b: cg_solve(lambda z: tree_axpy(shift, z, h_mv(z)), b, max_iters=cg_iters,
+                                                tol=cg_tol)[0]
+                x = structured_solve(memory, gam, lam, g, base_solve) if refine else base_solve(g)
         beta = jnp.asarray(learning_rate_at(learning_rate, state.count), dt)
         step = tree_scale(-beta, x)
         ok = ok & tree_all_finite(step)
