@@ -368,7 +368,9 @@ def scale_by_s2qn(
 
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b).astype(b.dtype), new, old)
         new_state = ScaleByS2qnState(
-            count=keep(state.count + 1, state.count), memory=memory, step=keep(u, state.step),
+            # A non-finite direction also leaves the memory as it was (else the pending pair, kept in
+            # the state, would be pushed a second time at the next step).
+            count=keep(state.count + 1, state.count), memory=keep(memory, state.memory), step=keep(u, state.step),
             grad_change=keep(v_hat, state.grad_change),
             prev_grad_norm=keep(jnp.sqrt(tree_vdot(g, g)).astype(dt), state.prev_grad_norm),
             lam=keep(lam, state.lam), gamma=keep(gam, state.gamma))
