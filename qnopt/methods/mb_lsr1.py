@@ -326,7 +326,7 @@ def scale_by_mb_lsr1(
         resampled = failed & ok if restart_memory >= 0 else jnp.asarray(False)
         accept = ~resampled & ok & lsr1_accept(memory, gam, s, y, r)
         memory = lsr1_memory_push(memory, s, y, accept)
-        next_gamma = lsr1_gamma(memory) if gamma is None else gam
+        next_gamma = lsr1_gamma(memory) if gamma is None else f32(gamma)   # a fixed γ survives restarts
 
         # getBatch (Alg. 6).
         batch = state.batch._replace(reductions=state.batch.reductions + jnp.where(ok, reduction, 0))
