@@ -8,7 +8,9 @@ oldest dropped beyond ``p``), ``λ_k`` from eq. 8 and ``d = −(H + Λ + λI)⁻
 The pair of step ``k−1`` is formed at step ``k`` with ``H_k``: ``v = v̂ − H_k u`` (eq. 10).
 """
 
+import importlib.util
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +20,11 @@ import pytest
 
 import qnopt
 from qnopt.linalg import structured_lbfgs_matvec
+
+_spec = importlib.util.spec_from_file_location("s2qn_reference", pathlib.Path(__file__).with_name("s2qn_reference.py"))
+_ref = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_ref)
+per_example, eq8, bfgs_dense = _ref.per_example, _ref.eq8, _ref.bfgs_dense
 
 D_IN, HIDDEN = 3, 2
 D = HIDDEN * D_IN + HIDDEN + HIDDEN + 1        # 11 parameters, one 1-D array
@@ -44,12 +51,6 @@ def apply_fn(theta, x):
     return (jnp.tanh(x @ w1 + b1) @ w2 + b2)[:, None]          # (N, 1)
 
 
-def per_example(loss, out, t):
-    """The per-example losses of qnopt/capture/losses.py, written out independently."""
-    o, t = out[:, 0], t[:, 0]
-    if loss == "mse":
-        return 0.5 * (o - t) ** 2
-    return jnp.logaddexp(0.0, o) - t * o                         # sigmoid BCE, sum over 1 output
 
 
 def make_problem(loss, seed=0):
@@ -96,21 +97,8 @@ class Dense:
         return J.T @ (h_out[:, None] * J) / x.shape[0]
 
 
-def eq8(gnorm, alpha, r1, r2):
-    if gnorm < r1:
-        return 2 * r1 / (gnorm + r1) / alpha
-    if gnorm > r2:
-        return 2 * gnorm / (gnorm + r2) / alpha
-    return 1 / alpha
 
 
-def bfgs_dense(pairs, gamma, d):
-    """Λ from γI by B ← B − BuuᵀB/uᵀBu + vvᵀ/uᵀv over the pairs, oldest first."""
-    B = gamma * np.eye(d)
-    for u, v in pairs:
-        Bu = B @ u
-        B = B - np.outer(Bu, Bu) / (u @ Bu) + np.outer(v, v) / (u @ v)
-    return B
 
 
 def reference(dense, theta0, batches, *, base, steps=STEPS, n_h, memory_size=5, refine=True,

@@ -9,6 +9,9 @@ curvature test (and Powell damping), its own BFGS recursion ``Λ^j`` from ``γ_j
 ``blockdiag(H^j + Λ^j) + λI`` densely, with the shared ``λ_k`` of eq. 8 on the full ``‖g‖``.
 """
 
+import importlib.util
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +21,11 @@ from jax.flatten_util import ravel_pytree
 import qnopt
 from qnopt.capture import tag_dense
 from qnopt.linalg import structured_lbfgs_matvec
+
+_spec = importlib.util.spec_from_file_location("s2qn_reference", pathlib.Path(__file__).with_name("s2qn_reference.py"))
+_ref = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_ref)
+per_example, eq8, bfgs_dense = _ref.per_example, _ref.eq8, _ref.bfgs_dense
 
 D_IN, HIDDEN = 3, 3
 N, POOL, STEPS = 40, 120, 6
@@ -51,11 +59,6 @@ def init_params(rng):
             "s": np.asarray(1.0 + 0.2 * rng.normal())}
 
 
-def per_example(loss, out, t):
-    o, t = out[:, 0], t[:, 0]
-    if loss == "mse":
-        return 0.5 * (o - t) ** 2
-    return jnp.logaddexp(0.0, o) - t * o
 
 
 def make_problem(loss, seed=0):
@@ -129,20 +132,8 @@ class Dense:
         return J.T @ (h_out[:, None] * J) / x.shape[0]
 
 
-def eq8(gnorm, alpha, r1, r2):
-    if gnorm < r1:
-        return 2 * r1 / (gnorm + r1) / alpha
-    if gnorm > r2:
-        return 2 * gnorm / (gnorm + r2) / alpha
-    return 1 / alpha
 
 
-def bfgs_dense(pairs, gamma, d):
-    B = gamma * np.eye(d)
-    for u, v in pairs:
-        Bu = B @ u
-        B = B - np.outer(Bu, Bu) / (u @ Bu) + np.outer(v, v) / (u @ v)
-    return B
 
 
 def reference(dense, theta0, batches, index_sets, *, base, n_h, steps=STEPS, memory_size=5, damped=False,
