@@ -252,6 +252,33 @@ def scale_by_s2qn(
         return ScaleByS2qnState(jnp.zeros((), jnp.int32), memory, zeros(), zeros(), jnp.asarray(jnp.inf, dt),
                                 jnp.zeros((), dt), {b: jnp.ones((), dt) for b in memory})
 
+    def _lambda(state, dt):
+        """λ_k of eq. 8 from ‖g_{k−1}‖ (``1/α`` at the first step)."""
+        a_k = jnp.asarray(learning_rate_at(alpha, state.count), dt)
+        return jnp.where(jnp.isfinite(state.prev_grad_norm),
+                         gradient_norm_lambda(state.prev_grad_norm, a_k, r1, r2), 1 / a_k).astype(dt)
+
+    def _refine_and_solve(memory, u, v_hat, g, h_mv, q, lam, ok, count, dt):
+        """Lines 3–4 on one block: the pair of the previous step (eq. 10) into ``memory``, ``γ`` and
+        ``x = (H + Λ + λI)⁻¹ g`` (eq. 14 with ``H = QQᵀ`` when ``q`` is given, else eq. 13 with CG
+        on ``h_mv``). Returns ``(memory, γ, x)``."""
+        # Before the first pair the refinement is empty (γ = 0: B = H), unless γ is fixed.
+        gam = jnp.asarray(0.0 if gamma is None else gamma, dt)
+        if refine:
+            gam0 = _newest_gamma(memory, jnp.ones((), dt)) if gamma is None else gam
+            v, accept = structured_pair(u, v_hat, h_mv, eps=eps, damped=damped, gamma=gam0, mu=powell_mu)
+            memory = lsr1_memory_push(memory, u, v, accept & ok & (count > 0))
+            gam = _newest_gamma(memory, gam) if gamma is None else gam
+        if q is not None:
+            if refine:
+                return memory, gam, lowrank_structured_solve(memory, gam, lam, q, g)
+            # (QQᵀ + λI)⁻¹ g by the same formula with an empty refinement
+            return memory, gam, lowrank_structured_solve(lsr1_memory_init(g, 1), 0.0, lam, q, g)
+        shift = (gam if refine else 0.0) + lam
+        base_solve = lambda rhs: cg_solve(lambda z: tree_axpy(shift, z, h_mv(z)), rhs, max_iters=cg_iters,
+                                          tol=cg_tol)[0]
+        return memory, gam, structured_solve(memory, gam, lam, g, base_solve) if refine else base_solve(g)
+
     def _block_direction(state, g, ok, dt, h_mv, q, part: _Blocks):
         """Lines 3–4 per block (§3.4): the blocks' pairs, memories, ``γ_j``, the shared ``λ`` and the
         direction ``x = blockdiag(H^j + Λ^j + λI)⁻¹ g``."""
@@ -274,31 +301,11 @@ def scale_by_s2qn(
                 return mv
             block_mv = {b: block_mv_of(b) for b in part.order}
 
-        a_k = jnp.asarray(learning_rate_at(alpha, state.count), dt)
-        lam = jnp.where(jnp.isfinite(state.prev_grad_norm),
-                        gradient_norm_lambda(state.prev_grad_norm, a_k, r1, r2), 1 / a_k).astype(dt)
+        lam = _lambda(state, dt)
         memory, gams, xs = {}, {}, {}
         for b in part.order:
-            mem = state.memory[b]
-            gam = jnp.asarray(0.0 if gamma is None else gamma, dt)
-            if refine:
-                gam0 = _newest_gamma(mem, jnp.ones((), dt)) if gamma is None else gam
-                v, accept = structured_pair(us[b], vhs[b], block_mv[b], eps=eps, damped=damped, gamma=gam0,
-                                            mu=powell_mu)
-                mem = lsr1_memory_push(mem, us[b], v, accept & ok & (state.count > 0))
-                gam = _newest_gamma(mem, gam) if gamma is None else gam
-            memory[b], gams[b] = mem, gam
-            shift = (gam if refine else 0.0) + lam
-            if q is not None:
-                if refine:
-                    xs[b] = lowrank_structured_solve(mem, gam, lam, qs[b], gs[b])
-                else:
-                    xs[b] = lowrank_structured_solve(lsr1_memory_init(gs[b], 1), 0.0, lam, qs[b], gs[b])
-            else:
-                mv = block_mv[b]
-                base_solve = lambda rhs, mv=mv, shift=shift: cg_solve(lambda z: tree_axpy(shift, z, mv(z)), rhs,
-                                                                      max_iters=cg_iters, tol=cg_tol)[0]
-                xs[b] = structured_solve(mem, gam, lam, gs[b], base_solve) if refine else base_solve(gs[b])
+            memory[b], gams[b], xs[b] = _refine_and_solve(state.memory[b], us[b], vhs[b], gs[b], block_mv[b],
+                                                          None if q is None else qs[b], lam, ok, state.count, dt)
         return memory, gams, lam, part.merge(xs, g)
 
     def update_fn(updates: PyTree, state: ScaleByS2qnState, params: Optional[PyTree] = None,
@@ -323,39 +330,17 @@ def scale_by_s2qn(
             q = jax.tree.map(lambda x, r: x.astype(r.dtype) / math.sqrt(n_h), sub.per_example_grads(), state.step)
             h_mv = lambda x: tree_stack_combine(q, tree_stack_dot(q, x))
         else:
+            q = None
             product = sub.hvp if base == "hessian" else sub.ggn_vp
             h_mv = lambda x: jax.tree.map(lambda a, r: a.astype(r.dtype), product(cast(x)), x)
 
         if blocks is not None:
-            memory, gam, lam, x = _block_direction(state, g, ok, dt, h_mv, q if base == "empirical_fisher" else None,
+            memory, gam, lam, x = _block_direction(state, g, ok, dt, h_mv, q,
                                                    _partition(params, blocks, method))
-        else:
-            # Line 3: the pair of the previous step (eq. 10) and Λ_k.
-            memory = state.memory
-            # Before the first pair the refinement is empty (γ = 0: B = H), unless γ is fixed.
-            gam = jnp.asarray(0.0 if gamma is None else gamma, dt)
-            if refine:
-                gam0 = _newest_gamma(memory, jnp.ones((), dt)) if gamma is None else gam
-                v, accept = structured_pair(state.step, state.grad_change, h_mv, eps=eps, damped=damped, gamma=gam0,
-                                            mu=powell_mu)
-                # (a non-finite step leaves the memory as it was: its pair is refused here)
-                memory = lsr1_memory_push(memory, state.step, v, accept & ok & (state.count > 0))
-                gam = _newest_gamma(memory, gam) if gamma is None else gam
-
-            # Line 4: λ_k (eq. 8) and d_k = −(H + Λ + λI)⁻¹ g.
-            a_k = jnp.asarray(learning_rate_at(alpha, state.count), dt)
-            lam = jnp.where(jnp.isfinite(state.prev_grad_norm),
-                            gradient_norm_lambda(state.prev_grad_norm, a_k, r1, r2), 1 / a_k).astype(dt)
-            shift = (gam if refine else 0.0) + lam
-            if base == "empirical_fisher":
-                if refine:
-                    x = lowrank_structured_solve(memory, gam, lam, q, g)
-                else:   # (QQᵀ + λI)⁻¹ g by the same formula with an empty refinement
-                    x = lowrank_structured_solve(lsr1_memory_init(g, 1), 0.0, lam, q, g)
-            else:
-                base_solve = lambda b: cg_solve(lambda z: tree_axpy(shift, z, h_mv(z)), b, max_iters=cg_iters,
-                                                tol=cg_tol)[0]
-                x = structured_solve(memory, gam, lam, g, base_solve) if refine else base_solve(g)
+        else:   # lines 3–4 on the whole parameter vector
+            lam = _lambda(state, dt)
+            memory, gam, x = _refine_and_solve(state.memory, state.step, state.grad_change, g, h_mv, q,
+                                               lam, ok, state.count, dt)
         beta = jnp.asarray(learning_rate_at(learning_rate, state.count), dt)
         step = tree_scale(-beta, x)
         ok = ok & tree_all_finite(step)
