@@ -40,6 +40,8 @@ from qnopt.linalg.structured import (
     lowrank_structured_solve,
     cg_solve,
     structured_pair,
+    structured_refine,
+    newest_gamma,
 )
 from qnopt.linalg.tree import (
     accumulation_dtype,
@@ -102,6 +104,8 @@ __all__ = [
     "lowrank_structured_solve",
     "cg_solve",
     "structured_pair",
+    "structured_refine",
+    "newest_gamma",
     "block_bfgs_update",
     "block_damping_tau",
     "block_sketch",

@@ -20,7 +20,8 @@ The steps ``(B + λI)⁻¹ g`` come from Sherman–Morrison–Woodbury:
 * :func:`cg_solve`, conjugate gradients on pytrees, to serve as that solver when ``H`` is only
   available through products (S4QN: a subsampled Hessian or GGN);
 * :func:`structured_pair` forms ``v = v̂ − Hu`` (eq. 10) and applies the curvature test of §3.2
-  (optionally Powell's damping on ``Λ⁰``).
+  (optionally Powell's damping on ``Λ⁰``); :func:`structured_refine` is Alg. 1 line 3 (the pair
+  into the memory and ``γ`` of ``Λ⁰ = γI`` by :func:`newest_gamma`).
 
 The pair memory is :class:`qnopt.linalg.Lsr1Memory` (circular L-BFGS stacks with ``SᵀY``, ``YᵀY``
 and ``SᵀS``; here ``s ≡ u`` and ``y ≡ v``), filled by :func:`qnopt.linalg.lsr1_memory_push` with
@@ -39,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from qnopt.linalg.lsr1 import Lsr1Memory, masked_grams
+from qnopt.linalg.lsr1 import Lsr1Memory, lsr1_memory_push, masked_grams
 from qnopt.linalg.tree import (
     accumulation_dtype,
     tree_axpy,
@@ -62,6 +63,8 @@ __all__ = [
     "lowrank_structured_solve",
     "cg_solve",
     "structured_pair",
+    "structured_refine",
+    "newest_gamma",
 ]
 
 
@@ -489,3 +492,61 @@ def structured_pair(u: PyTree, v_hat: PyTree, base_matvec: Callable[[PyTree], Py
     finite = jnp.isfinite(uv) & jnp.isfinite(uu) & jnp.isfinite(vv)
     accept = finite & ~noise & (uv > 0) & (uv >= jnp.asarray(eps, uv.dtype) * jnp.sqrt(uu) * jnp.sqrt(vv))
     return v, accept
+
+
+def newest_gamma(memory: Lsr1Memory, default: ArrayLike) -> jax.Array:
+    r"""``γ = vᵀv / uᵀv`` of the newest stored pair (the L-BFGS scaling of ``Λ⁰ = γI``), or
+    ``default`` when the memory is empty or that pair's ``uᵀv``, ``vᵀv`` are not positive.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from qnopt.linalg import lsr1_memory_init, lsr1_memory_push
+      >>> mem = lsr1_memory_push(lsr1_memory_init(jnp.zeros(2), 2), jnp.array([1., 0.]), jnp.array([2., 0.]))
+      >>> newest_gamma(mem, 0.0), newest_gamma(lsr1_memory_init(jnp.zeros(2), 2), 0.0)
+      (Array(2., dtype=float32), Array(0., dtype=float32))
+    """
+    pairs = memory.pairs
+    m = pairs.written_at.shape[0]
+    k = (pairs.num_pushed - 1) % m
+    uv, vv = pairs.sy[k, k], pairs.yy[k, k]
+    ok = (pairs.num_pushed > 0) & (uv > 0) & (vv > 0)
+    return jnp.where(ok, vv / jnp.where(ok, uv, 1), jnp.asarray(default, uv.dtype))
+
+
+def structured_refine(memory: Lsr1Memory, u: PyTree, v_hat: PyTree, base_matvec: Callable[[PyTree], PyTree], *,
+                      valid: ArrayLike = True, gamma: Optional[ArrayLike] = None, eps: ArrayLike = 1e-8,
+                      damped: bool = False, mu: ArrayLike = 0.25) -> tuple[Lsr1Memory, jax.Array]:
+    r"""S2QN Alg. 1 line 3: the pair of the previous step into the refinement, and ``γ`` of ``Λ⁰``.
+
+    ``v = v̂ − H u`` and its test by :func:`structured_pair` (Powell-damped on ``Λ⁰ = γI`` with
+    ``damped``, using the newest pair's ``γ`` or 1 before the first one), pushed into ``memory``
+    when accepted and ``valid`` (e.g. "there is a previous step"). The returned ``γ`` is the fixed
+    ``gamma`` if given, else ``vᵀv/uᵀv`` of the newest stored pair (:func:`newest_gamma`), 0 while
+    the memory is empty (so ``B = H`` before the first pair).
+
+    Args:
+      memory: the pair memory.
+      u, v_hat: the previous step ``θ_k − θ_{k−1}`` and the gradient change on its samples.
+      base_matvec: ``x ↦ H_k x`` with the base of the step that uses the refinement.
+      valid: a scalar bool; ``False`` pushes nothing.
+      gamma: a fixed ``γ`` (``None``: the L-BFGS scaling above).
+      eps, damped, mu: see :func:`structured_pair`.
+
+    Returns:
+      ``(memory, γ)``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from qnopt.linalg import lsr1_memory_init
+      >>> mem, gam = structured_refine(lsr1_memory_init(jnp.zeros(2), 3), jnp.array([1., 0.]),
+      ...                              jnp.array([3., 0.]), lambda x: x)   # v = v̂ − u = (2, 0)
+      >>> gam, mem.pairs.num_pushed
+      (Array(2., dtype=float32), Array(1, dtype=int32))
+    """
+    dt = memory.ss.dtype
+    fixed = gamma is not None
+    gam0 = jnp.asarray(gamma, dt) if fixed else newest_gamma(memory, jnp.ones((), dt))
+    v, accept = structured_pair(u, v_hat, base_matvec, eps=eps, damped=damped, gamma=gam0, mu=mu)
+    memory = lsr1_memory_push(memory, u, v, accept & jnp.asarray(valid))
+    gam = jnp.asarray(gamma, dt) if fixed else newest_gamma(memory, jnp.zeros((), dt))
+    return memory, gam

@@ -68,8 +68,8 @@ import optax
 from qnopt.base import check_like, check_range, require_params
 from qnopt.damping import gradient_norm_lambda
 from qnopt.linalg import (Lsr1Memory, accumulation_dtype, cg_solve, lowrank_structured_solve, lsr1_memory_init,
-                          lsr1_memory_push, structured_pair, structured_solve, tree_all_finite, tree_axpy,
-                          tree_scale, tree_stack_combine, tree_stack_dot, tree_vdot)
+                          structured_refine, structured_solve, tree_all_finite, tree_axpy, tree_scale,
+                          tree_stack_combine, tree_stack_dot, tree_vdot)
 from qnopt.methods._kron import _key, _leaves, find_layers, learning_rate_at
 
 PyTree = Any
@@ -108,16 +108,6 @@ class ScaleByS2qnState(NamedTuple):
 
 def _first(tree: PyTree, n: int) -> PyTree:
     return jax.tree.map(lambda x: x[:n], tree)
-
-
-def _newest_gamma(memory: Lsr1Memory, default: jax.Array) -> jax.Array:
-    """``γ = vᵀv/uᵀv`` of the newest stored pair (the L-BFGS scaling of a Hessian approximation)."""
-    pairs = memory.pairs
-    m = pairs.written_at.shape[0]
-    k = (pairs.num_pushed - 1) % m
-    uv, vv = pairs.sy[k, k], pairs.yy[k, k]
-    ok = (pairs.num_pushed > 0) & (uv > 0) & (vv > 0)
-    return jnp.where(ok, vv / jnp.where(ok, uv, 1), default)
 
 
 class _Blocks(NamedTuple):
@@ -265,10 +255,8 @@ def scale_by_s2qn(
         # Before the first pair the refinement is empty (γ = 0: B = H), unless γ is fixed.
         gam = jnp.asarray(0.0 if gamma is None else gamma, dt)
         if refine:
-            gam0 = _newest_gamma(memory, jnp.ones((), dt)) if gamma is None else gam
-            v, accept = structured_pair(u, v_hat, h_mv, eps=eps, damped=damped, gamma=gam0, mu=powell_mu)
-            memory = lsr1_memory_push(memory, u, v, accept & ok & (count > 0))
-            gam = _newest_gamma(memory, gam) if gamma is None else gam
+            memory, gam = structured_refine(memory, u, v_hat, h_mv, valid=ok & (count > 0), gamma=gamma,
+                                            eps=eps, damped=damped, mu=powell_mu)
         if q is not None:
             if refine:
                 return memory, gam, lowrank_structured_solve(memory, gam, lam, q, g)

@@ -38,6 +38,9 @@ __all__ = [
     "factored_damping",
     "damped_inverse",
     "damped_cholesky",
+    "factor_eigh",
+    "kron_eigen_matvec",
+    "kron_eigen_solve",
 ]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -211,3 +214,72 @@ def damped_cholesky(F: ArrayLike, eps: ArrayLike) -> jax.Array:
     """
     F = jnp.asarray(F)
     return jnp.linalg.cholesky(F + jnp.asarray(eps, F.dtype) * jnp.eye(F.shape[0], dtype=F.dtype))
+
+
+def factor_eigh(F: ArrayLike) -> tuple[jax.Array, jax.Array]:
+    r"""``(w, Q)`` with ``F = Q diag(w) Qᵀ`` for a symmetric PSD factor, ``w`` clipped at 0.
+
+    The eigenbasis form of a Kronecker factor for :func:`kron_eigen_solve` and
+    :func:`kron_eigen_matvec` (negative round-off eigenvalues of a Gram matrix are set to 0).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> w, Q = factor_eigh(jnp.diag(jnp.array([3., -1e-9])))
+      >>> w
+      Array([0., 3.], dtype=float32)
+    """
+    F = jnp.asarray(F)
+    w, Q = jnp.linalg.eigh(0.5 * (F + F.T))
+    return jnp.maximum(w, 0.0), Q
+
+
+def _kron_spectral(eig_A: tuple, eig_G: tuple, X: ArrayLike, fn: Callable[[jax.Array], jax.Array]) -> jax.Array:
+    """``Q_G [fn(w_G w_Aᵀ) ∘ (Q_Gᵀ X Q_A)] Q_Aᵀ``: a function of ``A ⊗ G`` applied to ``vec(X)``."""
+    (w_a, Q_a), (w_g, Q_g) = eig_A, eig_G
+    X = jnp.asarray(X, Q_a.dtype)
+    Z = jnp.matmul(jnp.matmul(Q_g.T, X, precision=_HIGHEST), Q_a, precision=_HIGHEST)
+    Z = Z * fn(w_g[:, None] * w_a[None, :])
+    return jnp.matmul(jnp.matmul(Q_g, Z, precision=_HIGHEST), Q_a.T, precision=_HIGHEST)
+
+
+def kron_eigen_solve(eig_A: tuple, eig_G: tuple, X: ArrayLike, shift: ArrayLike) -> jax.Array:
+    r"""``(A ⊗ G + c I)⁻¹ vec(X)`` exactly, from the eigendecompositions of the factors.
+
+    With ``A = Q_A W_A Q_Aᵀ`` and ``G = Q_G W_G Q_Gᵀ`` (:func:`factor_eigh`),
+    ``A ⊗ G + cI = (Q_A ⊗ Q_G)(W_A ⊗ W_G + cI)(Q_A ⊗ Q_G)ᵀ``, so in the layer-matrix layout
+
+    .. math::
+        (A \otimes G + cI)^{-1}\operatorname{vec}(X)
+        = \operatorname{vec}\big(Q_G\,[(Q_G^\top X Q_A) \oslash (w_G w_A^\top + c)]\,Q_A^\top\big).
+
+    Unlike K-FAC's factored damping ``(A + π√c I) ⊗ (G + √c/π I)`` this is the exact
+    regularised inverse of the Kronecker product (S2QN eq. 13's ``H̃⁻¹`` for the empirical
+    K-FAC base of SKQN-L, and Alg. 1 line 4 for SKQN-B1/B2). Cost: four matrix products.
+
+    Args:
+      eig_A: ``(w_A, Q_A)`` of ``A`` ``(d_a, d_a)``.
+      eig_G: ``(w_G, Q_G)`` of ``G`` ``(d_g, d_g)``.
+      X: ``(d_g, d_a)``.
+      shift: ``c > 0`` (any ``c`` with ``w_G w_Aᵀ + c ≠ 0``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> A, G, X = jnp.diag(jnp.array([1., 2.])), jnp.array([[3.]]), jnp.ones((1, 2))
+      >>> kron_eigen_solve(factor_eigh(A), factor_eigh(G), X, 1.0)    # 1 / (3·(1, 2) + 1)
+      Array([[0.25      , 0.14285715]], dtype=float32)
+    """
+    return _kron_spectral(eig_A, eig_G, X, lambda w: 1.0 / (w + jnp.asarray(shift, w.dtype)))
+
+
+def kron_eigen_matvec(eig_A: tuple, eig_G: tuple, X: ArrayLike) -> jax.Array:
+    r"""``(A ⊗ G) vec(X) = vec(G X A)`` through the same eigenbasis as :func:`kron_eigen_solve`
+    (so that a base ``H = A ⊗ G`` applied and inverted by the two is one and the same matrix,
+    also when ``w`` was clipped).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> A, G = jnp.diag(jnp.array([1., 2.])), jnp.array([[3.]])
+      >>> kron_eigen_matvec(factor_eigh(A), factor_eigh(G), jnp.ones((1, 2)))
+      Array([[3., 6.]], dtype=float32)
+    """
+    return _kron_spectral(eig_A, eig_G, X, lambda w: w)
