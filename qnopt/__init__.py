@@ -8,10 +8,11 @@ learning rate. The primitives they are built from live in ``qnopt.linalg`` and `
 __version__ = "0.1.0"
 
 from qnopt import base, capture, curvature, damping, data, linalg, preconditioners, sharding, testing, trust_region
-from qnopt.alias import kbfgs, kbfgs_l, kfac, lssr1_tr, mb_lsr1, s2qn, s4qn, shampoo, slimqn, smw_gn, smw_ng, smw_ng_bd, tnt
+from qnopt.alias import kbfgs, kbfgs_l, kfac, lssr1_tr, mb_lsr1, s2qn, s4qn, shampoo, skqn, skqn_b1, skqn_b2, skqn_l, slimqn, smw_gn, smw_ng, smw_ng_bd, tnt
 from qnopt.training import make_train_step
 from qnopt.methods import (KbfgsLayerState, KfacLayerState, ScaleByKbfgsState, ScaleByKfacState,
-                           ScaleByMbLsr1State, ScaleByS2qnState, scale_by_mb_lsr1, scale_by_s2qn,
+                           ScaleByMbLsr1State, ScaleByS2qnState, ScaleBySkqnState, SkqnLayerState,
+                           scale_by_mb_lsr1, scale_by_s2qn, scale_by_skqn,
                            ScaleByShampooState, ScaleBySlimQNState, ScaleBySmwState, ScaleByTntState,
                            scale_by_kbfgs, scale_by_kfac, scale_by_shampoo, scale_by_slimqn,
                            scale_by_smw_gn, scale_by_smw_ng, scale_by_smw_ng_bd, scale_by_tnt)
@@ -35,6 +36,13 @@ __all__ = [
     "s4qn",
     "scale_by_s2qn",
     "ScaleByS2qnState",
+    "skqn",
+    "skqn_l",
+    "skqn_b1",
+    "skqn_b2",
+    "scale_by_skqn",
+    "ScaleBySkqnState",
+    "SkqnLayerState",
     "kbfgs",
     "kbfgs_l",
     "scale_by_kbfgs",

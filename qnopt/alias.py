@@ -13,11 +13,12 @@ from qnopt.methods.kfac import scale_by_kfac
 from qnopt.methods.mb_lsr1 import scale_by_mb_lsr1
 from qnopt.methods.s2qn import scale_by_s2qn
 from qnopt.methods.shampoo import scale_by_shampoo
+from qnopt.methods.skqn import scale_by_skqn
 from qnopt.methods.slimqn import scale_by_slimqn
 from qnopt.methods.smw import scale_by_smw_gn, scale_by_smw_ng, scale_by_smw_ng_bd
 from qnopt.methods.tnt import scale_by_tnt
 
-__all__ = ["kbfgs", "kbfgs_l", "kfac", "lssr1_tr", "mb_lsr1", "s2qn", "s4qn", "shampoo", "slimqn", "smw_gn", "smw_ng", "smw_ng_bd", "tnt"]
+__all__ = ["kbfgs", "kbfgs_l", "kfac", "lssr1_tr", "mb_lsr1", "s2qn", "s4qn", "shampoo", "skqn", "skqn_b1", "skqn_b2", "skqn_l", "slimqn", "smw_gn", "smw_ng", "smw_ng_bd", "tnt"]
 
 
 def slimqn(
@@ -417,20 +418,60 @@ def s2qn(*args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
     return scale_by_s2qn(*args, **kwargs)
 
 
-@functools.wraps(scale_by_s2qn, assigned=("__module__", "__annotations__"))
-def s4qn(*args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
+def _fixing(scale_by: Any, name: str, value: Any):
+    """Decorator: an alias of ``scale_by`` with the default of ``name`` set to ``value``, also in its
+    signature (so that ``optax.inject_hyperparams`` sees it)."""
+    def wrap(fn):
+        @functools.wraps(scale_by, assigned=("__module__", "__annotations__"))
+        def alias(*args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
+            kwargs.setdefault(name, value)
+            return scale_by(*args, **kwargs)
+        alias.__name__, alias.__qualname__, alias.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+        sig = inspect.signature(scale_by)
+        alias.__signature__ = sig.replace(parameters=[
+            q.replace(default=value) if q.name == name else q for q in sig.parameters.values()])
+        return alias
+    return wrap
+
+
+@_fixing(scale_by_s2qn, "base", "hessian")
+def s4qn():
     r"""S4QN (S2QN paper §6.1): S2QN whose base is the subsampled Hessian (``base="hessian"``,
     ``oracle.hvp`` on the first ``sub_batch_size`` examples, ``(H + (γ+λ)I)⁻¹`` by conjugate
     gradients inside eq. 13). ``refine=False`` is the subsampled-Newton (SSN) baseline with the
     same ``λ`` rule. See :func:`qnopt.scale_by_s2qn`.
     """
-    kwargs.setdefault("base", "hessian")
-    return scale_by_s2qn(*args, **kwargs)
 
 
-_sig = inspect.signature(scale_by_s2qn)
-s4qn.__signature__ = _sig.replace(parameters=[  # base="hessian" also for optax.inject_hyperparams
-    p.replace(default="hessian") if p.name == "base" else p for p in _sig.parameters.values()])
+@functools.wraps(scale_by_skqn, assigned=("__module__", "__annotations__"))
+def skqn(*args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
+    r"""SKQN (S2QN paper §4): empirical K-FAC base ``Â ⊗ G̃`` per layer plus a quasi-Newton
+    refinement, ``θ ← θ − β (B + λI)⁻¹ g`` with ``λ`` by eq. 8. This is
+    :func:`qnopt.scale_by_skqn` itself (default ``refinement="b2"``); see it for every argument.
+    ``update`` needs ``params`` and the minibatch's oracle (``curvature=``). ``refinement``,
+    ``stats_every``, ``inverse_every``, ``memory_size``, ``p``, ``sketch_size`` and ``layers``
+    are static under ``optax.inject_hyperparams``.
+    """
+    return scale_by_skqn(*args, **kwargs)
+
+
+@_fixing(scale_by_skqn, "refinement", "lbfgs")
+def skqn_l():
+    r"""SKQN-L (S2QN §6, eq. 12 on the empirical K-FAC base): per layer ``B = Â ⊗ G̃ + Λ`` with ``Λ``
+    the compact L-BFGS matrix of the pairs ``(u, v̂ − (Â ⊗ G̃)u)``, inverted by eq. 13 with the exact
+    ``(Â ⊗ G̃ + (γ+λ)I)⁻¹``. See :func:`qnopt.scale_by_skqn`."""
+
+
+@_fixing(scale_by_skqn, "refinement", "b1")
+def skqn_b1():
+    r"""SKQN-B1 (S2QN eq. 19): ``B = Â ⊗ (G̃ + Λ̃)`` with ``Λ̃`` from the sketchy block BFGS update on
+    the parameter secant ``(G̃ + Λ̃)ÛÂ = V̂``. See :func:`qnopt.scale_by_skqn`."""
+
+
+@_fixing(scale_by_skqn, "refinement", "b2")
+def skqn_b2():
+    r"""SKQN-B2 (S2QN eq. 20): ``B = Â ⊗ (G̃ + Λ̃)`` with ``Λ̃`` from the sketchy block BFGS update on
+    the pre-activation secants ``(G̃ + Λ̃)Ũ = Ṽ``. See :func:`qnopt.scale_by_skqn`."""
 
 
 def lssr1_tr(learning_rate: optax.ScalarOrSchedule = 1.0, *, memory_size: int = 16,

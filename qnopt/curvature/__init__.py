@@ -16,6 +16,8 @@
   :func:`layer_G`, :func:`layer_A_matvec`, :func:`layer_mean_input`, K-BFGS's pairs
   :func:`output_pair` and :func:`hessian_action_pair`, the warm start :func:`estimate_factors`
   (:class:`KronFactors`, keyed by :func:`layer_key`).
+* SKQN's secant blocks for the G-side refinement: :func:`kron_refinement_pair` (eq. 19) and
+  :func:`preactivation_blocks` (eq. 20).
 * Tensor-normal statistics (TNT, Shampoo): the trace normalisation of eq. (4.10)
   :func:`trace_normalize`, per-parameter contractions :func:`mode_statistics`, and the warm
   start :func:`estimate_mode_statistics`.
@@ -33,10 +35,10 @@ rebalancing). All functions are pure and jit-compatible.
 from qnopt.curvature.ema import debiased_decay, ema_update, init_factor, warmup_decay
 from qnopt.curvature.kronecker import (Spatial, append_ones, conv_A, conv_A_matvec, conv_G,
                                        dense_A, dense_A_matvec, dense_G, kron_inverse_apply,
-                                       kron_matvec, mean_input)
+                                       kron_matvec, kron_refinement_pair, mean_input)
 from qnopt.curvature.layers import (KronFactors, estimate_factors, hessian_action_pair, layer_A,
                                     layer_A_matvec, layer_G, layer_key, layer_mean_input,
-                                    output_pair)
+                                    output_pair, preactivation_blocks)
 from qnopt.curvature.patches import conv_patches
 from qnopt.curvature.products import (ggn_vp, gram, hvp, layer_gram, layer_jacobian_gram, layer_jvp,
                                       layer_vjp, output_hessian_blocks)
@@ -58,6 +60,8 @@ __all__ = [
     "layer_key",
     "layer_mean_input",
     "output_pair",
+    "preactivation_blocks",
+    "kron_refinement_pair",
     "Spatial",
     "append_ones",
     "conv_A",

@@ -52,6 +52,7 @@ from qnopt.linalg.tree import accumulation_dtype
 
 __all__ = [
     "Spatial",
+    "kron_refinement_pair",
     "append_ones",
     "mean_input",
     "dense_A",
@@ -447,3 +448,35 @@ def kron_inverse_apply(A_inv: ArrayLike, G_inv: ArrayLike, V: ArrayLike) -> jax.
       Array([[1., 2.]], dtype=float32)
     """
     return kron_matvec(A_inv, G_inv, V)
+
+
+def kron_refinement_pair(U_hat: ArrayLike, V_hat: ArrayLike, A: ArrayLike, G: ArrayLike) -> tuple[jax.Array, jax.Array]:
+    r"""SKQN-B1's secant blocks for the refinement ``Λ̃`` of ``B = A ⊗ (G + Λ̃)`` (S2QN eq. 19).
+
+    The stochastic secant equation ``(A ⊗ (G + Λ̃)) vec(Û) = vec(V̂)`` for the step ``u = vec(Û)``
+    and the gradient change ``v = vec(V̂)`` of a layer (both ``(d_out, d_a)`` in the layer-matrix
+    layout, ``(A ⊗ G) vec(X) = vec(G X A)``) reads ``(G + Λ̃) Û A = V̂``, i.e.
+
+    .. math::  \tilde\Lambda\,\mathbb U = \mathbb V, \qquad \mathbb U = \hat U A,\quad
+               \mathbb V = \hat V - G \hat U A,
+
+    ``d_a`` secant columns for the block update (eq. 21). (The paper prints eq. 19 as
+    ``Λ̃ Û = V̂ − G̃ Û Â``; the ``A`` on the left is needed for the sides to agree, as its own
+    derivation from eq. 18 gives.)
+
+    Args:
+      U_hat, V_hat: ``(d_out, d_a)``.
+      A: ``(d_a, d_a)`` symmetric.  G: ``(d_out, d_out)``.
+
+    Returns:
+      ``(𝕌, 𝕍)``, both ``(d_out, d_a)``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> U, V = kron_refinement_pair(jnp.ones((1, 2)), jnp.array([[5., 7.]]), jnp.diag(jnp.array([1., 2.])),
+      ...                             jnp.array([[3.]]))
+      >>> U.tolist(), V.tolist()                     # V = V̂ − 3·Û·A
+      ([[1.0, 2.0]], [[2.0, 1.0]])
+    """
+    U = jnp.matmul(jnp.asarray(U_hat), jnp.asarray(A), precision=_HIGHEST)
+    return U, jnp.asarray(V_hat) - jnp.matmul(jnp.asarray(G), U, precision=_HIGHEST)

@@ -11,6 +11,7 @@ and ``dh`` is the gradient of the *mean* loss (per-example gradients are ``N·dh
 * :func:`layer_A`, :func:`layer_G`, :func:`layer_A_matvec`, :func:`layer_mean_input`.
 * :func:`output_pair`: K-BFGS's ``(s_G, y_G)`` from two passes on the same minibatch.
 * :func:`hessian_action_pair`: K-BFGS's ``(s_A, y_A)`` for ``H_A`` (§2.4, eq. 3.14).
+* :func:`preactivation_blocks`: SKQN-B2's secant blocks ``(Ũ, Ṽ)`` (S2QN §4.1, eq. 20).
 * :func:`estimate_factors`: a warm start of ``A`` (and ``G``) over a data iterator.
 """
 
@@ -36,6 +37,7 @@ __all__ = [
     "layer_mean_input",
     "output_pair",
     "hessian_action_pair",
+    "preactivation_blocks",
     "estimate_factors",
 ]
 
@@ -157,6 +159,41 @@ def output_pair(before: Any, after: Any) -> tuple[jax.Array, jax.Array]:
     s = jnp.mean(h1 - h0, axis=(0, 1))
     y = jnp.sum(jnp.mean(d1 - d0, axis=1), axis=0)
     return s, y
+
+
+def preactivation_blocks(before: Any, after: Any) -> tuple[jax.Array, jax.Array]:
+    r"""SKQN-B2's secant blocks of one layer from two passes on the same minibatch (S2QN eq. 20).
+
+    .. math::
+        \tilde U = \operatorname{mat}(s^+ - s), \qquad \tilde V = \operatorname{mat}(\mathcal Ds^+ - \mathcal Ds),
+
+    each ``(d_out, N·|T|)``: one column per example and spatial position, ``s`` the
+    pre-activations and ``𝒟s = N·dh`` the per-example pre-activation gradients (``dh`` carries
+    the mean loss's ``1/N``). Under the spatial homogeneity of §4 these are ``N·|T|`` secant
+    conditions ``(G̃ + Λ̃) ũ_j = ṽ_j`` of the per-position Hessian ``E[𝒟²s]`` (eq. 20 then asks
+    ``Λ̃ Ũ = Ṽ − G̃ Ũ``). Unlike :func:`output_pair` nothing is averaged.
+
+    Args:
+      before: layer statistics at ``θ``.
+      after: layer statistics at ``θ⁺`` on the same minibatch.
+
+    Returns:
+      ``(Ũ, Ṽ)``, both ``(d_out, N·|T|)`` in the accumulation dtype.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from types import SimpleNamespace as NS
+      >>> before = NS(h=jnp.array([[1.], [3.]]), dh=jnp.array([[0.5], [0.5]]))
+      >>> after = NS(h=jnp.array([[2.], [5.]]), dh=jnp.array([[1.0], [1.5]]))
+      >>> [v.tolist() for v in preactivation_blocks(before, after)]   # Δh, N·Δdh per example
+      [[[1.0, 2.0]], [[1.0, 2.0]]]
+    """
+    def cols(x):
+        x = jnp.asarray(x)
+        return x.reshape(-1, x.shape[-1]).T.astype(accumulation_dtype(x.dtype))
+
+    n = jnp.shape(before.h)[0]
+    return cols(after.h) - cols(before.h), n * (cols(after.dh) - cols(before.dh))
 
 
 def hessian_action_pair(H_A: ArrayLike, a_mean: ArrayLike, A_matvec: Callable[[jax.Array], jax.Array],

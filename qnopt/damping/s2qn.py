@@ -32,7 +32,8 @@ def gradient_norm_lambda(grad_norm: ArrayLike, alpha: ArrayLike,
 
     Guarantee: ``1/alpha <= lambda <= 2/alpha`` (``= 2/alpha`` only at ``g = 0``),
     and ``lambda`` is continuous in ``g`` (both outer branches equal ``1/alpha``
-    at ``g = r1`` and ``g = r2``). A NaN ``grad_norm`` gives NaN.
+    at ``g = r1`` and ``g = r2``). A NaN ``grad_norm`` gives NaN; ``+∞`` marks "no previous
+    gradient" (the first iteration) and gives ``1/alpha``.
 
     Args:
       grad_norm: ``||g_{k-1}||`` (non-negative scalar or array).
@@ -50,6 +51,8 @@ def gradient_norm_lambda(grad_norm: ArrayLike, alpha: ArrayLike,
       >>> from qnopt.damping import gradient_norm_lambda
       >>> [float(gradient_norm_lambda(g, 0.5, 1.0, 3.0)) for g in (0.0, 2.0, 5.0)]
       [4.0, 2.0, 2.5]
+      >>> float(gradient_norm_lambda(float("inf"), 0.5, 1.0, 3.0))     # first iteration: 1/alpha
+      2.0
     """
     g = jnp.asarray(grad_norm)
     g = g.astype(jnp.promote_types(g.dtype, jnp.float32))
@@ -58,5 +61,6 @@ def gradient_norm_lambda(grad_norm: ArrayLike, alpha: ArrayLike,
     f_small = safe_div(2 * jnp.asarray(r1, g.dtype), g + r1, small, 1.0)
     f_large = safe_div(2 * g, g + r2, large, 1.0)
     factor = jnp.where(small, f_small, jnp.where(large, f_large, 1.0))
+    factor = jnp.where(jnp.isposinf(g), 1.0, factor)
     factor = jnp.where(jnp.isnan(g), g, factor)
     return factor / alpha

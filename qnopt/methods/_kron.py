@@ -167,13 +167,18 @@ def check_oracle(curvature: Any, specs: dict, method: str) -> dict:
     return stats
 
 
-def check_state(layer_states: dict, specs: dict, method: str) -> None:
-    """The state's layers are those found in ``params`` now (same keys and matrix shapes)."""
+def _momentum_shape(layer_state: Any) -> tuple:
+    return tuple(layer_state.momentum.shape)
+
+
+def check_state(layer_states: dict, specs: dict, method: str, shape_of=_momentum_shape) -> None:
+    """The state's layers are those found in ``params`` now (same keys and matrix shapes;
+    ``shape_of(layer_state)`` is the ``(d_out, da)`` the state was built for)."""
     if set(layer_states) != set(specs):
         raise ValueError(f"{method}: the state holds layers {sorted(layer_states)} but params have "
                          f"{sorted(specs)}. Call opt.init(params) with the params you update.")
     for key, spec in specs.items():
-        shape = tuple(layer_states[key].momentum.shape)
+        shape = shape_of(layer_states[key])
         if shape != (spec.d_out, spec.da):
             raise ValueError(f"{method}: layer {key} has shape {(spec.d_out, spec.da)} as a matrix, "
                              f"but the state was initialised for shape {shape}.")
@@ -197,13 +202,13 @@ class StepContext(NamedTuple):
 
 def begin_update(updates: PyTree, state: Any, params: Optional[PyTree], curvature: Any, *,
                  method: str, layers: Any, learning_rate: optax.ScalarOrSchedule,
-                 weight_decay: Any) -> StepContext:
+                 weight_decay: Any, shape_of=_momentum_shape) -> StepContext:
     """Checks (params given, gradient shapes, state and oracle layers), then ``ok`` (all
     gradients finite), the 1-based step ``k``, ``α_k`` and the gradient plus ``wd·θ``."""
     params = require_params(params, method)
     check_grads(updates, params, method)
     specs = find_layers(params, layers)
-    check_state(state.layers, specs, method)
+    check_state(state.layers, specs, method, shape_of)
     stats = check_oracle(curvature, specs, method)
     grads = jax.tree.map(lambda g, p: g + weight_decay * p.astype(g.dtype), updates, params)
     return StepContext(params, specs, stats, tree_all_finite(updates), state.count + 1,

@@ -245,8 +245,7 @@ def scale_by_s2qn(
     def _lambda(state, dt):
         """λ_k of eq. 8 from ‖g_{k−1}‖ (``1/α`` at the first step)."""
         a_k = jnp.asarray(learning_rate_at(alpha, state.count), dt)
-        return jnp.where(jnp.isfinite(state.prev_grad_norm),
-                         gradient_norm_lambda(state.prev_grad_norm, a_k, r1, r2), 1 / a_k).astype(dt)
+        return gradient_norm_lambda(state.prev_grad_norm, a_k, r1, r2).astype(dt)
 
     def _refine_and_solve(memory, u, v_hat, g, h_mv, q, lam, ok, count, dt):
         """Lines 3–4 on one block: the pair of the previous step (eq. 10) into ``memory``, ``γ`` and

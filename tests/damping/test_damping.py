@@ -518,6 +518,7 @@ def test_gradient_norm_lambda_branches_and_continuity():
             assert abs(lam(b - d) - 1 / alpha) <= 2 * d / alpha
             assert abs(lam(b + d) - 1 / alpha) <= 2 * d / alpha
     assert np.isnan(float(gradient_norm_lambda(float("nan"), alpha, r1, r2)))
+    assert float(gradient_norm_lambda(float("inf"), alpha, r1, r2)) == 1 / alpha  # no previous gradient
     out = gradient_norm_lambda(jnp.array([0.0, 2.0, 7.0]), alpha, r1, r2)
     np.testing.assert_allclose(out, [lam(0.0), lam(2.0), lam(7.0)], rtol=1e-6)
 
