@@ -190,6 +190,8 @@ _SMW_TUNED = {"autoencoder/fashion_mnist": Tuned(0.1, (0.3, 0.1, 0.03), {"dampin
 _TNT_TUNED: dict[str, Tuned] = {}
 _SHAMPOO_TUNED: dict[str, Tuned] = {}
 
+_SKQN_TUNED: dict[str, Tuned] = {}
+
 _TABLE: list[OptimizerSpec] = [
     # name      factory                                                    lr     sweep grid
     OptimizerSpec("adam", lambda lr: optax.adam(lr), 1e-3, (3e-3, 1e-3, 3e-4),
@@ -294,6 +296,17 @@ _TABLE: list[OptimizerSpec] = [
     OptimizerSpec("lssr1_tr", _qnopt_alias("lssr1_tr", memory_size=16, initial_radius=1e-2), 1.0,
                   (0.3, 1.0, 3.0), needs_oracle=True,
                   description="qnopt.lssr1_tr (L-SSR1-TR; memory 16, radius 1e-2; lr scales the TR step)"),
+] + [
+    # SKQN (S2QN §4, §6.2–6.3): the empirical K-FAC base (A and G warm-started from the batch's own
+    # labels) plus the L-BFGS (eq. 12), parameter-secant (eq. 19) or pre-activation-secant (eq. 20)
+    # refinement; λ by eq. 8 with α (λ ∈ [1/α, 2/α]); eigendecompositions every 20 steps like K-FAC's
+    # inverses (the refinement itself is updated every step).
+    OptimizerSpec(f"skqn_{v}", _qnopt_alias(f"skqn_{v}", alpha=1.0, inverse_every=20), 0.3, (1.0, 0.3, 0.1),
+                  needs_oracle=True, warm_start=WarmStart(fisher="empirical"),
+                  description=f"qnopt.skqn_{v} ({what}; alpha 1, eigenbases every 20 steps; A, G warm-started)",
+                  tuned=_SKQN_TUNED)
+    for v, what in (("l", "L-BFGS refinement, memory 5"), ("b1", "block BFGS on eq. 19, sketch 32"),
+                    ("b2", "block BFGS on eq. 20, sketch 32"))
 ]
 
 #: name -> spec, in table order.

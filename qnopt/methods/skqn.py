@@ -27,8 +27,12 @@ Choices where the paper is silent (documented in ``docs/skqn.md``):
 * ``Â``, ``G̃`` are moving averages (``beta``, zero-debiased without ``initial_factors``) as in
   K-FAC, which §6 compares against; ``beta=0`` is eq. 18's minibatch estimate.
 * The eigendecompositions of ``Â`` and ``G̃ (+ Λ̃)`` are refreshed every ``inverse_every``
-  steps (1: Alg. 1 exactly); SKQN-L applies its base through the same eigenbasis, so its
-  pairs ``v = v̂ − Hu`` use the very ``H`` that is inverted.
+  steps (1: Alg. 1 exactly). SKQN-L works in the eigenbasis of ``Â ⊗ G̃`` (an orthogonal change
+  of coordinates, so the L-BFGS matrix and eq. 13 are unchanged): there the base is the
+  entrywise product with ``w_G w_Aᵀ``, eq. 13's ``2p + 1`` solves are entrywise divisions, a
+  step costs four rotations (``g``, ``u``, ``v̂`` in, ``d`` out) instead of ``2p + 1`` Kronecker
+  solves, the memory is turned into the new basis at each refresh, and the pairs'
+  ``v = v̂ − Hu`` use the very ``H`` that is inverted.
 * ``Λ̃⁰ = c · (tr G̃ / d_out) · I`` (``c = refinement_init``) at the first block update;
   before it ``B = Â ⊗ G̃`` (as SKQN-L before its first pair).
 * Sketches are Gaussian (``sketch_size`` columns, a fresh one per step from the state's key):
@@ -55,7 +59,7 @@ from qnopt.linalg import (accumulation_dtype, block_bfgs_update, gaussian_sketch
                           structured_refine, structured_solve, tree_all_finite, tree_vdot)
 from qnopt.linalg.block_bfgs import P_CHOICES
 from qnopt.methods import _kron as K
-from qnopt.preconditioners import factor_eigh, kron_eigen_matvec, kron_eigen_solve
+from qnopt.preconditioners import factor_eigh, kron_eigen_rotate, kron_eigen_solve
 
 PyTree = Any
 
@@ -69,7 +73,8 @@ class SkqnLayerState(NamedTuple):
 
     Attributes:
       A, G: the factors ``Â`` ``(d_a, d_a)`` and ``G̃`` ``(d_out, d_out)``.
-      refinement: SKQN-L: the pair memory (:class:`qnopt.linalg.Lsr1Memory` over ``(d_out, d_a)``);
+      refinement: SKQN-L: the pair memory (:class:`qnopt.linalg.Lsr1Memory` over ``(d_out, d_a)``),
+        kept in the eigenbasis of ``Â ⊗ G̃`` (pairs stored as ``Q_Gᵀ u Q_A``);
         SKQN-B1/B2: ``Λ̃`` ``(d_out, d_out)`` (zero until the first block update).
       scale: SKQN-L: ``γ`` of ``Λ⁰ = γI``; SKQN-B: ``τ`` of the last block update (diagnostics).
       eig_A, eig_G: ``(w, Q)`` of ``Â`` and of ``G̃`` (SKQN-L) or ``G̃ + Λ̃`` (SKQN-B).
@@ -241,9 +246,17 @@ def scale_by_skqn(
         return st._replace(refinement=jnp.where(accept, new, st.refinement), scale=jnp.where(accept, tau, st.scale))
 
     def eigenbases(st: SkqnLayerState, refresh) -> SkqnLayerState:
+        """Eigendecompositions of ``Â`` and ``G̃`` (SKQN-L) or ``G̃ + Λ̃`` (SKQN-B); SKQN-L's memory,
+        kept in the eigenbasis, is turned into the new one (``R_G S R_A``: orthogonal, Grams kept)."""
         def fresh(st):
-            M = st.G if lbfgs else st.G + st.refinement
-            return st._replace(eig_A=factor_eigh(st.A), eig_G=factor_eigh(M))
+            new = st._replace(eig_A=factor_eigh(st.A), eig_G=factor_eigh(st.G if lbfgs else st.G + st.refinement))
+            if lbfgs:
+                R_A, R_G = st.eig_A[1].T @ new.eig_A[1], new.eig_G[1].T @ st.eig_G[1]
+                turn = lambda S: jnp.einsum("ij,mjk,kl->mil", R_G, S, R_A, precision=jax.lax.Precision.HIGHEST)
+                pairs = st.refinement.pairs
+                new = new._replace(refinement=st.refinement._replace(
+                    pairs=pairs._replace(s=turn(pairs.s), y=turn(pairs.y))))
+            return new
         return fresh(st) if inverse_every == 1 else jax.lax.cond(refresh, fresh, lambda s: s, st)
 
     def update_fn(updates: PyTree, state: ScaleBySkqnState, params: Optional[PyTree] = None,
@@ -266,14 +279,16 @@ def scale_by_skqn(
         for key_l, X in grads.items():   # lines 3–4, per layer
             st = ls[key_l]
             lam_l = lam.astype(X.dtype)
-            if lbfgs:
+            if lbfgs:   # in the eigenbasis of Â ⊗ G̃, where the base is the entrywise W = w_G w_Aᵀ
                 st = eigenbases(st, (k - 1) % inverse_every == 0)
-                mv = lambda x, st=st: kron_eigen_matvec(st.eig_A, st.eig_G, x)
-                mem, gam = structured_refine(st.refinement, st.step, st.change, mv, valid=valid, gamma=gamma,
-                                             eps=eps, damped=damped, mu=powell_mu)
+                (w_a, Q_a), (w_g, Q_g) = st.eig_A, st.eig_G
+                W = w_g[:, None] * w_a[None, :]
+                rot = lambda Z, Q_a=Q_a, Q_g=Q_g: kron_eigen_rotate(Q_a, Q_g, Z)
+                mem, gam = structured_refine(st.refinement, rot(st.step), rot(st.change), lambda z, W=W: W * z,
+                                             valid=valid, gamma=gamma, eps=eps, damped=damped, mu=powell_mu)
                 st = st._replace(refinement=mem, scale=gam)
-                solve = lambda b, st=st, c=gam + lam_l: kron_eigen_solve(st.eig_A, st.eig_G, b, c)
-                x = structured_solve(mem, gam, lam_l, X, solve)
+                x_rot = structured_solve(mem, gam, lam_l, rot(X), lambda b, W=W, c=gam + lam_l: b / (W + c))
+                x = kron_eigen_rotate(Q_a, Q_g, x_rot, inverse=True)
             else:
                 if refinement == "b1":
                     U, V = kron_refinement_pair(st.step, st.change, st.A, st.G)

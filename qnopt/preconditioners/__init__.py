@@ -6,14 +6,15 @@
 * K-FAC damping and inverses: :func:`factored_damping` (π-split), :func:`damped_inverse`
   (eigh or Cholesky), :func:`damped_cholesky`.
 * Exact regularised Kronecker inverses (SKQN): :func:`factor_eigh`, :func:`kron_eigen_solve`
-  (``(A ⊗ G + cI)⁻¹``), :func:`kron_eigen_matvec`.
+  (``(A ⊗ G + cI)⁻¹``), :func:`kron_eigen_matvec`, :func:`kron_eigen_rotate`.
 * Tensors (TNT, Shampoo): mode-``i`` products :func:`mode_product` / :func:`mode_products`
   (eq. 4.8), contractions :func:`mode_contraction` / :func:`mode_contractions`, and the tensor
   view of each parameter :func:`tensor_view` / :func:`mode_layout`.
 """
 
 from qnopt.preconditioners.kronecker import (damped_cholesky, damped_inverse, factor_eigh, factored_damping,
-                                             kron_eigen_matvec, kron_eigen_solve, kron_factor_solve,
+                                             kron_eigen_matvec, kron_eigen_rotate, kron_eigen_solve,
+                                             kron_factor_solve,
                                              kron_precondition, layer_matrix, split_layer_matrix)
 from qnopt.preconditioners.modes import (ModeLayout, mode_contraction, mode_contractions, mode_layout,
                                          mode_product, mode_products, tensor_view)
@@ -31,6 +32,7 @@ __all__ = [
     "factor_eigh",
     "factored_damping",
     "kron_eigen_matvec",
+    "kron_eigen_rotate",
     "kron_eigen_solve",
     "kron_factor_solve",
     "kron_precondition",

@@ -40,6 +40,7 @@ __all__ = [
     "damped_cholesky",
     "factor_eigh",
     "kron_eigen_matvec",
+    "kron_eigen_rotate",
     "kron_eigen_solve",
 ]
 
@@ -233,13 +234,32 @@ def factor_eigh(F: ArrayLike) -> tuple[jax.Array, jax.Array]:
     return jnp.maximum(w, 0.0), Q
 
 
+def kron_eigen_rotate(Q_A: ArrayLike, Q_G: ArrayLike, X: ArrayLike, *, inverse: bool = False) -> jax.Array:
+    r"""``vec(X) ↦ (Q_A ⊗ Q_G)ᵀ vec(X)``, i.e. ``Q_Gᵀ X Q_A`` (``inverse``: ``Q_G X Q_Aᵀ``).
+
+    The orthogonal change of basis in which ``A ⊗ G`` is the diagonal ``w_G w_Aᵀ`` (entrywise):
+    inner products are unchanged, so an L-BFGS memory can be kept in these coordinates and
+    ``(A ⊗ G + cI)⁻¹`` becomes an entrywise division (SKQN-L).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> Q = jnp.array([[0., 1.], [1., 0.]])
+      >>> kron_eigen_rotate(jnp.eye(1), Q, jnp.array([[1.], [2.]]))
+      Array([[2.],
+             [1.]], dtype=float32)
+    """
+    Q_A, Q_G = jnp.asarray(Q_A), jnp.asarray(Q_G)
+    X = jnp.asarray(X, Q_A.dtype)
+    if inverse:
+        return jnp.matmul(jnp.matmul(Q_G, X, precision=_HIGHEST), Q_A.T, precision=_HIGHEST)
+    return jnp.matmul(jnp.matmul(Q_G.T, X, precision=_HIGHEST), Q_A, precision=_HIGHEST)
+
+
 def _kron_spectral(eig_A: tuple, eig_G: tuple, X: ArrayLike, fn: Callable[[jax.Array], jax.Array]) -> jax.Array:
     """``Q_G [fn(w_G w_Aᵀ) ∘ (Q_Gᵀ X Q_A)] Q_Aᵀ``: a function of ``A ⊗ G`` applied to ``vec(X)``."""
     (w_a, Q_a), (w_g, Q_g) = eig_A, eig_G
-    X = jnp.asarray(X, Q_a.dtype)
-    Z = jnp.matmul(jnp.matmul(Q_g.T, X, precision=_HIGHEST), Q_a, precision=_HIGHEST)
-    Z = Z * fn(w_g[:, None] * w_a[None, :])
-    return jnp.matmul(jnp.matmul(Q_g, Z, precision=_HIGHEST), Q_a.T, precision=_HIGHEST)
+    Z = kron_eigen_rotate(Q_a, Q_g, X) * fn(w_g[:, None] * w_a[None, :])
+    return kron_eigen_rotate(Q_a, Q_g, Z, inverse=True)
 
 
 def kron_eigen_solve(eig_A: tuple, eig_G: tuple, X: ArrayLike, shift: ArrayLike) -> jax.Array:

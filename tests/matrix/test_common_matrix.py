@@ -142,6 +142,18 @@ CASES += [
                  static_args=_S2QN_STATIC + ("blocks",), steps=60, extra_args=_oracle, problem=lambda: MLP,
                  compare_steps=20),
 ]
+# SKQN (S2QN §4): empirical K-FAC base per layer, α = 10 (λ ∈ [0.1, 0.2]); the moderate step first.
+# Sharded and unsharded float32 runs start 3e-7 apart after one step and the refinements amplify
+# that ~10× per 10 steps (B2 fastest: 5e-5 after 10 steps, 2e-3 after 30): trajectories are
+# compared over 5 steps, plus one sharded step from a 20-step state in tests/methods/test_skqn.py.
+_SKQN_STATIC = ("refinement", "stats_every", "inverse_every", "memory_size", "damped", "p", "sketch_size",
+                "layers")
+CASES += [
+    T.MethodCase(name, functools.partial(factory, alpha=10.0), lrs=(0.5, 1.0), factory=factory,
+                 factory_kwargs=dict(alpha=10.0), static_args=_SKQN_STATIC, steps=60, extra_args=_oracle,
+                 problem=lambda: MLP, compare_steps=5)
+    for name, factory in (("skqn_l", qnopt.skqn_l), ("skqn_b1", qnopt.skqn_b1), ("skqn_b2", qnopt.skqn_b2))
+]
 IDS = [c.name for c in CASES]
 
 _LOGREG = []
