@@ -301,9 +301,9 @@ _TABLE: list[OptimizerSpec] = [
     # labels) plus the L-BFGS (eq. 12), parameter-secant (eq. 19) or pre-activation-secant (eq. 20)
     # refinement; λ by eq. 8 with α (λ ∈ [1/α, 2/α]); eigendecompositions every 20 steps like K-FAC's
     # inverses (the refinement itself is updated every step).
-    OptimizerSpec(f"skqn_{v}", _qnopt_alias(f"skqn_{v}", alpha=1.0, inverse_every=20), 0.3, (1.0, 0.3, 0.1),
+    OptimizerSpec(f"skqn_{v}", _qnopt_alias(f"skqn_{v}", alpha=0.01, inverse_every=20), 0.3, (1.0, 0.3, 0.1),
                   needs_oracle=True, warm_start=WarmStart(fisher="empirical"),
-                  description=f"qnopt.skqn_{v} ({what}; alpha 1, eigenbases every 20 steps; A, G warm-started)",
+                  description=f"qnopt.skqn_{v} ({what}; alpha 0.01, eigenbases every 20 steps; A, G warm-started)",
                   tuned=_SKQN_TUNED)
     for v, what in (("l", "L-BFGS refinement, memory 5"), ("b1", "block BFGS on eq. 19, sketch 32"),
                     ("b2", "block BFGS on eq. 20, sketch 32"))
