@@ -17,6 +17,7 @@ from jax.flatten_util import ravel_pytree
 
 import qnopt.capture
 from qnopt.capture import get_loss, jax_capture, tag_dense
+from qnopt.testing import chex_equal
 
 HI = jax.lax.Precision.HIGHEST
 N = 6
@@ -55,12 +56,8 @@ def case():
 
 
 def _close(a, b, tol=2e-5):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
-
-
-def _tree_close(a, b, tol=2e-5):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    jax.tree.map(lambda u, v: _close(u, v, tol), a, b)
+    """Same tree structure and leaves equal to ``tol`` (relative and absolute)."""
+    chex_equal(a, b, "penalised oracle vs reference", rtol=tol, atol=tol)
 
 
 def _dense(mv, params):
@@ -82,14 +79,14 @@ def test_loss_grads_value_and_at(case):
 
     loss, grads, value_new, loss_new, grads_new = run(params, new, batch)
     _close(loss, objective(params, batch))
-    _tree_close(grads, jax.grad(objective)(params, batch))
+    _close(grads, jax.grad(objective)(params, batch))
     _close(value_new, objective(new, batch))
     _close(loss_new, objective(new, batch))
-    _tree_close(grads_new, jax.grad(objective)(new, batch))
+    _close(grads_new, jax.grad(objective)(new, batch))
     # the penalty is really in there: the unpenalised capture differs by R and ∇R
     plain = jax_capture(apply_fn, LOSS).oracle(params, batch)
     _close(loss - plain.loss, penalty(params))
-    _tree_close(jax.tree.map(jnp.subtract, grads, plain.grads), jax.grad(penalty)(params))
+    _close(jax.tree.map(jnp.subtract, grads, plain.grads), jax.grad(penalty)(params))
 
 
 def test_hvp_is_the_hessian_of_the_penalised_objective(case):
@@ -127,8 +124,8 @@ def test_per_example_grads_include_the_penalty_and_average_to_grads(case):
         return o.per_example_grads(), o.grads
 
     per_example, grads = run(params, (x, t))
-    _tree_close(per_example, ref)
-    _tree_close(jax.tree.map(lambda g: jnp.mean(g, axis=0), per_example), grads)
+    _close(per_example, ref)
+    _close(jax.tree.map(lambda g: jnp.mean(g, axis=0), per_example), grads)
 
 
 def test_data_side_quantities_exclude_the_penalty(case):
@@ -139,7 +136,7 @@ def test_data_side_quantities_exclude_the_penalty(case):
     for name in ("l1", "l2"):
         _close(pen.layers[name].dh, plain.layers[name].dh)
         _close(pen.layers[name].kernel_grad(), plain.layers[name].kernel_grad())
-    _tree_close(pen.fisher_grads(), plain.fisher_grads())
+    _close(pen.fisher_grads(), plain.fisher_grads())
     assert pen.fisher().penalty is None and pen.penalty is penalty
     _close(pen.gram(), plain.gram())
 
@@ -173,9 +170,9 @@ def test_linen_and_nnx_captures_take_a_penalty(case):
     obj = lambda p: jnp.mean(LOSS.per_example(model.apply({"params": p}, x), t)) + pen(p)  # noqa: E731
     o = qnopt.capture.linen(model, LOSS, penalty=pen).oracle(lp, (x, t))
     _close(o.loss, obj(lp))
-    _tree_close(o.grads, jax.grad(obj)(lp))
+    _close(o.grads, jax.grad(obj)(lp))
     v = jax.tree.map(jnp.ones_like, lp)
-    _tree_close(o.hvp(v), jax.jvp(jax.grad(obj), (lp,), (v,))[1], 1e-4)
+    _close(o.hvp(v), jax.jvp(jax.grad(obj), (lp,), (v,))[1], 1e-4)
 
     import flax.nnx as nnx
     m = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
