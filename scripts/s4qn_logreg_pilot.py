@@ -6,7 +6,7 @@ growing gradient sample for ``N_H ∈ {16, whole sample}`` × ``α ∈ {100, 100
 and prints the relative error ``(Ψ − Ψ*)/max(1, Ψ*)`` every 3 epochs, from which the rows' α was
 chosen (SSN's best per N_H).
 
-    python scripts/s4qn_logreg_pilot.py [--problem logreg] [--epochs 19] [--batch-size 32]
+    PYTHONPATH=. python scripts/s4qn_logreg_pilot.py [--problem logreg] [--epochs 19] [--batch-size 32]
 """
 
 from __future__ import annotations
