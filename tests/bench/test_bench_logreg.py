@@ -4,6 +4,7 @@ the rel-err report."""
 
 from __future__ import annotations
 
+import doctest
 import json
 import math
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import scipy.optimize
 
-from qnopt.bench import cli, problems, runner
+from qnopt.bench import cli, optimizers, problems, runner
 from qnopt.bench.optimizers import OPTIMIZERS, BatchGrowth
 from qnopt.bench.report import markdown_table, rel_err_tables
 from qnopt.bench.runner import RunResult, run_one
@@ -36,6 +37,7 @@ def test_batch_growth_schedule():
     assert OPTIMIZERS["s4qn"].batch_growth == OPTIMIZERS["ssn"].batch_growth is not None
     with pytest.raises(ValueError, match="factor"):
         BatchGrowth(0.5).sizes(32, 455, 2)
+    assert doctest.testmod(optimizers).failed == 0  # BatchGrowth's example
 
 
 def test_s4qn_and_ssn_differ_only_by_the_refinement(monkeypatch):
@@ -115,8 +117,10 @@ def test_compile_once_per_distinct_batch_size(logregs):
 
 
 def test_growing_batch_run_records_rel_err(logregs):
+    """The schedule and the rel-err on ``lbfgs_grow`` (cheap to compile; the oracle rows with the
+    same schedule run in ``test_cli_logreg_rel_err_outputs``)."""
     prob = logregs["logreg"]
-    r = run_one(prob, OPTIMIZERS["s4qn"], 1.0, epochs=4, batch_size=64, quiet=True)
+    r = run_one(prob, OPTIMIZERS["lbfgs_grow"], 0.3, epochs=4, batch_size=64, quiet=True)
     assert r.error is None and not r.diverged
     assert r.batch_sizes == [64, 128, 455, 455] and (r.batch_size, r.steps_per_epoch) == (64, 7)
     assert r.n_steps == 7 + 3 + 1 + 1
