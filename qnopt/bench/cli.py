@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(e))
 
     # Imported here so that --help stays fast.
-    from qnopt.bench.report import markdown_table, write_outputs
+    from qnopt.bench.report import markdown_table, rel_err_tables, write_outputs
     from qnopt.bench.suite import metadata, run_suite
 
     try:
@@ -131,6 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     swept = args.sweep or any(len(v) > 1 for v in (lrs or {}).values())
     print(markdown_table(result.selected))
     print("\nnan = diverged (non-finite loss)" + ("; best learning rate per optimizer shown" if swept else ""))
+    rel = rel_err_tables(result.selected)
+    if rel:
+        print("\n" + rel)
     if args.out is not None:
         meta = metadata(argv)
         config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}

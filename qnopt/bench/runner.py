@@ -21,6 +21,13 @@ Timing conventions (all in seconds, ``time.perf_counter``):
 A run whose loss becomes non-finite is marked ``diverged`` and stopped; the
 remaining epochs are recorded as ``nan``.
 
+A spec with a :class:`~qnopt.bench.optimizers.BatchGrowth` trains epoch ``e`` on minibatches
+of its size ``b_e`` (``RunResult.batch_sizes``); the step is compiled once per distinct size
+before training (all in ``compile_time``). On a problem with a known :class:`~qnopt.bench.problems.Optimum`
+(the logistic regressions) the relative error ``(Ψ(θ) − Ψ*)/max(1, Ψ*)`` of the S2QN paper
+(§6.1) is recorded at the start and after every epoch (float64, full training set; in
+``eval_time``).
+
 Optimizers with ``needs_oracle`` get, in the same jitted step, the curvature oracle
 of the minibatch: ``oracle = problem.capture().oracle(params, batch, key)`` with
 ``key = fold_in(fold_in(key(seed), 1), step)`` (K-FAC's sampled Fisher), then
@@ -64,8 +71,8 @@ class RunResult:
     optimizer: str
     lr: float
     epochs: int
-    steps_per_epoch: int
-    batch_size: int
+    steps_per_epoch: int  # of the first epoch (see batch_sizes)
+    batch_size: int  # of the first epoch (see batch_sizes)
     initial_train_loss: float = NAN
     epoch_mean_loss: list[float] = field(default_factory=list)  # mean of minibatch losses
     train_loss: list[float] = field(default_factory=list)  # full training set, epoch end
@@ -88,6 +95,16 @@ class RunResult:
     error: str | None = None
     skipped: str | None = None  # why the run was not attempted (e.g. no curvature oracle)
     selected: bool = True  # best of its sweep (or the only run)
+    batch_sizes: list[int] | None = None  # per epoch, with a BatchGrowth schedule
+    initial_rel_err: float | None = None  # (Ψ − Ψ*)/max(1, Ψ*) at the start, if Ψ* is known
+    rel_err: list[float] = field(default_factory=list)  # the same after each epoch
+
+    @property
+    def final_rel_err(self) -> float | None:
+        """The relative error after the last epoch (``nan`` if diverged; ``None`` without Ψ*)."""
+        if self.initial_rel_err is None:
+            return None
+        return self.rel_err[-1] if self.rel_err and not self.diverged else NAN
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form."""
@@ -254,11 +271,14 @@ def _compile(
     spec: OptimizerSpec,
     lr: float,
     params: Params,
-    batch_size: int,
+    batch_sizes: Iterable[int],
     seed: int = 0,
     initial_factors: Any = None,
 ):
-    """Build the optimizer, its state, and the AOT-compiled step. Returns (compiled, opt_state, seconds)."""
+    """Build the optimizer, its state, and the AOT-compiled step for each distinct batch size.
+
+    Returns ``({batch size: compiled step}, opt_state, seconds)``.
+    """
     reason = oracle_unavailable(problem, spec)
     if reason is not None:
         raise ValueError(reason)
@@ -273,16 +293,19 @@ def _compile(
     else:
         step = make_step(problem.loss_fn, opt, spec.needs_value_fn)
     d = problem.data
-    example = (jnp.asarray(d.x_train[:batch_size]), jnp.asarray(d.y_train[:batch_size]))
     counter = jnp.zeros((), jnp.uint32)
-    t0 = time.perf_counter()
     # Parameters and optimizer state are donated, as in any real training loop: without
     # donation every state leaf that a step passes through unchanged (e.g. SLIM-QN's pair
     # memory between curvature updates) must be copied into a fresh output buffer.
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, example, counter).compile()
-    # One discarded warm-up call on copies (first-call allocations), counted as compile time.
-    copies = jax.tree.map(jnp.copy, (params, opt_state))
-    jax.block_until_ready(compiled(*copies, example, counter))
+    jitted = jax.jit(step, donate_argnums=(0, 1))
+    compiled = {}
+    t0 = time.perf_counter()
+    for bs in dict.fromkeys(batch_sizes):  # distinct sizes, in order
+        example = (jnp.asarray(d.x_train[:bs]), jnp.asarray(d.y_train[:bs]))
+        compiled[bs] = jitted.lower(params, opt_state, example, counter).compile()
+        # One discarded warm-up call on copies (first-call allocations), counted as compile time.
+        copies = jax.tree.map(jnp.copy, (params, opt_state))
+        jax.block_until_ready(compiled[bs](*copies, example, counter))
     return compiled, opt_state, time.perf_counter() - t0
 
 
@@ -314,8 +337,11 @@ def run_one(
     ``warm_start_batches`` overrides the cap of the spec's warm start (``0``: none).
     """
     bs = _effective_batch_size(problem, batch_size)
-    spe = _steps_per_epoch(problem, bs, steps_per_epoch)
-    res = RunResult(problem.name, spec.name, float(lr), epochs, spe, bs, metric_name=problem.metric_name)
+    sizes = spec.batch_sizes(bs, problem.data.x_train.shape[0], epochs)
+    spe = _steps_per_epoch(problem, sizes[0], steps_per_epoch)
+    res = RunResult(problem.name, spec.name, float(lr), epochs, spe, sizes[0], metric_name=problem.metric_name)
+    if spec.batch_growth is not None:
+        res.batch_sizes = sizes
     res.skipped = oracle_unavailable(problem, spec)
     if res.skipped is not None:
         return res
@@ -327,7 +353,7 @@ def run_one(
         factors, warm_time, res.warm_start_batches = warm_start_factors(
             problem, spec, params, bs, seed, warm_start_batches)
         res.warm_start_time = warm_time if res.warm_start_batches else None
-        compiled, opt_state, res.compile_time = _compile(problem, spec, lr, params, bs, seed, factors)
+        compiled, opt_state, res.compile_time = _compile(problem, spec, lr, params, sizes, seed, factors)
         del factors
     except Exception as e:  # noqa: BLE001 - reported, not hidden
         res.error = f"{type(e).__name__}: {e}"
@@ -335,17 +361,22 @@ def run_one(
             traceback.print_exc(file=sys.stderr)
         return res
 
+    optimum = problem.optimum
     res.initial_train_loss = evaluator.loss(params)
+    if optimum is not None:
+        res.initial_rel_err = optimum.rel_err(params)
     step_times: list[float] = []
     wall = 0.0
-    with _progress(epochs * spe, f"{problem.name}/{spec.name} lr={lr:g}", quiet) as bar:
+    total = sum(_steps_per_epoch(problem, b, steps_per_epoch) for b in sizes)
+    with _progress(total, f"{problem.name}/{spec.name} lr={lr:g}", quiet) as bar:
         for epoch in range(epochs):
             t_epoch = time.perf_counter()
             losses: list[float] = []
-            for xb, yb in _epoch_batches(problem, bs, seed, epoch, steps_per_epoch):
+            step_fn = compiled[sizes[epoch]]
+            for xb, yb in _epoch_batches(problem, sizes[epoch], seed, epoch, steps_per_epoch):
                 batch, counter = jax.device_put(((xb, yb), np.uint32(len(step_times))))
                 t0 = time.perf_counter()
-                params, opt_state, loss = compiled(params, opt_state, batch, counter)
+                params, opt_state, loss = step_fn(params, opt_state, batch, counter)
                 jax.block_until_ready((params, loss))
                 step_times.append(time.perf_counter() - t0)
                 losses.append(float(loss))
@@ -357,6 +388,8 @@ def run_one(
             res.epoch_mean_loss.append(float(np.mean(losses)) if losses else NAN)
             t_eval = time.perf_counter()
             full = evaluator.loss(params)
+            if optimum is not None:
+                res.rel_err.append(optimum.rel_err(params))
             res.eval_time += time.perf_counter() - t_eval
             res.train_loss.append(full)
             bar.set_postfix(loss=f"{full:.4g}")
@@ -367,6 +400,8 @@ def run_one(
     done = len(res.train_loss)
     res.epoch_mean_loss += [NAN] * (epochs - done)
     res.train_loss += [NAN] * (epochs - done)
+    if optimum is not None:
+        res.rel_err += [NAN] * (epochs - done)
     res.wall_times += [wall] * (epochs - done)
     res.wall_time = wall
     res.n_steps = len(step_times)
@@ -398,8 +433,9 @@ def measure_step_time(
     bs = _effective_batch_size(problem, batch_size)
     params = problem.init(jax.random.key(seed))
     factors, _, _ = warm_start_factors(problem, spec, params, bs, seed)
-    compiled, opt_state, _ = _compile(problem, spec, spec.lr_for(problem) if lr is None else lr, params, bs,
+    compiled, opt_state, _ = _compile(problem, spec, spec.lr_for(problem) if lr is None else lr, params, [bs],
                                       seed, factors)
+    compiled = compiled[bs]
     del factors
     times: list[float] = []
     epoch = 0

@@ -128,12 +128,13 @@ class LinenCapture(CaptureEngine):
     def __init__(self, model: nn.Module, loss: Union[str, Loss], *,
                  layers: Union[None, Iterable[str], Callable[[str], bool]] = None,
                  input_key: Any = 0, target_key: Any = 1,
-                 apply_kwargs: Optional[dict] = None):
+                 apply_kwargs: Optional[dict] = None,
+                 penalty: Optional[Callable[[Any], Any]] = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"linen_capture expects a flax.linen.Module, got "
                             f"{type(model).__name__}.")
         self.model = model
-        self._setup(loss, layers, input_key, target_key)
+        self._setup(loss, layers, input_key, target_key, penalty)
         self.apply_kwargs = dict(apply_kwargs or {})
 
     # -- interception -------------------------------------------------------------------------
@@ -211,7 +212,8 @@ class LinenCapture(CaptureEngine):
 def linen_capture(model: nn.Module, loss: Union[str, Loss], *,
                   layers: Union[None, Iterable[str], Callable[[str], bool]] = None,
                   input_key: Any = 0, target_key: Any = 1,
-                  apply_kwargs: Optional[dict] = None) -> LinenCapture:
+                  apply_kwargs: Optional[dict] = None,
+                  penalty: Optional[Callable[[Any], Any]] = None) -> LinenCapture:
     """Captures the Dense/DenseGeneral/Conv layers of a Flax Linen model for curvature methods.
 
     Args:
@@ -225,6 +227,8 @@ def linen_capture(model: nn.Module, loss: Union[str, Loss], *,
       input_key, target_key: ``batch[input_key]`` is the model input, ``batch[target_key]``
         the targets (defaults: a tuple ``(x, targets)``).
       apply_kwargs: extra static keyword arguments of ``model.apply`` (e.g. ``train=False``).
+      penalty: ``None`` or ``R(params) -> scalar`` on the ``"params"`` tree, added to the mean
+        loss (e.g. an L2 penalty; see :class:`qnopt.capture.Oracle` for what includes it).
 
     Returns:
       A :class:`LinenCapture`; ``capture.oracle(params, batch, key)`` builds an :class:`Oracle`.
@@ -240,7 +244,7 @@ def linen_capture(model: nn.Module, loss: Union[str, Loss], *,
       (['layers_0', 'layers_2'], (3, 4))
     """
     return LinenCapture(model, loss, layers=layers, input_key=input_key, target_key=target_key,
-                        apply_kwargs=apply_kwargs)
+                        apply_kwargs=apply_kwargs, penalty=penalty)
 
 
 

@@ -60,7 +60,7 @@ are those of :mod:`qnopt.capture.flax_linen`.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Iterable, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import flax.nnx as nnx
 import jax
@@ -178,12 +178,13 @@ class NnxCapture(CaptureEngine):
 
     def __init__(self, model: nnx.Module, loss: Union[str, Loss], *,
                  layers: Union[None, Iterable[str], Callable[[str], bool]] = None,
-                 input_key: Any = 0, target_key: Any = 1):
+                 input_key: Any = 0, target_key: Any = 1,
+                 penalty: Optional[Callable[[Any], Any]] = None):
         if not isinstance(model, nnx.Module):
             raise TypeError(f"nnx_capture expects a flax.nnx.Module, got {type(model).__name__}.")
         self.model_class = type(model).__name__
         self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
-        self._setup(loss, layers, input_key, target_key)
+        self._setup(loss, layers, input_key, target_key, penalty)
 
     # -- the captured pass --------------------------------------------------------------------
 
@@ -274,7 +275,8 @@ class NnxCapture(CaptureEngine):
 
 def nnx_capture(model: nnx.Module, loss: Union[str, Loss], *,
                 layers: Union[None, Iterable[str], Callable[[str], bool]] = None,
-                input_key: Any = 0, target_key: Any = 1) -> NnxCapture:
+                input_key: Any = 0, target_key: Any = 1,
+                penalty: Optional[Callable[[Any], Any]] = None) -> NnxCapture:
     """Captures the ``nnx.Linear`` / ``nnx.Conv`` layers of a Flax NNX model for curvature
     methods (no model change needed; see the module documentation for the mechanism).
 
@@ -288,6 +290,8 @@ def nnx_capture(model: nnx.Module, loss: Union[str, Loss], *,
         predicate on the name. Layers left out are handled by the fallback.
       input_key, target_key: ``batch[input_key]`` is the model input, ``batch[target_key]``
         the targets (defaults: a tuple ``(x, targets)``).
+      penalty: ``None`` or ``R(params) -> scalar`` on the ``nnx.State`` of parameters, added
+        to the mean loss (see :class:`qnopt.capture.Oracle` for what includes it).
 
     Returns:
       An :class:`NnxCapture`; ``capture.oracle(params, batch, key)`` builds an :class:`Oracle`
@@ -304,4 +308,5 @@ def nnx_capture(model: nnx.Module, loss: Union[str, Loss], *,
       >>> sorted(oracle.layers), oracle.layers["layers/0"].dh.shape
       (['layers/0', 'layers/2'], (3, 4))
     """
-    return NnxCapture(model, loss, layers=layers, input_key=input_key, target_key=target_key)
+    return NnxCapture(model, loss, layers=layers, input_key=input_key, target_key=target_key,
+                      penalty=penalty)

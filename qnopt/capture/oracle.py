@@ -10,7 +10,9 @@ NNX and pure-JAX engines follow the same protocol) supplies:
 * ``run_captured(params, perts, x) -> (outputs, sown)``: the forward pass with the layer inputs
   and outputs recorded and the perturbations added to the outputs;
 * ``layer_values(sown, perts_grad, info) -> (a, h, dh)`` for one layer;
-* ``forward(params, x) -> outputs``: the plain forward pass.
+* ``forward(params, x) -> outputs``: the plain forward pass;
+* ``penalty``: ``None`` or ``R(params) -> scalar``, a term on the parameters added to the loss
+  (see :class:`Oracle`: the oracle's objective is ``(1/N) Σ_n ℓ_n + R(θ)``).
 """
 
 from __future__ import annotations
@@ -265,10 +267,25 @@ class Discovery:
 
 
 class Oracle:
-    """Curvature oracle for one minibatch at one parameter point (lazy; use inside ``jit``).
+    r"""Curvature oracle for one minibatch at one parameter point (lazy; use inside ``jit``).
+
+    The objective is ``Ψ_S(θ) = (1/N) Σ_n ℓ_n(θ) + R(θ)`` with ``R`` the capture's ``penalty``
+    (``R = 0`` without one). ``R`` acts on the parameters only, e.g. the ``μ‖θ‖²`` of the S2QN
+    paper's logistic regression (eq. 26), and the oracle's objective quantities include it:
+
+    * ``loss``, :meth:`value`: ``(1/N) Σ_n ℓ_n + R(θ)``; ``grads``: ``(1/N) Σ_n ∇ℓ_n + ∇R``;
+    * :meth:`hvp`: ``(∇²_θ (1/N) Σ_n ℓ_n + ∇²R) v``; :meth:`ggn_vp`: ``((1/N) Σ_n J_nᵀ H_n J_n +
+      ∇²R) v`` (the GGN of the data term plus the exact Hessian of the penalty: for an L2 penalty
+      ``2μ v``);
+    * :meth:`per_example_grads`: ``∇ℓ_n + ∇R`` for each ``n`` (their mean is ``grads``).
+
+    The model-side quantities are of the data term alone: ``outputs``, ``layers`` (``dh`` is the
+    gradient of the mean loss ``(1/N) Σ_n ℓ_n``, so ``kernel_grad`` omits ``∇R``), :meth:`gram`,
+    :meth:`backprop`, :meth:`jvp` / :meth:`vjp`, and the sampled-label :meth:`fisher` oracle
+    (its ``grads`` estimate zero, the Fisher being that of the likelihood).
 
     Attributes (computed on first access, all from ONE forward/backward pass):
-      loss: mean loss ``(1/N) Σ_n ℓ_n``.
+      loss: the objective ``(1/N) Σ_n ℓ_n + R(θ)`` (mean loss when there is no penalty).
       grads: its gradient, same tree as ``params`` (all parameters, captured or not).
       outputs: model outputs.
       layers: ``{name: LayerStats}`` for the captured layers; ``dh`` is the gradient of the MEAN
@@ -278,7 +295,7 @@ class Oracle:
     """
 
     def __init__(self, capture: Any, params, batch, key, discovery: Discovery,
-                 forward_of: Optional["Oracle"] = None):
+                 forward_of: Optional["Oracle"] = None, penalised: bool = True):
         self.capture = capture
         self.params = params
         self.batch = batch
@@ -286,6 +303,23 @@ class Oracle:
         self._disc = discovery
         self._forward_of = forward_of
         self.inputs, self.targets = capture.split_batch(batch)
+        #: ``R(params) -> scalar`` added to the loss, or ``None`` (see the class docstring).
+        self.penalty = getattr(capture, "penalty", None) if penalised else None
+
+    @functools.cached_property
+    def _penalty_pass(self):
+        """``(R(θ), ∇R(θ))`` at ``params`` (``None`` without a penalty)."""
+        if self.penalty is None:
+            return None
+        return jax.value_and_grad(self.penalty)(self.params)
+
+    def _add_penalty_grad(self, tree, leading_axis: bool = False):
+        """``tree + ∇R(θ)`` leaf by leaf (broadcast over a leading example axis), in ``tree``'s dtypes."""
+        if self.penalty is None:
+            return tree
+        r = self._penalty_pass[1]
+        add = (lambda t, g: t + (g[None] if leading_axis else g).astype(t.dtype))
+        return jax.tree.map(add, tree, r)
 
     @property
     def layer_info(self) -> dict:
@@ -318,7 +352,9 @@ class Oracle:
 
     @functools.cached_property
     def loss(self) -> jax.Array:
-        return self._pass[0]
+        if self.penalty is None:
+            return self._pass[0]
+        return self._pass[0] + self._penalty_pass[0]
 
     @functools.cached_property
     def outputs(self):
@@ -326,7 +362,7 @@ class Oracle:
 
     @functools.cached_property
     def grads(self):
-        return self._pass[3]
+        return self._add_penalty_grad(self._pass[3])
 
     @functools.cached_property
     def layers(self) -> dict:
@@ -342,12 +378,14 @@ class Oracle:
         """A new oracle for the same batch (and key) at ``new_params``."""
         x, t = self.inputs, self.targets
         disc = self.capture._discover(new_params, x, t)
-        return Oracle(self.capture, new_params, self.batch, self.key, disc)
+        return Oracle(self.capture, new_params, self.batch, self.key, disc,
+                      penalised=self.penalty is not None)
 
     def value(self, params) -> jax.Array:
-        """Mean loss at ``params`` on this batch (forward pass only)."""
+        """The objective at ``params`` on this batch, mean loss ``+ R(params)`` (forward pass only)."""
         out = self.capture.forward(params, self.inputs)
-        return jnp.mean(self.capture.loss.per_example(out, self.targets))
+        value = jnp.mean(self.capture.loss.per_example(out, self.targets))
+        return value if self.penalty is None else value + self.penalty(params)
 
     # -- curvature products ---------------------------------------------------------------
 
@@ -365,11 +403,16 @@ class Oracle:
 
     def ggn_vp(self, v):
         """Generalised Gauss-Newton product of the mean loss, ``(1/N) Σ_n J_nᵀ H_n J_n v``
-        (:func:`qnopt.curvature.ggn_vp`); the Fisher product when the loss is an NLL."""
-        return ggn_vp(self._apply_fn(), self.params, v, self.capture.loss, self.targets)
+        (:func:`qnopt.curvature.ggn_vp`; the Fisher product when the loss is an NLL), plus the
+        penalty's Hessian ``∇²R(θ) v`` when the capture has a penalty."""
+        g = ggn_vp(self._apply_fn(), self.params, v, self.capture.loss, self.targets)
+        if self.penalty is None:
+            return g
+        return jax.tree.map(lambda a, b: a + b.astype(a.dtype), g, hvp(self.penalty, self.params, v))
 
     def hvp(self, v):
-        """Hessian of the mean loss at ``params`` times ``v`` (:func:`qnopt.curvature.hvp`)."""
+        """Hessian of the objective (mean loss ``+ R``) at ``params`` times ``v``
+        (:func:`qnopt.curvature.hvp`)."""
         return hvp(self.value, self.params, v)
 
     def fisher(self, key: Optional[jax.Array] = None) -> "Oracle":
@@ -392,7 +435,8 @@ class Oracle:
                              "sum-reduced loss.")
         sampled = jax.lax.stop_gradient(loss.sample(key, jax.lax.stop_gradient(self.outputs)))
         batch = _replace(self.batch, self.capture.target_key, sampled)
-        return Oracle(self.capture, self.params, batch, key, self._disc, forward_of=self)
+        return Oracle(self.capture, self.params, batch, key, self._disc, forward_of=self,
+                      penalised=False)
 
     def fisher_grads(self, key: Optional[jax.Array] = None):
         """Gradient of the mean loss under labels sampled from the model (see :meth:`fisher`);
@@ -438,7 +482,8 @@ class Oracle:
         return jax.vmap(one)(cotangents)
 
     def per_example_grads(self):
-        """``vmap(grad(ℓ_n))``: per-example gradients (not divided by N), tree with leading N."""
+        """``vmap(grad(ℓ_n))``: per-example gradients (not divided by N), tree with leading N;
+        with a penalty, ``∇ℓ_n + ∇R`` (so that their mean is :attr:`grads`)."""
         cap = self.capture
 
         def single(p, xi, ti):
@@ -446,8 +491,9 @@ class Oracle:
             out = cap.forward(p, add(xi))
             return cap.loss.per_example(out, add(ti))[0]
 
-        return jax.vmap(jax.grad(single), in_axes=(None, 0, 0))(self.params, self.inputs,
-                                                                self.targets)
+        per_example = jax.vmap(jax.grad(single), in_axes=(None, 0, 0))(self.params, self.inputs,
+                                                                       self.targets)
+        return self._add_penalty_grad(per_example, leading_axis=True)
 
 
 def path_name(path: tuple) -> str:
@@ -461,12 +507,18 @@ class CaptureEngine:
     :class:`Discovery` keyed by shapes) and implement ``_discover``, ``forward``,
     ``run_captured``, ``layer_values`` and :meth:`_fallback_reason`."""
 
-    def _setup(self, loss: Any, layers: Any, input_key: Any, target_key: Any) -> None:
+    def _setup(self, loss: Any, layers: Any, input_key: Any, target_key: Any,
+               penalty: Optional[Any] = None) -> None:
         """Common constructor state: the loss, the ``layers=`` selection (``None``, names or a
-        predicate on the layer name), the batch keys and the discovery cache."""
+        predicate on the layer name), the batch keys, the parameter penalty (``None`` or a
+        callable ``R(params) -> scalar``, see :class:`Oracle`) and the discovery cache."""
         from qnopt.capture.losses import get_loss  # oracle must not import losses at load time
 
+        if penalty is not None and not callable(penalty):
+            raise TypeError(f"penalty must be None or a function params -> scalar, got "
+                            f"{type(penalty).__name__}.")
         self.loss = get_loss(loss)
+        self.penalty = penalty
         if layers is None or callable(layers):
             self._select, self._names = layers, None
         else:

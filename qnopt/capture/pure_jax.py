@@ -269,12 +269,12 @@ class PureJaxCapture(CaptureEngine):
     """
 
     def __init__(self, apply_fn: Callable, loss: Union[str, Loss], *, input_key: Any = 0,
-                 target_key: Any = 1):
+                 target_key: Any = 1, penalty: Optional[Callable[[Any], Any]] = None):
         if not callable(apply_fn):
             raise TypeError(f"jax_capture expects a function apply_fn(params, x), got "
                             f"{type(apply_fn).__name__}.")
         self.apply_fn = apply_fn
-        self._setup(loss, None, input_key, target_key)
+        self._setup(loss, None, input_key, target_key, penalty)
 
     def forward(self, params, x):
         """Plain forward pass ``apply_fn(params, x)`` (tags inactive)."""
@@ -328,7 +328,8 @@ class PureJaxCapture(CaptureEngine):
 
 
 def jax_capture(apply_fn: Callable, loss: Union[str, Loss], *, input_key: Any = 0,
-                target_key: Any = 1) -> PureJaxCapture:
+                target_key: Any = 1,
+                penalty: Optional[Callable[[Any], Any]] = None) -> PureJaxCapture:
     """Captures the layers a functional model marks with :func:`tag_dense` / :func:`tag_conv`.
 
     Args:
@@ -337,6 +338,11 @@ def jax_capture(apply_fn: Callable, loss: Union[str, Loss], *, input_key: Any = 
       loss: a registered loss name or a :class:`qnopt.capture.Loss`.
       input_key, target_key: ``batch[input_key]`` is the model input, ``batch[target_key]``
         the targets (defaults: a tuple ``(x, targets)``).
+      penalty: ``None`` or ``R(params) -> scalar``, a term on the parameters added to the mean
+        loss: the oracle's objective is ``(1/N) Σ_n ℓ_n + R(θ)`` (its ``loss``, ``grads``,
+        ``value``, ``hvp``, ``ggn_vp`` and ``per_example_grads`` include ``R``; see
+        :class:`qnopt.capture.Oracle`). E.g. ``μ‖θ‖²`` (S2QN paper eq. 26). A model needs no
+        tag for the gradient, Hessian, GGN and per-example quantities, only for ``layers``.
 
     Returns:
       A :class:`PureJaxCapture`; ``capture.oracle(params, batch, key)`` builds an
@@ -352,5 +358,19 @@ def jax_capture(apply_fn: Callable, loss: Union[str, Loss], *, input_key: Any = 
       >>> oracle = jax_capture(apply_fn, "mse").oracle(params, (x, y))
       >>> oracle.layers["fc"].dh.shape, oracle.layers["fc"].kernel_grad().shape
       ((3, 2), (5, 2))
+
+      L2-regularised logistic regression, ``(1/N) Σ log(1 + exp(−y_n⟨x_n, w⟩)) + μ‖w‖²``
+      (eq. 26 of the S2QN paper, labels ``t_n = (1 + y_n)/2``), with no tag:
+
+      >>> mu = 0.1
+      >>> cap = jax_capture(lambda p, x: x @ p["w"], "sigmoid_binary_cross_entropy",
+      ...                   penalty=lambda p: mu * jnp.sum(p["w"] ** 2))
+      >>> x, t = jnp.eye(3), jnp.array([1., 0., 1.])
+      >>> oracle = cap.oracle({"w": jnp.zeros(3)}, (x, t))
+      >>> round(float(oracle.loss), 4)   # log 2 + 0
+      0.6931
+      >>> oracle.ggn_vp({"w": jnp.ones(3)})["w"]   # (diag(σ(1-σ))/N + 2μ I) 1 = 1/12 + 0.2
+      Array([0.28333333, 0.28333333, 0.28333333], dtype=float32)
     """
-    return PureJaxCapture(apply_fn, loss, input_key=input_key, target_key=target_key)
+    return PureJaxCapture(apply_fn, loss, input_key=input_key, target_key=target_key,
+                          penalty=penalty)

@@ -26,7 +26,7 @@ def digits_problems():
 def test_registry_is_table_like():
     for name, spec in OPTIMIZERS.items():
         assert spec.name == name and spec.default_lr > 0 and spec.lr_grid
-        assert spec.needs_oracle is name.startswith(("kbfgs", "kfac", "smw", "tnt", "mb_lsr1", "lssr1"))
+        assert spec.needs_oracle is name.startswith(("kbfgs", "kfac", "smw", "tnt", "mb_lsr1", "lssr1", "s4qn", "ssn"))
         # SMW: none; Shampoo is gradient-only but warm-starts its statistics (when there is a capture)
         assert (spec.warm_start is not None) is name.startswith(("kbfgs", "kfac", "tnt", "shampoo"))
     assert {"adam", "sgd", "lbfgs", "slimqn", "kbfgs", "kbfgs_l", "kbfgs_l_t10", "kfac"} <= set(OPTIMIZERS)
@@ -77,7 +77,7 @@ def test_logreg_loss_matches_numpy():
     params = {"w": jnp.linspace(-0.1, 0.1, 30), "b": jnp.asarray(0.2)}
     x, y = prob.data.x_train[:7], prob.data.y_train[:7]
     z = x @ np.asarray(params["w"]) + 0.2
-    expected = np.mean(np.logaddexp(0.0, z) - y * z) + 0.5 * problems.LOGREG_L2 * np.sum(np.asarray(params["w"]) ** 2)
+    expected = np.mean(np.logaddexp(0.0, z) - y * z) + problems.LOGREG_MU * np.sum(np.asarray(params["w"]) ** 2)
     np.testing.assert_allclose(float(prob.loss_fn(params, (x, y))), expected, rtol=1e-5)
 
 

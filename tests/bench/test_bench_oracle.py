@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any, NamedTuple
 
@@ -18,7 +19,13 @@ from qnopt.bench.optimizers import OPTIMIZERS, OptimizerSpec, WarmStart
 from qnopt.bench.report import markdown_table
 from qnopt.bench.runner import run_one
 
-CAPTURED = [name for name in problems.PROBLEMS if name != "logreg"]
+CAPTURED = list(problems.PROBLEMS)
+LOGREGS = ("logreg", "logreg_digits")  # pure JAX, no tagged layer
+
+
+def _without_capture(prob: problems.Problem) -> problems.Problem:
+    """The same problem with no curvature capture (every registered problem has one)."""
+    return dataclasses.replace(prob, make_capture=None)
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +55,9 @@ def test_oracle_loss_and_grads_equal_problem_loss(digits_problems, name):
     np.testing.assert_allclose(float(o_loss), float(loss), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(o_grads), jax.tree.leaves(grads)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    if name in LOGREGS:  # no layer at all: every parameter is a fallback leaf
+        assert prob.capture().table(params, batch).count("fallback (") == 2
+        return
     # every parameter belongs to a captured layer (no normalisation layers, no fallback)
     table = prob.capture().table(params, batch)
     assert "fallback (" not in table
@@ -61,8 +71,8 @@ def test_autoencoder_target_is_the_input(digits_problems):
     assert t is x
 
 
-def test_logreg_has_no_capture_and_oracle_specs_are_skipped(digits_problems):
-    prob = digits_problems["logreg"]
+def test_problem_without_capture_skips_oracle_specs(digits_problems):
+    prob = _without_capture(digits_problems["logreg"])
     assert not prob.has_capture
     with pytest.raises(ValueError, match="no curvature capture"):
         prob.capture()
@@ -216,6 +226,7 @@ def test_cli_help_lists_oracle_optimizers_and_convnet(capsys):
 def test_cli_oracle_skip_is_not_a_failure(tmp_path, capsys, monkeypatch):
     spec = OptimizerSpec("probe", _probe, 0.1, (0.1,), needs_oracle=True)
     monkeypatch.setitem(OPTIMIZERS, "probe", spec)
+    monkeypatch.setitem(problems.PROBLEMS, "logreg", lambda **kw: _without_capture(problems.logreg(**kw)))
     rc = cli.main(["--problem", "logreg,classifier", "--data", "digits", "--optimizers", "adam,probe",
                    "--epochs", "1", "--steps-per-epoch", "2", "--out", str(tmp_path), "--quiet"])
     assert rc == 0
