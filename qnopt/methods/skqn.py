@@ -22,7 +22,7 @@ diagonal as in §3.4)::
     θ_k+1 = θ_k + β_k d_k  (the update returned; β_k = ``learning_rate``)                  [4]
     at θ_k+1 on the same samples: the pair (u, v̂) of SKQN-L/B1, or (Ũ, Ṽ) of SKQN-B2      [5]
 
-Choices where the paper is silent (documented in ``docs/skqn.md``):
+Choices where the paper is silent (documented in ``docs/s2qn_family.md``):
 
 * ``Â``, ``G̃`` are moving averages (``beta``, zero-debiased without ``initial_factors``) as in
   K-FAC, which §6 compares against; ``beta=0`` is eq. 18's minibatch estimate.
