@@ -40,14 +40,6 @@ DIM = D_IN * HID + HID
 ITERS = 15
 
 
-@pytest.fixture
-def x64():
-    previous = bool(jax.config.jax_enable_x64)
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
-
-
 # --------------------------------------------------------------------------------------------
 # The problem: f(w) = (1/N) Σ_n ½ (tanh(x_n W) v − t_n)², w = (vec W, v).
 # --------------------------------------------------------------------------------------------

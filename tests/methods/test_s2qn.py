@@ -32,14 +32,6 @@ N, POOL, STEPS = 40, 120, 8
 EPS_B, MU = 1e-8, 0.25
 
 
-@pytest.fixture
-def x64():
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", old)
-
-
 # ------------------------------------------------------------------ the problem
 
 def apply_fn(theta, x):

@@ -34,14 +34,6 @@ LR = 0.8
 COMMON = dict(alpha=2.0, r1=0.05, r2=0.3)
 
 
-@pytest.fixture
-def x64():
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", old)
-
-
 # ------------------------------------------------------------------ the problem
 
 def apply_fn(p, x):

@@ -37,14 +37,6 @@ N, STEPS = 8, 6
 EPS_B = 1e-8
 
 
-@pytest.fixture
-def x64():
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", old)
-
-
 def vec(X):
     return np.asarray(X).reshape(-1, order="F")
 

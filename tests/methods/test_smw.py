@@ -19,13 +19,6 @@ N1, N2 = 10, 6
 LAM_LM, TAU = 0.5, 1e-3
 
 
-@pytest.fixture
-def x64():
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", False)
-
-
 class Scaled(nn.Module):
     """An MLP with a parameter outside any Dense layer (not captured: B is zero there)."""
 
