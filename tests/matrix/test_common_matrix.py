@@ -142,7 +142,10 @@ CASES += [
                  static_args=_S2QN_STATIC + ("blocks",), steps=60, extra_args=_oracle, problem=lambda: MLP,
                  compare_steps=20),
 ]
-IDS = [c.name for c in CASES]
+# One worker runs all the checks of a row (``--dist loadgroup``, scripts/test.sh), so that they
+# share its compiled step and trajectory through RUNS (qnopt.testing.Runs).
+ROWS = [pytest.param(c, id=c.name, marks=pytest.mark.xdist_group(c.name)) for c in CASES]
+RUNS = T.Runs()
 
 _LOGREG = []
 
@@ -156,47 +159,47 @@ def problem(case):
     return _LOGREG[0]
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", ROWS)
 def test_faster_than_sgd(case, problem):
-    T.check_faster_than_sgd(case, problem)
+    T.check_faster_than_sgd(case, problem, runs=RUNS)
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", ROWS)
 def test_no_recompilation(case, problem):
-    T.check_no_recompilation(case, problem)
+    T.check_no_recompilation(case, problem, runs=RUNS)
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", ROWS)
 def test_extra_args(case, problem):
-    T.check_extra_args(case, problem)
+    T.check_extra_args(case, problem, runs=RUNS)
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", ROWS)
 def test_chain(case, problem):
     T.check_chain(case, problem)
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", ROWS)
 def test_inject_hyperparams(case, problem):
-    T.check_inject_hyperparams(case, problem)
+    T.check_inject_hyperparams(case, problem, runs=RUNS)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", ROWS)
 def test_dtype(case, problem, dtype):
-    T.check_dtype(case, problem, dtype)
+    T.check_dtype(case, problem, dtype, runs=RUNS)
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", ROWS)
 def test_sharding(case, problem):
-    T.check_sharding(case, problem)
+    T.check_sharding(case, problem, runs=RUNS)
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", ROWS)
 def test_nonfinite_skip(case, problem):
-    T.check_nonfinite_skip(case, problem)
+    T.check_nonfinite_skip(case, problem, runs=RUNS)
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", ROWS)
 def test_bad_input(case, problem):
-    T.check_bad_input(case, problem)
+    T.check_bad_input(case, problem, runs=RUNS)
