@@ -262,6 +262,10 @@ class Runs:
         return self.memo(("update", case, problem),
                          lambda: _jit_update(self.trajectory(case, problem).opt, case, problem))
 
+    def sharded(self, case: MethodCase, problem: Problem):
+        """``(opt, param shardings, state shardings, jitted sharded step)`` on a 1-D mesh."""
+        return self.memo(("sharded", case, problem), lambda: _sharded_setup(case, problem))
+
     def grad(self, problem: Problem):
         """``jax.grad(problem.loss)``, jitted."""
         return self.memo(("grad", problem), lambda: jax.jit(jax.grad(problem.loss)))
@@ -419,13 +423,14 @@ def check_sharding(case: MethodCase, problem: Problem, steps: Optional[int] = No
     gives the same parameters as an unsharded run (to float32 round-off) after ``steps``
     (default ``case.compare_steps``) steps."""
     steps = case.compare_steps if steps is None else steps
-    opt, p_shard, s_shard, sharded_step = _sharded_setup(case, problem)
+    runs = Runs() if runs is None else runs
+    opt, p_shard, s_shard, sharded_step = runs.sharded(case, problem)
     params = jax.device_put(problem.params, p_shard)
     state = jax.jit(opt.init, out_shardings=s_shard)(params)
     for _ in range(steps):
         params, state = sharded_step(params, state)
     _check_placed(case, state, s_shard)
-    ref, _, _ = _trajectory(case, problem, runs).run(steps)
+    ref, _, _ = runs.trajectory(case, problem).run(steps)
     chex_equal(params, ref, f"{case.name}: sharded run differs", rtol=2e-4, atol=2e-5)
 
 
@@ -434,8 +439,9 @@ def check_sharding_one_step(case: MethodCase, problem: Problem, warm_steps: int 
     """From the state of ``warm_steps`` unsharded steps, one sharded step gives the parameters
     and state of one unsharded step (to float32 round-off): the comparison for methods whose
     trajectories amplify round-off (see :attr:`MethodCase.compare_steps`)."""
-    _, p_shard, s_shard, sharded_step = _sharded_setup(case, problem)
-    trajectory = _trajectory(case, problem, runs)
+    runs = Runs() if runs is None else runs
+    _, p_shard, s_shard, sharded_step = runs.sharded(case, problem)
+    trajectory = runs.trajectory(case, problem)
     params, state, _ = trajectory.run(warm_steps)
     ref = trajectory.step(params, state)[:2]  # the unsharded step, compiled once for both
     out = sharded_step(jax.device_put(params, p_shard), jax.device_put(state, s_shard))
