@@ -10,11 +10,17 @@ with clipping and weight decay; works under ``optax.inject_hyperparams``; float3
 bfloat16 parameters; state sharded on a device mesh gives the numbers of an unsharded
 run; NaN/Inf gradients skip the update and leave the state intact; bad input raises a
 clear error.
+
+Most checks run the same optimizer, ``case.make(case.lrs[0])``, from the same start; a
+:class:`Runs` passed as ``runs=`` lets them share that compiled step and its trajectory
+(and the jitted update, gradient and SGD baseline) instead of each compiling its own.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -26,6 +32,7 @@ PyTree = Any
 
 __all__ = [
     "MethodCase",
+    "Runs",
     "Problem",
     "logreg_problem",
     "mlp_problem",
@@ -184,23 +191,110 @@ def _extra(case: Optional[MethodCase], params, loss) -> dict:
     return {} if case is None or case.extra_args is None else case.extra_args(params, loss)
 
 
+def _jit_update(opt, case: Optional[MethodCase], problem: Problem, **unknown):
+    """``opt.update(grads, state, params, **unknown, **extra_args)``, jitted."""
+    return jax.jit(lambda g, s, p: opt.update(g, s, p, **unknown, **_extra(case, p, problem.loss)))
+
+
+class _Trajectory:
+    """Jitted full-batch steps of ``opt`` from ``params``, run on demand and kept: every step's
+    parameters, state and loss, and how many times the step function was traced. ``step``
+    returns ``(params, state, loss, updates)``."""
+
+    def __init__(self, opt, problem: Problem, case: Optional[MethodCase], params):
+        self.opt, self.case, self.problem, self.traces = opt, case, problem, 0
+
+        def step(params, state):
+            self.traces += 1
+            value, grads = jax.value_and_grad(problem.loss)(params)
+            updates, state = opt.update(grads, state, params, **_extra(case, params, problem.loss))
+            return optax.apply_updates(params, updates), state, value, updates
+
+        self.step = jax.jit(step)
+        self.points = [(params, opt.init(params))]
+        self.values: list = []
+        self.final: dict = {}
+
+    def run(self, steps: int):
+        """``(params, state, losses)`` after ``steps`` steps, as :func:`run_steps` returns them."""
+        while len(self.values) < steps:
+            params, state, value, _ = self.step(*self.points[-1])
+            self.points.append((params, state))
+            self.values.append(float(value))
+        params, state = self.points[steps]
+        if steps not in self.final:
+            self.final[steps] = float(self.problem.loss(params))
+        return params, state, np.asarray(self.values[:steps] + [self.final[steps]])
+
+
 def run_steps(opt, problem: Problem, steps: int, case: Optional[MethodCase] = None, params=None):
     """Run ``steps`` jitted full-batch steps; returns ``(params, state, losses)``."""
-    params = problem.params if params is None else params
-    state = opt.init(params)
+    return _Trajectory(opt, problem, case, problem.params if params is None else params).run(steps)
 
-    @jax.jit
-    def step(params, state):
-        value, grads = jax.value_and_grad(problem.loss)(params)
-        updates, state = opt.update(grads, state, params, **_extra(case, params, problem.loss))
-        return optax.apply_updates(params, updates), state, value
 
-    losses = []
-    for _ in range(steps):
-        params, state, value = step(params, state)
-        losses.append(float(value))
-    losses.append(float(problem.loss(params)))
-    return params, state, np.asarray(losses)
+class Runs:
+    """What the checks of one or more cases can share: the compiled step and trajectory of
+    ``case.make(case.lrs[0])`` on the problem, and SGD-momentum's best loss per problem.
+
+    The convergence race at ``lrs[0]``, the recompilation count, the float32 run, the
+    references of the sharding and ``inject_hyperparams`` comparisons and the warm-up of the
+    NaN check are all that one trajectory (or a prefix of it). Pass one ``Runs`` as
+    ``runs=`` to every check to compile and run it once; without it each check runs its own.
+    Entries are keyed by the identity of the case and problem objects, which it keeps alive.
+    """
+
+    def __init__(self):
+        self._memo: dict = {}
+
+    def memo(self, key: tuple, build: Callable[[], Any]) -> Any:
+        ident = tuple(k if isinstance(k, (str, int, float, tuple)) else id(k) for k in key)
+        if ident not in self._memo:
+            self._memo[ident] = (key, build())
+        return self._memo[ident][1]
+
+    def trajectory(self, case: MethodCase, problem: Problem) -> _Trajectory:
+        """The shared run of ``case.make(case.lrs[0])`` from ``problem.params``."""
+        return self.memo(("trajectory", case, problem),
+                         lambda: _Trajectory(case.make(case.lrs[0]), problem, case, problem.params))
+
+    def update(self, case: MethodCase, problem: Problem):
+        """The trajectory's ``opt.update(grads, state, params, **extra_args)``, jitted."""
+        return self.memo(("update", case, problem),
+                         lambda: _jit_update(self.trajectory(case, problem).opt, case, problem))
+
+    def sharded(self, case: MethodCase, problem: Problem):
+        """``(opt, param shardings, state shardings, jitted sharded step)`` on a 1-D mesh."""
+        return self.memo(("sharded", case, problem), lambda: _sharded_setup(case, problem))
+
+    def grad(self, problem: Problem):
+        """``jax.grad(problem.loss)``, jitted."""
+        return self.memo(("grad", problem), lambda: jax.jit(jax.grad(problem.loss)))
+
+
+def _trajectory(case: MethodCase, problem: Problem, runs: Optional[Runs]) -> _Trajectory:
+    return (Runs() if runs is None else runs).trajectory(case, problem)
+
+
+def _start(case: MethodCase, problem: Problem, runs: Optional[Runs]):
+    """``(runs, opt, params, state, grads)``: the shared trajectory's optimizer, its start and
+    the gradient there."""
+    runs = Runs() if runs is None else runs
+    trajectory = runs.trajectory(case, problem)
+    params, state = trajectory.points[0]
+    return runs, trajectory.opt, params, state, runs.grad(problem)(params)
+
+
+def _make_is_factory(case: MethodCase) -> bool:
+    """``case.make(lr)`` is ``case.factory(learning_rate=lr, **case.factory_kwargs)``."""
+    make = case.make
+    if not (isinstance(make, functools.partial) and make.func is case.factory and not make.args
+            and make.keywords == case.factory_kwargs):
+        return False
+    try:
+        first = next(iter(inspect.signature(case.factory).parameters))
+    except (TypeError, ValueError, StopIteration):
+        return False
+    return first == "learning_rate"
 
 
 def _final(losses: np.ndarray) -> float:
@@ -208,43 +302,35 @@ def _final(losses: np.ndarray) -> float:
 
 
 def check_faster_than_sgd(case: MethodCase, problem: Problem,
-                          sgd_lrs: Sequence[float] = (3.0, 1.0, 0.3, 0.1, 0.03)) -> tuple[float, float]:
+                          sgd_lrs: Sequence[float] = (3.0, 1.0, 0.3, 0.1, 0.03),
+                          runs: Optional[Runs] = None) -> tuple[float, float]:
     """Best final loss over ``case.lrs`` beats SGD-momentum(0.9)'s best over ``sgd_lrs`` at
     the same step budget. Returns ``(method_best, sgd_best)``."""
-    ours = min(_final(run_steps(case.make(lr), problem, case.steps, case)[2]) for lr in case.lrs)
-    sgd = min(_final(run_steps(optax.sgd(lr, momentum=0.9), problem, case.steps)[2]) for lr in sgd_lrs)
+    runs = Runs() if runs is None else runs
+    ours = min(_final(runs.trajectory(case, problem).run(case.steps)[2] if i == 0
+                      else run_steps(case.make(lr), problem, case.steps, case)[2])
+               for i, lr in enumerate(case.lrs))
+    sgd = runs.memo(("sgd", problem, case.steps, tuple(sgd_lrs)), lambda: min(
+        _final(run_steps(optax.sgd(lr, momentum=0.9), problem, case.steps)[2]) for lr in sgd_lrs))
     assert ours < sgd, f"{case.name}: best final loss {ours:.6g} does not beat SGD-momentum's {sgd:.6g}"
     return ours, sgd
 
 
-def check_no_recompilation(case: MethodCase, problem: Problem) -> None:
-    """The jitted step is traced once, however many times it is called."""
-    opt = case.make(case.lrs[0])
-    traces = []
-
-    @jax.jit
-    def step(params, state):
-        traces.append(1)
-        grads = jax.grad(problem.loss)(params)
-        updates, state = opt.update(grads, state, params, **_extra(case, params, problem.loss))
-        return optax.apply_updates(params, updates), state
-
-    params, state = problem.params, opt.init(problem.params)
-    for _ in range(3):
-        params, state = step(params, state)
-    jax.block_until_ready(params)
-    assert len(traces) == 1, f"{case.name}: step traced {len(traces)} times in 3 calls"
+def check_no_recompilation(case: MethodCase, problem: Problem, runs: Optional[Runs] = None) -> None:
+    """The jitted step is traced once, however many times it is called (at least 3 calls; with
+    ``runs``, every call the shared trajectory has made so far)."""
+    trajectory = _trajectory(case, problem, runs)
+    trajectory.run(3)
+    calls = len(trajectory.values)
+    assert trajectory.traces == 1, f"{case.name}: step traced {trajectory.traces} times in {calls} calls"
 
 
-def check_extra_args(case: MethodCase, problem: Problem) -> None:
-    """Unknown keyword arguments to ``update`` are ignored, not an error."""
-    opt = case.make(case.lrs[0])
-    params = problem.params
-    grads = jax.grad(problem.loss)(params)
-    state = opt.init(params)
-    u1, _ = opt.update(grads, state, params, **_extra(case, params, problem.loss))
-    u2, _ = opt.update(grads, state, params, unknown_flag=True, another=jnp.ones(3),
-                       **_extra(case, params, problem.loss))
+def check_extra_args(case: MethodCase, problem: Problem, runs: Optional[Runs] = None) -> None:
+    """Unknown keyword arguments to ``update`` are ignored, not an error (updates and state
+    equal to those of the same jitted update without them)."""
+    runs, opt, params, state, grads = _start(case, problem, runs)
+    u1 = runs.update(case, problem)(grads, state, params)
+    u2 = _jit_update(opt, case, problem, unknown_flag=True, another=jnp.ones(3))(grads, state, params)
     chex_equal(u1, u2, f"{case.name}: extra args changed the update")
 
 
@@ -262,30 +348,35 @@ def check_chain(case: MethodCase, problem: Problem) -> None:
     assert np.isfinite(losses).all() and losses[-1] < losses[0], f"{case.name}: chained run did not decrease: {losses[[0, -1]]}"
 
 
-def check_inject_hyperparams(case: MethodCase, problem: Problem) -> None:
+def check_inject_hyperparams(case: MethodCase, problem: Problem, runs: Optional[Runs] = None) -> None:
     """Under ``optax.inject_hyperparams`` the method gives the plain run's numbers, and the
     learning rate lives in the state where a schedule or a user can change it."""
     lr = case.lrs[0]
     injected = optax.inject_hyperparams(case.factory, static_args=case.static_args)(
         learning_rate=lr, **case.factory_kwargs)
-    plain = case.factory(learning_rate=lr, **case.factory_kwargs)
     steps = min(25, case.compare_steps)
-    p1, s1, l1 = run_steps(injected, problem, steps, case)
-    p2, _, l2 = run_steps(plain, problem, steps, case)
+    run = _Trajectory(injected, problem, case, problem.params)
+    p1, s1, _ = run.run(steps)
+    if _make_is_factory(case):  # the plain run is the shared trajectory of case.make(lrs[0])
+        p2 = _trajectory(case, problem, runs).run(steps)[0]
+    else:
+        p2 = run_steps(case.factory(learning_rate=lr, **case.factory_kwargs), problem, steps, case)[0]
     chex_equal(p1, p2, f"{case.name}: inject_hyperparams changed the result", rtol=1e-5, atol=1e-6)
     assert "learning_rate" in s1.hyperparams
     s1.hyperparams["learning_rate"] = jnp.zeros_like(s1.hyperparams["learning_rate"])
-    grads = jax.grad(problem.loss)(p1)
-    updates, _ = injected.update(grads, s1, p1, **_extra(case, p1, problem.loss))
+    updates = run.step(p1, s1)[3]  # the compiled step: same shapes and dtypes, no new trace
     assert all(float(jnp.max(jnp.abs(u))) == 0.0 for u in jax.tree.leaves(updates)), \
         f"{case.name}: learning rate 0 injected into the state still moved the parameters"
 
 
-def check_dtype(case: MethodCase, problem: Problem, dtype: Any) -> None:
+def check_dtype(case: MethodCase, problem: Problem, dtype: Any, runs: Optional[Runs] = None) -> None:
     """Parameters of ``dtype`` get updates of ``dtype``; state stays finite; the loss falls."""
-    params = jax.tree.map(lambda p: p.astype(dtype), problem.params)
-    opt = case.make(case.lrs[0])
-    p, state, losses = run_steps(opt, problem, min(case.steps, 60), case, params=params)
+    steps = min(case.steps, 60)
+    if all(leaf.dtype == dtype for leaf in jax.tree.leaves(problem.params)):  # the shared trajectory
+        p, state, losses = _trajectory(case, problem, runs).run(steps)
+    else:
+        params = jax.tree.map(lambda p: p.astype(dtype), problem.params)
+        p, state, losses = run_steps(case.make(case.lrs[0]), problem, steps, case, params=params)
     for leaf in jax.tree.leaves(p):
         assert leaf.dtype == dtype, f"{case.name}: parameters changed dtype to {leaf.dtype}"
     for leaf in jax.tree.leaves(state):
@@ -295,8 +386,8 @@ def check_dtype(case: MethodCase, problem: Problem, dtype: Any) -> None:
 
 
 def _sharded_setup(case: MethodCase, problem: Problem):
-    """The optimizer, a 1-D mesh over all devices, parameter and state shardings, and the
-    jitted sharded and unsharded steps."""
+    """The optimizer, parameter and state shardings on a 1-D mesh over all devices, and the
+    jitted sharded step."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from qnopt.sharding import state_shardings
@@ -318,7 +409,7 @@ def _sharded_setup(case: MethodCase, problem: Problem):
         return optax.apply_updates(params, updates), state
 
     sharded_step = jax.jit(step, in_shardings=(p_shard, s_shard), out_shardings=(p_shard, s_shard))
-    return opt, p_shard, s_shard, sharded_step, jax.jit(step)
+    return opt, p_shard, s_shard, sharded_step
 
 
 def _check_placed(case: MethodCase, state, s_shard) -> None:
@@ -326,39 +417,45 @@ def _check_placed(case: MethodCase, state, s_shard) -> None:
         assert leaf.sharding.is_equivalent_to(sh, leaf.ndim), f"{case.name}: state leaf not placed as asked"
 
 
-def check_sharding(case: MethodCase, problem: Problem, steps: Optional[int] = None) -> None:
+def check_sharding(case: MethodCase, problem: Problem, steps: Optional[int] = None,
+                   runs: Optional[Runs] = None) -> None:
     """State placed by :func:`qnopt.sharding.state_shardings` on a 1-D mesh over all devices
     gives the same parameters as an unsharded run (to float32 round-off) after ``steps``
     (default ``case.compare_steps``) steps."""
     steps = case.compare_steps if steps is None else steps
-    opt, p_shard, s_shard, sharded_step, _ = _sharded_setup(case, problem)
+    runs = Runs() if runs is None else runs
+    opt, p_shard, s_shard, sharded_step = runs.sharded(case, problem)
     params = jax.device_put(problem.params, p_shard)
     state = jax.jit(opt.init, out_shardings=s_shard)(params)
     for _ in range(steps):
         params, state = sharded_step(params, state)
     _check_placed(case, state, s_shard)
-    ref, _, _ = run_steps(opt, problem, steps, case)
+    ref, _, _ = runs.trajectory(case, problem).run(steps)
     chex_equal(params, ref, f"{case.name}: sharded run differs", rtol=2e-4, atol=2e-5)
 
 
-def check_sharding_one_step(case: MethodCase, problem: Problem, warm_steps: int = 30) -> None:
+def check_sharding_one_step(case: MethodCase, problem: Problem, warm_steps: int = 30,
+                            runs: Optional[Runs] = None) -> None:
     """From the state of ``warm_steps`` unsharded steps, one sharded step gives the parameters
     and state of one unsharded step (to float32 round-off): the comparison for methods whose
     trajectories amplify round-off (see :attr:`MethodCase.compare_steps`)."""
-    opt, p_shard, s_shard, sharded_step, plain_step = _sharded_setup(case, problem)
-    params, state, _ = run_steps(opt, problem, warm_steps, case)
-    ref = plain_step(params, state)
+    runs = Runs() if runs is None else runs
+    _, p_shard, s_shard, sharded_step = runs.sharded(case, problem)
+    trajectory = runs.trajectory(case, problem)
+    params, state, _ = trajectory.run(warm_steps)
+    ref = trajectory.step(params, state)[:2]  # the unsharded step, compiled once for both
     out = sharded_step(jax.device_put(params, p_shard), jax.device_put(state, s_shard))
     _check_placed(case, out[1], s_shard)
     chex_equal(out, ref, f"{case.name}: one sharded step differs", rtol=2e-4, atol=2e-5)
 
 
-def check_nonfinite_skip(case: MethodCase, problem: Problem, warm_steps: int = 12) -> None:
+def check_nonfinite_skip(case: MethodCase, problem: Problem, warm_steps: int = 12,
+                         runs: Optional[Runs] = None) -> None:
     """A NaN or Inf gradient gives a zero update and leaves the state exactly as it was."""
-    opt = case.make(case.lrs[0])
-    params, state, _ = run_steps(opt, problem, warm_steps, case)
-    grads = jax.grad(problem.loss)(params)
-    update = jax.jit(lambda g, s, p: opt.update(g, s, p, **_extra(case, p, problem.loss)))
+    runs = Runs() if runs is None else runs
+    params, state, _ = runs.trajectory(case, problem).run(warm_steps)
+    grads = runs.grad(problem)(params)
+    update = runs.update(case, problem)
     for bad in (jnp.nan, jnp.inf):
         leaves, tree = jax.tree.flatten(grads)
         leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(bad)
@@ -368,12 +465,9 @@ def check_nonfinite_skip(case: MethodCase, problem: Problem, warm_steps: int = 1
         chex_equal(new_state, state, f"{case.name}: non-finite gradient ({bad}) changed the state")
 
 
-def check_bad_input(case: MethodCase, problem: Problem) -> None:
+def check_bad_input(case: MethodCase, problem: Problem, runs: Optional[Runs] = None) -> None:
     """Missing params and gradients of the wrong shape raise ``ValueError`` saying what to do."""
-    opt = case.make(case.lrs[0])
-    params = problem.params
-    state = opt.init(params)
-    grads = jax.grad(problem.loss)(params)
+    _, opt, params, state, grads = _start(case, problem, runs)
     try:
         opt.update(grads, state, None, **_extra(case, params, problem.loss))
     except ValueError as err:

@@ -104,7 +104,7 @@ CASES += [
 # method); δ₀ = 1e-2 instead of the paper's 1e-4 so that a 60-step race is not spent doubling δ.
 # Their float32 trajectories amplify reduction-order round-off (~10× a step while δ doubles and the
 # L-SR1 pairs are near-collinear), so the sharded and injected runs are compared over 3 steps here,
-# and the sharded one also one step from a 30-step state in tests/methods/test_mb_lsr1.py.
+# and the sharded one also one step from a 30-step state (test_sharding_one_step).
 _LSR1 = dict(memory_size=8, initial_radius=1e-2)
 CASES += [
     T.MethodCase("mb_lsr1", functools.partial(qnopt.mb_lsr1, **_LSR1), lrs=(1.0,), factory=qnopt.mb_lsr1,
@@ -123,7 +123,7 @@ CASES += [
 # Hessian base by CG, eq. 13) on the first 64 of the 256 examples; α = 10 (λ ∈ [0.1, 0.2]). The
 # moderate step first (see above). S4QN's ten CG iterations amplify reduction-order round-off ~2×
 # every 5 steps (5e-5 after 30 sharded steps, 1.5e-5 after 20): its trajectories are compared over
-# 20 steps, and one sharded step from a 30-step state in tests/methods/test_s2qn_sharding.py.
+# 20 steps, and one sharded step from a 30-step state (test_sharding_one_step).
 _S2QN_STATIC = ("base", "memory_size", "sub_batch_size", "refine", "damped", "cg_iters")
 _S2QN = dict(alpha=10.0, sub_batch_size=64, damped=True)
 _S4QN = dict(alpha=10.0, sub_batch_size=64, cg_iters=10)
@@ -136,7 +136,7 @@ CASES += [
     # Block-diagonal S2QN (§3.4): one refinement per layer (kernel + bias), the EFIM block Q_jQ_jᵀ.
     # Its per-block γ_j amplify reduction-order round-off more than one block does (sharded vs
     # unsharded: within 2e-4 after 20 steps, 1e-4 absolute off after 30): compared over 20 steps,
-    # and one sharded step from a 30-step state in tests/methods/test_s2qn_blocks.py.
+    # and one sharded step from a 30-step state (test_sharding_one_step).
     T.MethodCase("s2qn_blocks", functools.partial(qnopt.s2qn, blocks="layer", **_S2QN), lrs=(0.5, 1.0),
                  factory=qnopt.s2qn, factory_kwargs=dict(blocks="layer", **_S2QN),
                  static_args=_S2QN_STATIC + ("blocks",), steps=60, extra_args=_oracle, problem=lambda: MLP,
@@ -154,7 +154,10 @@ CASES += [
                  problem=lambda: MLP, compare_steps=5)
     for name, factory in (("skqn_l", qnopt.skqn_l), ("skqn_b1", qnopt.skqn_b1), ("skqn_b2", qnopt.skqn_b2))
 ]
-IDS = [c.name for c in CASES]
+# One worker runs all the checks of a row (``--dist loadgroup``, scripts/test.sh), so that they
+# share its compiled step and trajectory through RUNS (qnopt.testing.Runs).
+ROWS = [pytest.param(c, id=c.name, marks=pytest.mark.xdist_group(c.name)) for c in CASES]
+RUNS = T.Runs()
 
 _LOGREG = []
 
@@ -168,47 +171,57 @@ def problem(case):
     return _LOGREG[0]
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", ROWS)
 def test_faster_than_sgd(case, problem):
-    T.check_faster_than_sgd(case, problem)
+    T.check_faster_than_sgd(case, problem, runs=RUNS)
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", ROWS)
 def test_no_recompilation(case, problem):
-    T.check_no_recompilation(case, problem)
+    T.check_no_recompilation(case, problem, runs=RUNS)
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", ROWS)
 def test_extra_args(case, problem):
-    T.check_extra_args(case, problem)
+    T.check_extra_args(case, problem, runs=RUNS)
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", ROWS)
 def test_chain(case, problem):
     T.check_chain(case, problem)
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", ROWS)
 def test_inject_hyperparams(case, problem):
-    T.check_inject_hyperparams(case, problem)
+    T.check_inject_hyperparams(case, problem, runs=RUNS)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", ROWS)
 def test_dtype(case, problem, dtype):
-    T.check_dtype(case, problem, dtype)
+    T.check_dtype(case, problem, dtype, runs=RUNS)
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", ROWS)
 def test_sharding(case, problem):
-    T.check_sharding(case, problem)
+    T.check_sharding(case, problem, runs=RUNS)
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+# Rows whose trajectories amplify round-off (see compare_steps above): also one sharded step from
+# the 30-step state of the shared trajectory, with the sharded step test_sharding compiled.
+ONE_STEP = ("mb_lsr1", "mb_lsr1_warm", "lssr1_tr", "s2qn", "s4qn", "s2qn_blocks")
+
+
+@pytest.mark.parametrize("case", [r for r in ROWS if r.id in ONE_STEP])
+def test_sharding_one_step(case, problem):
+    T.check_sharding_one_step(case, problem, warm_steps=30, runs=RUNS)
+
+
+@pytest.mark.parametrize("case", ROWS)
 def test_nonfinite_skip(case, problem):
-    T.check_nonfinite_skip(case, problem)
+    T.check_nonfinite_skip(case, problem, runs=RUNS)
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", ROWS)
 def test_bad_input(case, problem):
-    T.check_bad_input(case, problem)
+    T.check_bad_input(case, problem, runs=RUNS)

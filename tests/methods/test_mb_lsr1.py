@@ -2,7 +2,6 @@
 ExitCheck, errors, and sharding from a warm state (the line-by-line float64 reference is in
 test_mb_lsr1_reference.py)."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +10,6 @@ import optax
 import pytest
 
 import qnopt
-from qnopt import testing as T
 
 
 def _quadratic(d=6, seed=0):
@@ -163,14 +161,5 @@ def test_errors_say_what_to_do():
         opt.update(grads, state, params, curvature=cap.oracle(params, batch), progress=3)
 
 
-MLP = T.mlp_problem()
-_KW = dict(memory_size=8, initial_radius=1e-2)
-
-
-@pytest.mark.parametrize("factory,kwargs", [(qnopt.mb_lsr1, {}), (qnopt.mb_lsr1, {"restart_memory": 4}),
-                                            (qnopt.lssr1_tr, {})], ids=["mb_lsr1", "warm", "lssr1_tr"])
-def test_one_sharded_step_from_a_warm_state(factory, kwargs):
-    kw = {**_KW, **kwargs}
-    case = T.MethodCase("lsr1", functools.partial(factory, **kw), lrs=(1.0,), factory=factory, factory_kwargs=kw,
-                        extra_args=lambda p, loss: T.oracle_args(p, loss, MLP), problem=lambda: MLP)
-    T.check_sharding_one_step(case, MLP, warm_steps=30)
+# One sharded step from a warm (30-step) state: test_sharding_one_step in tests/matrix/test_common_matrix.py
+# (rows mb_lsr1, mb_lsr1_warm, lssr1_tr), sharing those rows' compiled steps.

@@ -365,19 +365,8 @@ def test_non_finite_gradient_gives_zero_update_and_keeps_state(x64, case, bad):
 
 # ------------------------------------------------------------------ sharding
 
-def test_one_sharded_step_from_a_30_step_state():
-    """The common matrix compares sharded trajectories over 20 steps (round-off amplification);
-    here one sharded step from a 30-step unsharded state equals the unsharded step."""
-    import functools
-
-    from qnopt import testing as T
-
-    mlp = T.mlp_problem()
-    kwargs = dict(alpha=10.0, sub_batch_size=64, damped=True, blocks="layer")
-    case = T.MethodCase("s2qn_blocks", functools.partial(qnopt.s2qn, **kwargs), lrs=(0.5,), factory=qnopt.s2qn,
-                        factory_kwargs=kwargs, steps=60, extra_args=lambda p, loss: T.oracle_args(p, loss, mlp),
-                        problem=lambda: mlp)
-    T.check_sharding_one_step(case, mlp)
+# One sharded step from a 30-step state: the s2qn_blocks row of test_sharding_one_step in
+# tests/matrix/test_common_matrix.py.
 
 
 # ------------------------------------------------------------------ errors
