@@ -374,9 +374,11 @@ def test_one_sharded_step_from_a_warm_state(name):
                                     factory_kwargs=dict(alpha=10.0),
                                     extra_args=lambda p, loss: qnopt.testing.oracle_args(p, loss, mlp),
                                     problem=lambda: mlp)
-    _, p_shard, s_shard, sharded_step, plain_step = qnopt.testing._sharded_setup(case, mlp)
-    params, state, _ = qnopt.testing.run_steps(case.make(0.5), mlp, 20, case)
-    ref = plain_step(params, state)
+    runs = qnopt.testing.Runs()
+    _, p_shard, s_shard, sharded_step = runs.sharded(case, mlp)
+    trajectory = runs.trajectory(case, mlp)
+    params, state, _ = trajectory.run(20)
+    ref = trajectory.step(params, state)[:2]
     out = sharded_step(jax.device_put(params, p_shard), jax.device_put(state, s_shard))
     qnopt.testing.chex_equal(out[0], ref[0], f"{name}: one sharded step differs", rtol=2e-4, atol=2e-5)
 
