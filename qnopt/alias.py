@@ -51,14 +51,19 @@ def slimqn(
       learning_rate: a scalar or an optax schedule (the paper decays it stepwise and warms
         it up linearly; use ``optax.warmup_cosine_decay_schedule`` or similar).
 
+    Clip *after* SLIM-QN (on the step, like ``max_step_norm``), not before it: the pairs
+    ``(s, y)`` are built from the gradients SLIM-QN receives, and a gradient clipped by its
+    global norm no longer changes with the parameters as the curvature says (clipping first
+    makes this example diverge after about 30 steps).
+
     Example:
       >>> import jax, jax.numpy as jnp, optax, qnopt
-      >>> opt = optax.chain(optax.clip_by_global_norm(1.0),
-      ...                   qnopt.slimqn(0.1, update_every=5, memory_size=5))
+      >>> opt = optax.chain(qnopt.slimqn(0.1, update_every=5, memory_size=5),
+      ...                   optax.clip_by_global_norm(1.0))
       >>> params = {"w": jnp.ones((3,))}
       >>> state = opt.init(params)
       >>> loss = lambda p: jnp.sum(p["w"] ** 2)
-      >>> for _ in range(30):
+      >>> for _ in range(60):
       ...     updates, state = opt.update(jax.grad(loss)(params), state, params)
       ...     params = optax.apply_updates(params, updates)
       >>> bool(loss(params) < 1e-2)
