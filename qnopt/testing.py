@@ -361,7 +361,9 @@ def check_inject_hyperparams(case: MethodCase, problem: Problem, runs: Optional[
         p2 = _trajectory(case, problem, runs).run(steps)[0]
     else:
         p2 = run_steps(case.factory(learning_rate=lr, **case.factory_kwargs), problem, steps, case)[0]
-    chex_equal(p1, p2, f"{case.name}: inject_hyperparams changed the result", rtol=1e-5, atol=1e-6)
+    # Two compiled programs (the learning rate is a traced state value in one, a constant in the
+    # other): equal to float32 round-off, with the tolerance of the sharding checks.
+    chex_equal(p1, p2, f"{case.name}: inject_hyperparams changed the result", rtol=2e-4, atol=2e-5)
     assert "learning_rate" in s1.hyperparams
     s1.hyperparams["learning_rate"] = jnp.zeros_like(s1.hyperparams["learning_rate"])
     updates = run.step(p1, s1)[3]  # the compiled step: same shapes and dtypes, no new trace
