@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import inspect
 from typing import Any, Callable, Optional, Sequence
 
@@ -49,6 +50,8 @@ __all__ = [
     "check_sharding_one_step",
     "check_nonfinite_skip",
     "check_bad_input",
+    "memory_map_headroom",
+    "release_compiled_programs",
 ]
 
 
@@ -483,3 +486,49 @@ def check_bad_input(case: MethodCase, problem: Problem, runs: Optional[Runs] = N
         assert "shape" in str(err), f"{case.name}: unclear error for wrong gradient shape: {err}"
     else:
         raise AssertionError(f"{case.name}: gradients of the wrong shape did not raise")
+
+
+# ------------------------------------------------------------ long-lived test processes
+
+def memory_map_headroom() -> Optional[int]:
+    """How many more memory mappings this process may create before the kernel refuses
+    (``vm.max_map_count`` minus the lines of ``/proc/self/maps``); ``None`` off Linux.
+
+    Every program XLA compiles for the CPU keeps its machine code in mappings of its own
+    (about nine for a small jitted step: code, read-only data and data of each function),
+    held until the executable is freed. A process that compiles thousands of distinct
+    programs (a test suite; a sweep that rebuilds its optimizer and step per trial) reaches
+    the default limit of 65,530; then XLA's JIT cannot map the next program and the process
+    dies with a segmentation fault inside ``backend_compile_and_load``, in whichever
+    compilation comes next (seen in the qnopt suite on 2 pytest-xdist workers: 63,599 of
+    65,530 mappings at 94 % of one run).
+    """
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read())
+        with open("/proc/self/maps", "rb") as f:
+            used = sum(1 for _ in f)
+    except (OSError, ValueError):
+        return None
+    return limit - used
+
+
+def release_compiled_programs(min_headroom: int = 16384) -> bool:
+    """Free JAX's compiled programs (``jax.clear_caches()``) when fewer than ``min_headroom``
+    memory mappings are left (see :func:`memory_map_headroom`). Returns whether it did.
+
+    Cached programs are only a speed-up: a jitted function used again afterwards is traced
+    and compiled anew. Call it between units of work that compile many programs, e.g. after
+    each test (the qnopt suite does, from ``tests/conftest.py``) or each trial of a sweep.
+
+    Example:
+      >>> import qnopt
+      >>> qnopt.testing.release_compiled_programs(min_headroom=0)   # plenty left: nothing freed
+      False
+    """
+    headroom = memory_map_headroom()
+    if headroom is None or headroom >= min_headroom:
+        return False
+    jax.clear_caches()
+    gc.collect()
+    return True
