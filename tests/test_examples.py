@@ -56,8 +56,13 @@ def test_kbfgs_cnn_example_runs(capsys):
 
 
 def test_mb_lsr1_example_pipeline_follows_the_controller(capsys):
+    """The example's own 150 steps. After 40 (the former length) the batch is still 32–128 and
+    the radius has grown to 10–20: the full-data loss swings between 0.1 and 0.65 from step to
+    step (both jaxlib 0.10.1 and 0.10.2), and the test sampled that swing (balanced accuracy 0.54
+    with 0.10.1, 0.92 with 0.10.2). By 150 steps the controller has grown the batch to 64–1437
+    and seeds 0–3 reach 0.93–0.98."""
     module = runpy.run_path(str(ROOT / "examples" / "mb_lsr1_batch_growth.py"))
-    out = module["main"](steps=40)
+    out = module["main"]()
     sizes, state = out["sizes"], out["state"]
     assert sizes[0] == 32 and all(b >= a for a, b in zip(sizes, sizes[1:]))
     assert int(state.batch.batch_size) == 32 * 2 ** int(state.batch.increases)   # doubling only
