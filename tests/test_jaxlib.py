@@ -1,6 +1,8 @@
-"""The installed JAX computes what qnopt relies on. jax/jaxlib 0.10.2, excluded in pyproject.toml,
-fail this: jit on the CPU returned wrong results for a vmapped matrix-vector product followed by a
-reduction (jax-ml/jax#39103), the shape of per-example curvature products."""
+"""The installed JAX computes what qnopt relies on. jax/jaxlib 0.10.2 fail this on the CPU: jit
+returns wrong results for a vmapped matrix-vector product followed by a reduction
+(jax-ml/jax#39103), the shape of per-example curvature products (0.8 % off at 32,769 float32 rows).
+The failure is expected, strictly, on exactly that version (pyproject.toml says why it is not
+excluded yet); any other version must compute it right."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +10,11 @@ import numpy as np
 import pytest
 
 
-@pytest.mark.parametrize("rows", [32769, 1000])
+_BROKEN = jax.__version__ == "0.10.2" and jax.default_backend() == "cpu"
+
+
+@pytest.mark.parametrize("rows", [pytest.param(32769, marks=pytest.mark.xfail(
+    _BROKEN, reason="jax-ml/jax#39103: jaxlib 0.10.2 miscompiles this on the CPU", strict=True)), 1000])
 def test_vmapped_matvec_then_reduction_under_jit(rows):
     i = jnp.arange(rows, dtype=jnp.float32)
     x = jnp.stack((i, jnp.zeros_like(i), jnp.zeros_like(i)), axis=1)
