@@ -26,11 +26,6 @@ import sys
 import time
 
 
-def _map_count() -> int:
-    with open("/proc/self/maps", "rb") as f:
-        return sum(1 for _ in f)
-
-
 def _fill(headroom: int) -> None:
     """Create private anonymous one-page mappings, alternately read-only and read-write so that
     the kernel cannot merge neighbours, until ``headroom`` map entries are left."""
@@ -38,12 +33,12 @@ def _fill(headroom: int) -> None:
     libc.mmap.restype = ctypes.c_void_p
     libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                           ctypes.c_long]
+    from qnopt.testing import memory_map_headroom   # imports jax; starts no backend
+
     prot_read, prot_rw, private_anonymous = 1, 3, 0x22
-    with open("/proc/sys/vm/max_map_count") as f:
-        target = int(f.read()) - headroom
     n = 0
-    while (count := _map_count()) < target:
-        for _ in range(min(1000, target - count)):
+    while (left := memory_map_headroom()) > headroom:
+        for _ in range(min(1000, left - headroom)):
             libc.mmap(None, 4096, prot_read if n % 2 else prot_rw, private_anonymous, -1, 0)
             n += 1
 
