@@ -1,8 +1,8 @@
 """The installed JAX computes what qnopt relies on. jax/jaxlib 0.10.2 fail this on the CPU: jit
 returns wrong results for a vmapped matrix-vector product followed by a reduction
 (jax-ml/jax#39103), the shape of per-example curvature products (0.8 % off at 32,769 float32 rows).
-The failure is expected, strictly, on exactly that version (pyproject.toml says why it is not
-excluded yet); any other version must compute it right."""
+pyproject.toml excludes that release; where it is installed anyway the failure is expected,
+strictly, on exactly that version; any other version must compute it right."""
 
 import jax
 import jax.numpy as jnp

@@ -40,11 +40,35 @@ def _run(opt, cap, batch, params, steps, progress=None):
     return params, states, np.asarray(losses)
 
 
-def test_converges_on_quadratic():
-    cap, batch, params = _quadratic()
-    _, states, losses = _run(qnopt.mb_lsr1(memory_size=4, initial_radius=0.1), cap, batch, params, 60)
-    assert losses[-1] < 1e-4 * losses[0]
+# The full-batch setting of the paper (n_b = N, where Alg. 6 lines 8-9 set ζ = 0) with the hybrid
+# direction off (η = μ = 0): the L-SR1 trust-region step alone.
+_TRUST_REGION = dict(eta=0.0, momentum=0.0, zeta=0.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_trust_region_step_converges_on_quadratic(seed):
+    """The trust-region step on a 6-d least-squares problem, memory 4 < d: 60 steps take the loss
+    below 1e-6 of its start (measured over 12 data seeds with jaxlib 0.10.1 at LLVM -O0: between
+    2e-8 and 2e-14)."""
+    cap, batch, params = _quadratic(seed=seed)
+    _, states, losses = _run(qnopt.mb_lsr1(memory_size=4, initial_radius=0.1, **_TRUST_REGION),
+                             cap, batch, params, 60)
+    assert losses[-1] < 1e-6 * losses[0]
     assert max(int(s.memory.pairs.num_pushed) for s in states) >= 4   # the memory filled up
+
+
+def test_hybrid_default_converges_on_quadratic():
+    """MB-LSR1 with its default hybrid direction (η = 0.1, μ = 0.9) and averaged ratio (ζ = 1).
+
+    Both are made for minibatch noise; on a deterministic problem the momentum share and the
+    restarts on ``ρ < 0`` (the generalised-eigenvalue ``γ`` under-estimates the curvature the pairs
+    have not seen) make the path depend on round-off: the first step below 1e-4 of the start
+    ranged over 24-110 (16 data seeds, jaxlib 0.10.1 and 0.10.2 at LLVM -O0; this seed: 30 with
+    0.10.2, 110 with 0.10.1). A 60-step budget was a coin flip on one seed in four."""
+    cap, batch, params = _quadratic()
+    _, states, losses = _run(qnopt.mb_lsr1(memory_size=4, initial_radius=0.1), cap, batch, params, 150)
+    assert losses[-1] < 1e-4 * losses[0]
+    assert max(int(s.memory.pairs.num_pushed) for s in states) >= 4
 
 
 def test_controller_doubles_batch_without_progress_and_zeroes_zeta():
@@ -126,7 +150,8 @@ def test_exit_check_flag():
     """ExitCheck's first test (Alg. 2 line 3): the flag says ‖ĝ‖ ≤ ε for the step's gradient."""
     cap, batch, params = _quadratic()
     tol = 0.01 * float(jnp.linalg.norm(cap.oracle(params, batch).grads["w"]))
-    final, states, _ = _run(qnopt.mb_lsr1(memory_size=4, initial_radius=0.1, exit_tol=tol), cap, batch, params, 40)
+    final, states, _ = _run(qnopt.mb_lsr1(memory_size=4, initial_radius=0.1, exit_tol=tol, **_TRUST_REGION),
+                            cap, batch, params, 40)
     flags = [bool(s.small_gradient) for s in states]
     assert not flags[0] and flags[-1]
     assert float(jnp.linalg.norm(cap.oracle(final, batch).grads["w"])) < tol
