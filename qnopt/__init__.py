@@ -7,7 +7,7 @@ learning rate. The primitives they are built from live in ``qnopt.linalg`` and `
 
 __version__ = "0.1.0"
 
-from qnopt import base, capture, curvature, damping, data, linalg, preconditioners, sharding, testing, trust_region
+from qnopt import base, capture, curvature, damping, data, linalg, losses, preconditioners, sharding, testing, trust_region
 from qnopt.alias import kbfgs, kbfgs_l, kfac, lssr1_tr, mb_lsr1, s2qn, s4qn, shampoo, skqn, skqn_b1, skqn_b2, skqn_l, slimqn, smw_gn, smw_ng, smw_ng_bd, tnt
 from qnopt.training import make_train_step
 from qnopt.methods import (KbfgsLayerState, KfacLayerState, ScaleByKbfgsState, ScaleByKfacState,
@@ -26,6 +26,7 @@ __all__ = [
     "data",
     "testing",
     "linalg",
+    "losses",
     "preconditioners",
     "trust_region",
     "mb_lsr1",

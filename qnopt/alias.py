@@ -1,10 +1,25 @@
-"""One function per method: ``chain(scale_by_<method>(...), learning rate)``."""
+"""One function per method, ``qnopt.<method>(learning_rate, ...)``, made from its
+``scale_by_<method>`` by one of the two compositions of the contract (docs/design.md,
+"The contract"; :data:`COMPOSITION` says which for each method):
+
+* **direction**: ``scale_by_<method>(...)`` returns the preconditioned direction with the
+  gradient's sign, as ``optax.scale_by_adam`` does, and
+  ``<method>(learning_rate, ...) = chain(scale_by_<method>(...), scale_by_learning_rate(learning_rate))``;
+* **step**: the method needs the step it takes (a second pass at the new weights, a line search,
+  a trust-region step), so ``scale_by_<method>(learning_rate, ...)`` takes the learning rate first
+  and returns the update to add (descent sign, learning rate included), and
+  ``<method>(learning_rate, ...) = scale_by_<method>(learning_rate, ...)``.
+
+``learning_rate`` is the first parameter of every alias and required, except where the method's
+own step is already a full step (a trust-region or regularised Newton-type step: MB-LSR1,
+L-SSR1-TR, S2QN, S4QN, SKQN), where it defaults to 1.0 and multiplies that step.
+"""
 
 from __future__ import annotations
 
-import functools
 import inspect
-from typing import Any, Optional
+import warnings
+from typing import Any, Callable, NamedTuple, Optional
 
 import optax
 
@@ -18,34 +33,123 @@ from qnopt.methods.slimqn import scale_by_slimqn
 from qnopt.methods.smw import scale_by_smw_gn, scale_by_smw_ng, scale_by_smw_ng_bd
 from qnopt.methods.tnt import scale_by_tnt
 
-__all__ = ["kbfgs", "kbfgs_l", "kfac", "lssr1_tr", "mb_lsr1", "s2qn", "s4qn", "shampoo", "skqn", "skqn_b1", "skqn_b2", "skqn_l", "slimqn", "smw_gn", "smw_ng", "smw_ng_bd", "tnt"]
+__all__ = ["COMPOSITION", "Composition", "kbfgs", "kbfgs_l", "kfac", "lssr1_tr", "mb_lsr1", "s2qn", "s4qn", "shampoo", "skqn", "skqn_b1", "skqn_b2", "skqn_l", "slimqn", "smw_gn", "smw_ng", "smw_ng_bd", "tnt"]
 
 
-def slimqn(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    momentum: float = 0.9,
-    beta1: float = 0.9,
-    beta2: float = 0.9,
-    update_every: int = 30,
-    memory_size: int = 10,
-    damping: float = 0.05,
-    sigma_l: float = 0.01,
-    sigma_h: float = 1.0,
-    weight_decay: float = 0.0,
-    warmup: Optional[int] = None,
-    preconditioner: str = "compact",
-    max_step_norm: Optional[float] = None,
-) -> optax.GradientTransformationExtraArgs:
+class Composition(NamedTuple):
+    """How ``qnopt.<method>(learning_rate, **kwargs)`` is made from its ``scale_by``: the one place
+    a method is registered (its alias below is generated from it).
+
+    Attributes:
+      scale_by: the ``scale_by_<method>`` transformation.
+      kind: ``"direction"`` (``chain(scale_by(**kwargs), scale_by_learning_rate(lr))``) or
+        ``"step"`` (``scale_by(lr, **kwargs)``).
+      learning_rate: the alias's default learning rate, ``None`` where it is required.
+      defaults: the alias's own defaults for ``scale_by``'s arguments (in its signature).
+      locked: arguments the alias sets and does not expose (they define the method).
+      deprecated: alias-only options kept for one release: ``name -> fn(value)`` giving an optax
+        transformation chained after ``scale_by`` (direction methods), with a warning.
+    """
+
+    scale_by: Callable[..., optax.GradientTransformation]
+    kind: str
+    learning_rate: Optional[float] = None
+    defaults: dict = {}
+    locked: dict = {}
+    deprecated: dict = {}
+
+    def reference(self, learning_rate: Any, **kwargs: Any) -> optax.GradientTransformation:
+        """The documented composition, built from ``scale_by`` (what the alias must equal)."""
+        kwargs = {**self.defaults, **kwargs, **self.locked}
+        if self.kind == "step":
+            return self.scale_by(learning_rate, **kwargs)
+        return optax.chain(self.scale_by(**kwargs), optax.scale_by_learning_rate(learning_rate))
+
+    def signature(self) -> inspect.Signature:
+        """The alias's signature: ``learning_rate`` first, then ``scale_by``'s arguments (less
+        the locked ones, with the alias's defaults), then the deprecated options."""
+        P = inspect.Parameter
+        params = [q.replace(default=self.defaults[q.name]) if q.name in self.defaults else q
+                  for q in inspect.signature(self.scale_by).parameters.values() if q.name not in self.locked]
+        lr_default = P.empty if self.learning_rate is None else self.learning_rate
+        lr = P("learning_rate", P.POSITIONAL_OR_KEYWORD, default=lr_default, annotation="optax.ScalarOrSchedule")
+        params = [lr] + [q for q in params if q.name != "learning_rate"]
+        params += [P(name, P.KEYWORD_ONLY, default=None) for name in self.deprecated]
+        return inspect.Signature(params, return_annotation="optax.GradientTransformationExtraArgs")
+
+
+def _alias(composition: Composition):
+    """Decorator: the alias of ``composition``, with the stub's name and docstring."""
+
+    def make(stub):
+        name, sig = stub.__name__, composition.signature()
+
+        def alias(*args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
+            try:
+                bound = sig.bind(*args, **kwargs)
+            except TypeError as err:
+                raise TypeError(f"qnopt.{name}: {err} (signature: {name}{sig})") from None
+            bound.apply_defaults()
+            kw = dict(bound.arguments)
+            learning_rate = kw.pop("learning_rate")
+            extra = []
+            for option, make_transform in composition.deprecated.items():
+                value = kw.pop(option)
+                if value is not None:
+                    warnings.warn(f"qnopt.{name}({option}=...) is deprecated and will be removed in the next "
+                                  f"release; chain the transformation yourself (see qnopt.{name}'s docstring).",
+                                  DeprecationWarning, stacklevel=2)
+                    extra.append(make_transform(value))
+            if not extra:
+                return composition.reference(learning_rate, **kw)
+            kw = {**composition.defaults, **kw, **composition.locked}
+            return optax.chain(composition.scale_by(**kw), *extra, optax.scale_by_learning_rate(learning_rate))
+
+        alias.__name__ = alias.__qualname__ = name
+        alias.__doc__, alias.__module__, alias.__signature__ = stub.__doc__, __name__, sig
+        return alias
+
+    return make
+
+
+_LSSR1 = dict(restart_memory=-1, restart_tolerance=0.0, xi=0.0, eta=0.0, momentum=0.0, zeta=0.0, gamma2=0.0, radius_rule="classic",
+              sgd_learning_rate=0.1, warm_start_curvature="hvp")
+
+#: Every alias's composition (the contract of docs/design.md, checked for each method by
+#: ``qnopt.testing.check_contract``).
+COMPOSITION: dict = {
+    "slimqn": Composition(scale_by_slimqn, "direction",
+                          deprecated={"max_step_norm": optax.clip_by_global_norm}),
+    "kbfgs": Composition(scale_by_kbfgs, "step"),
+    "kbfgs_l": Composition(scale_by_kbfgs, "step", defaults={"memory_size": 100}),
+    "kfac": Composition(scale_by_kfac, "step"),
+    "tnt": Composition(scale_by_tnt, "direction"),
+    "shampoo": Composition(scale_by_shampoo, "direction"),
+    "smw_ng": Composition(scale_by_smw_ng, "direction"),
+    "smw_ng_bd": Composition(scale_by_smw_ng_bd, "direction"),
+    "smw_gn": Composition(scale_by_smw_gn, "direction"),
+    "mb_lsr1": Composition(scale_by_mb_lsr1, "step", 1.0),
+    "lssr1_tr": Composition(scale_by_mb_lsr1, "step", 1.0, defaults={"gamma1": 1e-3}, locked=_LSSR1),
+    "s2qn": Composition(scale_by_s2qn, "step", 1.0),
+    "s4qn": Composition(scale_by_s2qn, "step", 1.0, defaults={"base": "hessian"}),
+    "skqn": Composition(scale_by_skqn, "step", 1.0),
+    "skqn_l": Composition(scale_by_skqn, "step", 1.0, defaults={"refinement": "lbfgs"}),
+    "skqn_b1": Composition(scale_by_skqn, "step", 1.0, defaults={"refinement": "b1"}),
+    "skqn_b2": Composition(scale_by_skqn, "step", 1.0, defaults={"refinement": "b2"}),
+}
+
+
+@_alias(COMPOSITION["slimqn"])
+def slimqn():
     r"""SLIM-QN (stochastic, light, momentumized quasi-Newton).
 
     ``θ_{t+1} = θ_t − η_t · buf_t`` with ``buf_t = m·buf_{t−1} + Ĥ⁻¹ g_t`` — see
     :func:`qnopt.scale_by_slimqn` for the algorithm (SLIM-QN paper §3, Alg. 2) and every
-    argument. ``max_step_norm`` optionally clips the global norm of the preconditioned,
-    momentum-averaged direction before the learning rate is applied (so the parameter step
-    is at most ``η·max_step_norm``), a safeguard for the first steps after the warm-up;
-    it is ``optax.clip_by_global_norm`` placed in the chain, and any other optax transform
-    can be chained the same way.
+    argument. To clip the preconditioned, momentum-averaged direction before the learning
+    rate (a safeguard for the first steps after the warm-up), chain
+    ``optax.chain(qnopt.scale_by_slimqn(...), optax.clip_by_global_norm(c),
+    optax.scale_by_learning_rate(η))`` (so the parameter step is at most ``η·c``); the alias's
+    ``max_step_norm=c`` still does that for one release, with a ``DeprecationWarning``.
 
     Args:
       learning_rate: a scalar or an optax schedule (the paper decays it stepwise and warms
@@ -69,42 +173,10 @@ def slimqn(
       >>> bool(loss(params) < 1e-2)
       True
     """
-    parts = [
-        scale_by_slimqn(
-            momentum=momentum,
-            beta1=beta1,
-            beta2=beta2,
-            update_every=update_every,
-            memory_size=memory_size,
-            damping=damping,
-            sigma_l=sigma_l,
-            sigma_h=sigma_h,
-            weight_decay=weight_decay,
-            warmup=warmup,
-            preconditioner=preconditioner,
-        )
-    ]
-    if max_step_norm is not None:
-        parts.append(optax.clip_by_global_norm(max_step_norm))
-    parts.append(optax.scale_by_learning_rate(learning_rate))
-    return optax.chain(*parts)
 
 
-def kbfgs(
-    learning_rate: optax.ScalarOrSchedule,
-    damping: float = 0.3,
-    *,
-    memory_size: Optional[int] = None,
-    algorithm: str = "auto",
-    update_every: int = 1,
-    beta: float = 0.9,
-    mu1: float = 0.2,
-    weight_decay: float = 0.0,
-    skip_rule: bool = False,
-    initial_factors: Optional[dict] = None,
-    layers: Any = None,
-    fallback: Optional[optax.GradientTransformation] = None,
-) -> optax.GradientTransformationExtraArgs:
+@_alias(COMPOSITION["kbfgs"])
+def kbfgs():
     r"""K-BFGS (Ren thesis Alg. 4 for MLPs, Alg. 9 for CNNs): ``W ← W − α H_G ĝ H_A`` per layer.
 
     This is :func:`qnopt.scale_by_kbfgs` itself (it applies the learning rate, because the
@@ -114,79 +186,26 @@ def kbfgs(
     ``damping 0.3`` with a warm start of ``A`` (:func:`qnopt.curvature.estimate_factors`) and
     ``weight_decay=1e-5``.
     """
-    return scale_by_kbfgs(learning_rate, damping, memory_size=memory_size, algorithm=algorithm,
-                          update_every=update_every, beta=beta, mu1=mu1, weight_decay=weight_decay,
-                          skip_rule=skip_rule, initial_factors=initial_factors, layers=layers,
-                          fallback=fallback)
 
 
-def kbfgs_l(
-    learning_rate: optax.ScalarOrSchedule,
-    damping: float = 0.3,
-    *,
-    memory_size: int = 100,
-    algorithm: str = "auto",
-    update_every: int = 1,
-    beta: float = 0.9,
-    mu1: float = 0.2,
-    weight_decay: float = 0.0,
-    skip_rule: bool = False,
-    initial_factors: Optional[dict] = None,
-    layers: Any = None,
-    fallback: Optional[optax.GradientTransformation] = None,
-) -> optax.GradientTransformationExtraArgs:
+@_alias(COMPOSITION["kbfgs_l"])
+def kbfgs_l():
     r"""K-BFGS(L): :func:`kbfgs` with ``H_G`` from the last ``memory_size`` pairs by L-BFGS in the
     non-loop compact form applied to the matrix gradient (thesis §2.3; ``p = 100`` by default).
     ``memory_size`` must be a static argument under ``optax.inject_hyperparams``."""
-    return scale_by_kbfgs(learning_rate, damping, memory_size=memory_size, algorithm=algorithm,
-                          update_every=update_every, beta=beta, mu1=mu1, weight_decay=weight_decay,
-                          skip_rule=skip_rule, initial_factors=initial_factors, layers=layers,
-                          fallback=fallback)
 
 
-def kfac(
-    learning_rate: optax.ScalarOrSchedule,
-    damping: float = 1.0,
-    *,
-    momentum: float = 0.9,
-    beta: float = 0.9,
-    stats_every: int = 1,
-    inverse_every: int = 20,
-    fisher: str = "sampled",
-    stats_at: str = "new",
-    momentum_on: str = "gradient",
-    inverse: str = "eigh",
-    initial_factors: Optional[dict] = None,
-    weight_decay: float = 0.0,
-    layers: Any = None,
-    fallback: Optional[optax.GradientTransformation] = None,
-) -> optax.GradientTransformationExtraArgs:
+@_alias(COMPOSITION["kfac"])
+def kfac():
     r"""K-FAC baseline (Ren thesis Alg. 7/12): EMA Kronecker factors of the (sampled) Fisher,
     π-damped inverses every ``inverse_every`` steps, momentum. This is
     :func:`qnopt.scale_by_kfac` itself (it applies the learning rate: the statistics pass is at
     the updated weights); see it for every argument. The string options must be static under
     ``optax.inject_hyperparams``."""
-    return scale_by_kfac(learning_rate, damping, momentum=momentum, beta=beta, stats_every=stats_every,
-                         inverse_every=inverse_every, fisher=fisher, stats_at=stats_at,
-                         momentum_on=momentum_on, inverse=inverse, initial_factors=initial_factors,
-                         weight_decay=weight_decay, layers=layers, fallback=fallback)
 
 
-def tnt(
-    learning_rate: optax.ScalarOrSchedule,
-    damping: float = 0.1,
-    *,
-    momentum: float = 0.9,
-    beta: float = 0.9,
-    stats_every: int = 1,
-    inverse_every: int = 20,
-    estimator: str = "sampled",
-    inverse: str = "cholesky",
-    weight_decay: float = 0.0,
-    reshape: Any = "filter",
-    max_dim: int = 4096,
-    initial_statistics: Any = None,
-) -> optax.GradientTransformationExtraArgs:
+@_alias(COMPOSITION["tnt"])
+def tnt():
     r"""TNT, Tensor-Normal Training (Ren thesis Alg. 15): ``W ← W − α (ĝ ×_1 P_1 ⋯ ×_k P_k + γW)``
     with ``P_i = (Ũ_i + εI)⁻¹`` from trace-normalised statistics of sampled-label gradients.
 
@@ -212,30 +231,10 @@ def tnt(
       >>> bool(loss < 0.5)
       True
     """
-    return optax.chain(
-        scale_by_tnt(damping, momentum=momentum, beta=beta, stats_every=stats_every,
-                     inverse_every=inverse_every, estimator=estimator, inverse=inverse,
-                     weight_decay=weight_decay, reshape=reshape, max_dim=max_dim,
-                     initial_statistics=initial_statistics),
-        optax.scale_by_learning_rate(learning_rate))
 
 
-def shampoo(
-    learning_rate: optax.ScalarOrSchedule,
-    damping: float = 3e-4,
-    *,
-    momentum: float = 0.9,
-    beta: float = 0.9,
-    stats_every: int = 1,
-    inverse_every: int = 20,
-    root: str = "newton",
-    max_iters: int = 100,
-    tol: float = 1e-6,
-    weight_decay: float = 0.0,
-    reshape: Any = "filter",
-    max_dim: int = 4096,
-    initial_statistics: Any = None,
-) -> optax.GradientTransformationExtraArgs:
+@_alias(COMPOSITION["shampoo"])
+def shampoo():
     r"""Shampoo as in the Ren thesis (Alg. 16): ``W ← W − α (ĝ ×_1 P_1 ⋯ ×_k P_k + γW)`` with
     ``P_i = (Ĝ^{(i)} + εI)^{−1/2k}`` from EMA statistics of the gradient, by coupled Newton.
 
@@ -258,28 +257,10 @@ def shampoo(
       >>> bool(loss(params) < 0.1 * loss({"w": jnp.ones(3)}))
       True
     """
-    return optax.chain(
-        scale_by_shampoo(damping, momentum=momentum, beta=beta, stats_every=stats_every,
-                         inverse_every=inverse_every, root=root, max_iters=max_iters, tol=tol,
-                         weight_decay=weight_decay, reshape=reshape, max_dim=max_dim,
-                         initial_statistics=initial_statistics),
-        optax.scale_by_learning_rate(learning_rate))
 
 
-def smw_ng(
-    learning_rate: optax.ScalarOrSchedule = 0.1,
-    sub_batch_size: Optional[int] = None,
-    *,
-    damping: float = 1.0,
-    tau: float = 1e-3,
-    boost: float = 1.01,
-    drop: float = 0.99,
-    eps: float = 0.25,
-    eta: Optional[float] = None,
-    fisher: str = "empirical",
-    jitter: float = 1e-6,
-    layers: Any = None,
-) -> optax.GradientTransformationExtraArgs:
+@_alias(COMPOSITION["smw_ng"])
+def smw_ng():
     r"""SMW-NG (Ren thesis ch. 5, Alg. 23): ``θ ← θ − α (F + λI)⁻¹ g`` with ``F`` the Fisher of
     the first ``N₂`` examples of the minibatch, inverted exactly by Sherman–Morrison–Woodbury,
     and ``λ = λ_LM + τ`` adapted by the Levenberg–Marquardt rule.
@@ -305,26 +286,10 @@ def smw_ng(
       >>> bool(loss < 0.1)
       True
     """
-    return optax.chain(
-        scale_by_smw_ng(sub_batch_size, damping=damping, tau=tau, boost=boost, drop=drop, eps=eps,
-                        eta=eta, fisher=fisher, jitter=jitter, layers=layers),
-        optax.scale_by_learning_rate(learning_rate))
 
 
-def smw_ng_bd(
-    learning_rate: optax.ScalarOrSchedule = 0.1,
-    sub_batch_size: Optional[int] = None,
-    *,
-    damping: float = 1.0,
-    tau: float = 1e-3,
-    boost: float = 1.01,
-    drop: float = 0.99,
-    eps: float = 0.25,
-    eta: Optional[float] = None,
-    fisher: str = "empirical",
-    jitter: float = 1e-6,
-    layers: Any = None,
-) -> optax.GradientTransformationExtraArgs:
+@_alias(COMPOSITION["smw_ng_bd"])
+def smw_ng_bd():
     r"""SMW-NG-BD (Ren thesis §5.8): :func:`smw_ng` with the Fisher block-diagonal over layers
     (one ``N₂ × N₂`` SMW inverse ``D_l = λI + J_l J_lᵀ/N₂`` per layer, as K-FAC's block-diagonal
     approximation); see :func:`qnopt.scale_by_smw_ng_bd`.
@@ -344,27 +309,10 @@ def smw_ng_bd(
       >>> bool(loss < 0.1)
       True
     """
-    return optax.chain(
-        scale_by_smw_ng_bd(sub_batch_size, damping=damping, tau=tau, boost=boost, drop=drop, eps=eps,
-                           eta=eta, fisher=fisher, jitter=jitter, layers=layers),
-        optax.scale_by_learning_rate(learning_rate))
 
 
-def smw_gn(
-    learning_rate: optax.ScalarOrSchedule = 0.1,
-    sub_batch_size: Optional[int] = None,
-    *,
-    damping: float = 1.0,
-    tau: float = 1e-3,
-    boost: float = 1.01,
-    drop: float = 0.99,
-    eps: float = 0.25,
-    eta: Optional[float] = None,
-    gn_form: str = "auto",
-    max_rows: int = 4096,
-    jitter: float = 1e-6,
-    layers: Any = None,
-) -> optax.GradientTransformationExtraArgs:
+@_alias(COMPOSITION["smw_gn"])
+def smw_gn():
     r"""SMW-GN (Ren thesis ch. 5, Alg. 23 with eq. 5.2, 5.6–5.7, Alg. 22): :func:`smw_ng` with the
     Gauss-Newton matrix ``(1/N₂) Σ_i J_iᵀ H_i J_i`` of the sub-batch; ``D`` is
     ``(m_L N₂) × (m_L N₂)`` (``m_L`` outputs per example, at most ``max_rows``). See
@@ -385,14 +333,10 @@ def smw_gn(
       >>> bool(loss < 0.1)
       True
     """
-    return optax.chain(
-        scale_by_smw_gn(sub_batch_size, damping=damping, tau=tau, boost=boost, drop=drop, eps=eps,
-                        eta=eta, gn_form=gn_form, max_rows=max_rows, jitter=jitter, layers=layers),
-        optax.scale_by_learning_rate(learning_rate))
 
 
-@functools.wraps(scale_by_mb_lsr1, assigned=("__module__", "__annotations__"))
-def mb_lsr1(*args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
+@_alias(COMPOSITION["mb_lsr1"])
+def mb_lsr1():
     r"""MB-LSR1 (MB-LSR1 paper Alg. 1–6): minibatch L-SR1 trust region with the averaged-ratio
     radius rule, restarts / sampled warm starts, the hybrid momentum–SGD direction, an Armijo
     line search and the progress-check batch-size controller.
@@ -405,11 +349,10 @@ def mb_lsr1(*args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
     the recommendation from ``state.batch.batch_size``. ``memory_size``, ``restart_memory``,
     ``radius_rule`` and ``warm_start_curvature`` are static under ``optax.inject_hyperparams``.
     """
-    return scale_by_mb_lsr1(*args, **kwargs)
 
 
-@functools.wraps(scale_by_s2qn, assigned=("__module__", "__annotations__"))
-def s2qn(*args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
+@_alias(COMPOSITION["s2qn"])
+def s2qn():
     r"""S2QN (S2QN paper Alg. 1): ``θ ← θ − β (H + Λ + λI)⁻¹ g`` with a cheap base ``H`` (default the
     subsampled empirical Fisher, inverted with the L-BFGS refinement ``Λ`` by eq. 14) and the
     gradient-norm rule for ``λ`` (eq. 8).
@@ -420,26 +363,9 @@ def s2qn(*args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
     ``sub_batch_size``, ``refine``, ``damped``, ``cg_iters`` and ``blocks`` are static under
     ``optax.inject_hyperparams``.
     """
-    return scale_by_s2qn(*args, **kwargs)
 
 
-def _fixing(scale_by: Any, name: str, value: Any):
-    """Decorator: an alias of ``scale_by`` with the default of ``name`` set to ``value``, also in its
-    signature (so that ``optax.inject_hyperparams`` sees it)."""
-    def wrap(fn):
-        @functools.wraps(scale_by, assigned=("__module__", "__annotations__"))
-        def alias(*args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
-            kwargs.setdefault(name, value)
-            return scale_by(*args, **kwargs)
-        alias.__name__, alias.__qualname__, alias.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
-        sig = inspect.signature(scale_by)
-        alias.__signature__ = sig.replace(parameters=[
-            q.replace(default=value) if q.name == name else q for q in sig.parameters.values()])
-        return alias
-    return wrap
-
-
-@_fixing(scale_by_s2qn, "base", "hessian")
+@_alias(COMPOSITION["s4qn"])
 def s4qn():
     r"""S4QN (S2QN paper §6.1): S2QN whose base is the subsampled Hessian (``base="hessian"``,
     ``oracle.hvp`` on the first ``sub_batch_size`` examples, ``(H + (γ+λ)I)⁻¹`` by conjugate
@@ -448,8 +374,8 @@ def s4qn():
     """
 
 
-@functools.wraps(scale_by_skqn, assigned=("__module__", "__annotations__"))
-def skqn(*args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
+@_alias(COMPOSITION["skqn"])
+def skqn():
     r"""SKQN (S2QN paper §4): empirical K-FAC base ``Â ⊗ G̃`` per layer plus a quasi-Newton
     refinement, ``θ ← θ − β (B + λI)⁻¹ g`` with ``λ`` by eq. 8. This is
     :func:`qnopt.scale_by_skqn` itself (default ``refinement="b2"``); see it for every argument.
@@ -457,34 +383,29 @@ def skqn(*args: Any, **kwargs: Any) -> optax.GradientTransformationExtraArgs:
     ``stats_every``, ``inverse_every``, ``memory_size``, ``p``, ``sketch_size`` and ``layers``
     are static under ``optax.inject_hyperparams``.
     """
-    return scale_by_skqn(*args, **kwargs)
 
 
-@_fixing(scale_by_skqn, "refinement", "lbfgs")
+@_alias(COMPOSITION["skqn_l"])
 def skqn_l():
     r"""SKQN-L (S2QN §6, eq. 12 on the empirical K-FAC base): per layer ``B = Â ⊗ G̃ + Λ`` with ``Λ``
     the compact L-BFGS matrix of the pairs ``(u, v̂ − (Â ⊗ G̃)u)``, inverted by eq. 13 with the exact
     ``(Â ⊗ G̃ + (γ+λ)I)⁻¹``. See :func:`qnopt.scale_by_skqn`."""
 
 
-@_fixing(scale_by_skqn, "refinement", "b1")
+@_alias(COMPOSITION["skqn_b1"])
 def skqn_b1():
     r"""SKQN-B1 (S2QN eq. 19): ``B = Â ⊗ (G̃ + Λ̃)`` with ``Λ̃`` from the sketchy block BFGS update on
     the parameter secant ``(G̃ + Λ̃)ÛÂ = V̂``. See :func:`qnopt.scale_by_skqn`."""
 
 
-@_fixing(scale_by_skqn, "refinement", "b2")
+@_alias(COMPOSITION["skqn_b2"])
 def skqn_b2():
     r"""SKQN-B2 (S2QN eq. 20): ``B = Â ⊗ (G̃ + Λ̃)`` with ``Λ̃`` from the sketchy block BFGS update on
     the pre-activation secants ``(G̃ + Λ̃)Ũ = Ṽ``. See :func:`qnopt.scale_by_skqn`."""
 
 
-def lssr1_tr(learning_rate: optax.ScalarOrSchedule = 1.0, *, memory_size: int = 16,
-             initial_radius: float = 1e-4, progress_every: int = 10, gamma1: float = 1e-3,
-             batch_size: int = 1, num_examples: Optional[int] = None, exit_tol: float = 0.0,
-             sr1_tol: float = 1e-8, armijo: float = 1e-4, backtrack: float = 0.5,
-             max_line_search: int = 10, gamma: Optional[float] = None,
-             seed: int = 0) -> optax.GradientTransformationExtraArgs:
+@_alias(COMPOSITION["lssr1_tr"])
+def lssr1_tr():
     r"""L-SSR1-TR (Erway, Griffin, Marcia & Omheni 2019), the baseline MB-LSR1 improves on.
 
     MB-LSR1's framework with the settings that make it L-SSR1-TR (MB-LSR1 paper §3): no
@@ -496,9 +417,3 @@ def lssr1_tr(learning_rate: optax.ScalarOrSchedule = 1.0, *, memory_size: int = 
     oracle on all of it), which doubles the batch size when the loss fell by less than ``γ₁``.
     The other arguments are those of :func:`qnopt.scale_by_mb_lsr1`.
     """
-    return scale_by_mb_lsr1(learning_rate, memory_size=memory_size, initial_radius=initial_radius,
-                            restart_memory=-1, xi=0.0, eta=0.0, momentum=0.0, zeta=0.0, gamma2=0.0,
-                            radius_rule="classic", progress_every=progress_every, gamma1=gamma1,
-                            batch_size=batch_size, num_examples=num_examples, exit_tol=exit_tol,
-                            sr1_tol=sr1_tol, armijo=armijo, backtrack=backtrack,
-                            max_line_search=max_line_search, gamma=gamma, seed=seed)

@@ -1,4 +1,4 @@
-"""The common test matrix every qnopt method must pass (DEVELOPERS.md, "The common matrix").
+"""The common test matrix every qnopt method must pass.
 
 Each check is a plain function that raises ``AssertionError`` with a message; the test
 suite parametrises them over a list of :class:`MethodCase` (one line per method), and a
@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import chex
 import numpy as np
 import optax
 
@@ -342,20 +343,67 @@ def check_no_recompilation(case: MethodCase, problem: Problem, runs: Optional[Ru
     assert trajectory.traces == 1, f"{case.name}: step traced {trajectory.traces} times in {calls} calls"
 
 
+def check_contract(case: MethodCase, problem: Problem, runs: Optional[Runs] = None) -> None:
+    """The alias keeps the contract (docs/design.md, "The contract"; :data:`qnopt.alias.COMPOSITION`):
+
+    * ``learning_rate`` is its first parameter, required, or defaulting to the documented value
+      for methods whose own step is a full step;
+    * one update of ``case.factory(lr, **case.factory_kwargs)`` equals, bit for bit, one update of
+      the documented composition of its ``scale_by`` (the same computation, compiled alike);
+    * the update descends (``⟨u, g⟩ < 0``), and a "direction" ``scale_by`` returns the gradient's
+      sign (``⟨d, g⟩ > 0``), at the problem's start.
+    """
+    from qnopt.alias import COMPOSITION
+
+    name = case.factory.__name__
+    assert name in COMPOSITION, f"{name}: no entry in qnopt.alias.COMPOSITION"
+    comp = COMPOSITION[name]
+    params = list(inspect.signature(case.factory).parameters.values())
+    assert params and params[0].name == "learning_rate", \
+        f"{name}: learning_rate must be the first parameter, got {[q.name for q in params[:2]]}"
+    default = None if params[0].default is inspect.Parameter.empty else params[0].default
+    assert default == comp.learning_rate, \
+        f"{name}: learning_rate defaults to {default}, the contract says {comp.learning_rate} (None: required)"
+    assert comp.learning_rate is None or (comp.learning_rate == 1.0 and comp.kind == "step"), \
+        f"{name}: only a method whose own step is a full step may default learning_rate (to 1.0)"
+    lr = case.lrs[0]
+    runs = Runs() if runs is None else runs
+    start, grads = problem.params, runs.grad(problem)(problem.params)
+
+    def first_update(opt):
+        return _jit_update(opt, case, problem)(grads, opt.init(start), start)[0]
+
+    ours = first_update(case.factory(lr, **case.factory_kwargs))
+    assert_trees_equal(ours, first_update(comp.reference(lr, **case.factory_kwargs)),
+                       f"{name}: alias(lr) differs from its documented {comp.kind} composition")
+    inner = lambda u: float(sum(jnp.vdot(a.astype(jnp.float32), b.astype(jnp.float32))
+                                for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(grads))))
+    assert inner(ours) < 0, f"{name}: the update does not descend (<u, g> = {inner(ours):.3g})"
+    if comp.kind == "direction":
+        direction = first_update(comp.scale_by(**{**comp.defaults, **case.factory_kwargs, **comp.locked}))
+        assert inner(direction) > 0, \
+            f"{name}: scale_by must return the gradient's sign (<d, g> = {inner(direction):.3g})"
+
+
 def check_extra_args(case: MethodCase, problem: Problem, runs: Optional[Runs] = None) -> None:
     """Unknown keyword arguments to ``update`` are ignored, not an error (updates and state
     equal to those of the same jitted update without them)."""
     runs, opt, params, state, grads = _start(case, problem, runs)
     u1 = runs.update(case, problem)(grads, state, params)
     u2 = _jit_update(opt, case, problem, unknown_flag=True, another=jnp.ones(3))(grads, state, params)
-    chex_equal(u1, u2, f"{case.name}: extra args changed the update")
+    assert_trees_equal(u1, u2, f"{case.name}: extra args changed the update")
 
 
-def chex_equal(a, b, msg, rtol=0.0, atol=0.0) -> None:
-    """Assert two pytrees have the same structure and (close to) equal leaves."""
-    assert jax.tree.structure(a) == jax.tree.structure(b), f"{msg}: structures differ"
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), rtol=rtol, atol=atol, err_msg=msg)
+def assert_trees_equal(a: PyTree, b: PyTree, msg: str, rtol: float = 0.0, atol: float = 0.0) -> None:
+    """``chex.assert_trees_all_equal`` (``rtol = atol = 0``) or ``chex.assert_trees_all_close``,
+    with ``msg`` (the case and the check) in front of chex's report of the differing leaves."""
+    try:
+        if rtol == 0 and atol == 0:
+            chex.assert_trees_all_equal(a, b)
+        else:
+            chex.assert_trees_all_close(a, b, rtol=rtol, atol=atol)
+    except AssertionError as err:
+        raise AssertionError(f"{msg}: {err}") from None
 
 
 def _perturb_by_eps(params: PyTree, key: jax.Array) -> PyTree:
@@ -503,7 +551,7 @@ def check_sharding_one_step(case: MethodCase, problem: Problem, warm_steps: int 
     ref = trajectory.step(params, state)[:2]  # the unsharded step, compiled once for both
     out = sharded_step(jax.device_put(params, p_shard), jax.device_put(state, s_shard))
     _check_placed(case, out[1], s_shard)
-    chex_equal(out, ref, f"{case.name}: one sharded step differs", rtol=2e-4, atol=2e-5)
+    assert_trees_equal(out, ref, f"{case.name}: one sharded step differs", rtol=2e-4, atol=2e-5)
 
 
 def check_nonfinite_skip(case: MethodCase, problem: Problem, warm_steps: int = 12,
@@ -519,7 +567,7 @@ def check_nonfinite_skip(case: MethodCase, problem: Problem, warm_steps: int = 1
         updates, new_state = update(jax.tree.unflatten(tree, leaves), state, params)
         for u in jax.tree.leaves(updates):
             assert bool(jnp.all(u == 0)), f"{case.name}: non-finite gradient ({bad}) produced a non-zero update"
-        chex_equal(new_state, state, f"{case.name}: non-finite gradient ({bad}) changed the state")
+        assert_trees_equal(new_state, state, f"{case.name}: non-finite gradient ({bad}) changed the state")
 
 
 def check_bad_input(case: MethodCase, problem: Problem, runs: Optional[Runs] = None) -> None:

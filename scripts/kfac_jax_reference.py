@@ -11,11 +11,11 @@ rate ``B*lr`` (B = batch size), and prints the relative error: this checks that 
 
 kfac-jax is not a dependency of qnopt; run this in its own virtual environment::
 
-    python3 -m venv /work/venvs/kfacjax
-    /work/venvs/kfacjax/bin/pip install jax==0.9.1 jaxlib==0.9.1 kfac-jax==0.0.8
+    python3 -m venv /tmp/kfacjax
+    /tmp/kfacjax/bin/pip install jax==0.9.1 jaxlib==0.9.1 kfac-jax==0.0.8
     # resolved (pip 25): chex 0.1.92, optax 0.2.8, distrax 0.1.9, dm-tree 0.1.10,
     # numpy 2.4.6, scipy 1.17.1, tfp-nightly (pulled in by distrax); no extra pins needed.
-    /work/venvs/kfacjax/bin/python scripts/kfac_jax_reference.py --out kfac_jax_ref.npz
+    /tmp/kfacjax/bin/python scripts/kfac_jax_reference.py --out kfac_jax_ref.npz
 
 Output keys (``np.load``): ``init/Dense_i/{kernel,bias}`` initial params (Flax layout, kernel
 ``(d_in, d_out)``, ``y = x @ kernel + bias``); ``params/Dense_i/...`` params after each step,

@@ -6,7 +6,7 @@ neural networks are ``flax.linen`` modules built only from plain ``nn.Dense``
 and ``nn.Conv`` layers (no normalisation), so every parameter is captured by
 :func:`qnopt.capture.linen`; ``params`` is the module's ``"params"`` collection.
 
-Their losses are the registered :mod:`qnopt.capture.losses` (``loss_name``;
+Their losses are the registered :mod:`qnopt.losses` (``loss_name``;
 the target is ``batch[target_index]``), so the curvature oracle of
 :meth:`Problem.capture` computes exactly ``loss_fn``: ``capture().oracle(params,
 batch).loss`` and ``loss_fn(params, batch)`` run the same per-example loss.
@@ -83,7 +83,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qnopt import data as qdata
-from qnopt.capture import losses as qlosses
+from qnopt import losses as qlosses
 
 __all__ = [
     "MLP",

@@ -13,15 +13,31 @@
   oracle.
 """
 
-from qnopt.capture.flax_linen import LinenCapture, linen_capture
-from qnopt.capture.flax_nnx import NnxCapture, nnx_capture
+import importlib
+from typing import Any
+
 from qnopt.capture.oracle import LayerInfo, LayerStats, Oracle
 from qnopt.capture.pure_jax import PureJaxCapture, jax_capture, tag_conv, tag_dense
-from qnopt.capture.losses import (Loss, get_loss, make_loss, mean_loss, register_loss,
-                                  registered_losses, sigmoid_binary_cross_entropy)
+from qnopt.losses import (Loss, get_loss, make_loss, mean_loss, register_loss, registered_losses,
+                          sigmoid_binary_cross_entropy)
 
-linen = linen_capture
-nnx = nnx_capture
+# The Flax captures are imported on first use, so that the pure-JAX path does not need Flax.
+_FLAX = {"LinenCapture": ("flax_linen", "LinenCapture"), "linen_capture": ("flax_linen", "linen_capture"),
+         "linen": ("flax_linen", "linen_capture"), "NnxCapture": ("flax_nnx", "NnxCapture"),
+         "nnx_capture": ("flax_nnx", "nnx_capture"), "nnx": ("flax_nnx", "nnx_capture")}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FLAX:
+        module, attr = _FLAX[name]
+        value = getattr(importlib.import_module(f"qnopt.capture.{module}"), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'qnopt.capture' has no attribute {name!r}")
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_FLAX))
 
 __all__ = [
     "LayerInfo",

@@ -1,7 +1,7 @@
 """Capture of layer statistics from Flax Linen models, and the curvature oracle built on it.
 
 :func:`linen_capture` wraps a ``flax.linen`` model and a registered loss (see
-:mod:`qnopt.capture.losses`). Its :meth:`LinenCapture.oracle` runs ONE forward/backward pass
+:mod:`qnopt.losses`). Its :meth:`LinenCapture.oracle` runs ONE forward/backward pass
 on a minibatch and exposes, lazily, what curvature methods need:
 
 * the mean loss, its gradient, the model outputs;
@@ -54,7 +54,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qnopt.capture.losses import Loss
+from qnopt.losses import Loss
 from qnopt.capture.oracle import (CaptureEngine, Discovery, LayerInfo, _abstract, _get,
                                   _signature, check_flax_conv, conv_layer_info,
                                   check_single_call, dense_layer_info, path_name, to_tuple)

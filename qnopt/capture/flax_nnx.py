@@ -1,7 +1,7 @@
 """Capture of layer statistics from Flax NNX models, for the curvature :class:`Oracle`.
 
 :func:`nnx_capture` wraps a ``flax.nnx.Module`` and a registered loss (see
-:mod:`qnopt.capture.losses`) and implements the engine protocol of :mod:`qnopt.capture.oracle`,
+:mod:`qnopt.losses`) and implements the engine protocol of :mod:`qnopt.capture.oracle`,
 so :meth:`NnxCapture.oracle` gives the same lazy :class:`Oracle` as the Linen engine: mean loss,
 gradients, and for every captured layer ``h = W a + b`` its input ``a``, output ``h`` and the
 gradient ``dh`` of the *mean* loss with respect to ``h`` -- all from one forward/backward pass.
@@ -66,9 +66,10 @@ import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 
-from qnopt.capture.losses import Loss
+from qnopt.losses import Loss
+from qnopt.linalg.tree import key_name
 from qnopt.capture.oracle import (CaptureEngine, Discovery, LayerInfo, _abstract, _get,
-                                  _key_name, _signature, check_flax_conv, conv_layer_info,
+                                  _signature, check_flax_conv, conv_layer_info,
                                   check_single_call, dense_layer_info, path_name, to_tuple)
 
 __all__ = ["NnxCapture", "nnx_capture"]
@@ -269,7 +270,7 @@ class NnxCapture(CaptureEngine):
 
     def _param_leaves(self, params) -> list:
         # NNX wraps every parameter in a variable holding the array under ``value``.
-        return [(tuple(_key_name(k) for k in kp), tuple(jnp.shape(_value(leaf))))
+        return [(tuple(key_name(k) for k in kp), tuple(jnp.shape(_value(leaf))))
                 for kp, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_var)[0]]
 
 

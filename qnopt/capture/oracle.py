@@ -28,6 +28,8 @@ import jax.numpy as jnp
 from qnopt.curvature.kronecker import append_ones
 from qnopt.curvature.patches import conv_patches
 from qnopt.curvature.products import ggn_vp, hvp, layer_gram
+from qnopt.linalg.tree import key_name, path_key
+from qnopt.losses import get_loss
 
 __all__ = ["CaptureEngine", "Discovery", "LayerInfo", "LayerStats", "Oracle", "check_flax_conv",
            "conv_layer_info",
@@ -236,13 +238,6 @@ def _has(tree, path) -> bool:
         return True
     except (KeyError, TypeError, IndexError):
         return False
-
-
-def _key_name(k) -> Any:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return getattr(k, attr)
-    return str(k)
 
 
 def _abstract(tree):
@@ -498,7 +493,7 @@ class Oracle:
 
 def path_name(path: tuple) -> str:
     """A module or layer path as the ``/``-joined name engines use (``"<root>"`` if empty)."""
-    return "/".join(str(p) for p in path) if path else "<root>"
+    return path_key(path) if path else "<root>"
 
 
 class CaptureEngine:
@@ -512,8 +507,6 @@ class CaptureEngine:
         """Common constructor state: the loss, the ``layers=`` selection (``None``, names or a
         predicate on the layer name), the batch keys, the parameter penalty (``None`` or a
         callable ``R(params) -> scalar``, see :class:`Oracle`) and the discovery cache."""
-        from qnopt.capture.losses import get_loss  # oracle must not import losses at load time
-
         if penalty is not None and not callable(penalty):
             raise TypeError(f"penalty must be None or a function params -> scalar, got "
                             f"{type(penalty).__name__}.")
@@ -608,7 +601,7 @@ class CaptureEngine:
 
     def _param_leaves(self, params) -> list:
         """``[(path, shape)]`` of every parameter array (engines with wrapped leaves override)."""
-        return [(tuple(_key_name(k) for k in kp), tuple(jnp.shape(leaf)))
+        return [(tuple(key_name(k) for k in kp), tuple(jnp.shape(leaf)))
                 for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]]
 
     def table(self, params, batch=None) -> str:
@@ -634,7 +627,7 @@ class CaptureEngine:
         rows = []
         for path, shape in self._param_leaves(params):
             treat = owner.get(path) or f"fallback (not captured: {self._fallback_reason(path, disc)})"
-            rows.append(("/".join(map(str, path)), str(shape), treat))
+            rows.append((path_key(path), str(shape), treat))
         header = ("parameter", "shape", "treatment")
         widths = [max(len(r[i]) for r in rows + [header]) for i in range(3)]
         fmt = "  ".join("{:<%d}" % w for w in widths)

@@ -45,7 +45,8 @@ from typing import Any, Callable, Optional, Union
 import jax
 import jax.numpy as jnp
 
-from qnopt.capture.losses import Loss
+from qnopt.losses import Loss
+from qnopt.linalg.tree import path_key
 from qnopt.capture.oracle import (CaptureEngine, Discovery, LayerInfo, _abstract, _get, _has,
                                   _signature, conv_layer_info, dense_layer_info)
 
@@ -91,10 +92,6 @@ def _as_path(p, what: str, name: str) -> tuple:
                      f"params, e.g. ('fc1', 'w')), got {p!r}.")
 
 
-def _fmt(path: tuple) -> str:
-    return "/".join(map(str, path))
-
-
 def _to_tuple(x, n: int, what: str, name: str) -> tuple:
     if x is None:
         return (1,) * n
@@ -129,14 +126,14 @@ def _canonical_padding(padding, n: int, name: str):
 
 def _check_param(record: _Record, name: str, role: str, path: tuple, expected: tuple) -> None:
     if not _has(record.params, path):
-        raise ValueError(f"tag {name!r}: {role} path {_fmt(path)!r} ({path!r}) is not in params.")
+        raise ValueError(f"tag {name!r}: {role} path {path_key(path)!r} ({path!r}) is not in params.")
     shape = tuple(jnp.shape(_get(record.params, path)))
     if shape != tuple(expected):
-        raise ValueError(f"tag {name!r}: {role} {_fmt(path)!r} has shape {shape}, but the layer's "
+        raise ValueError(f"tag {name!r}: {role} {path_key(path)!r} has shape {shape}, but the layer's "
                          f"input/output shapes need {tuple(expected)}.")
     for other in record.infos.values():
         if path in (pp for _, pp in other.param_paths):
-            raise ValueError(f"tag {name!r}: parameter {_fmt(path)!r} is already named by tag "
+            raise ValueError(f"tag {name!r}: parameter {path_key(path)!r} is already named by tag "
                              f"{other.name!r}; weight sharing is not supported.")
 
 

@@ -18,6 +18,8 @@
   (:class:`KronFactors`, keyed by :func:`layer_key`).
 * SKQN's secant blocks for the G-side refinement: :func:`kron_refinement_pair` (eq. 19) and
   :func:`preactivation_blocks` (eq. 20).
+* S2QN's structured pairs ``v = v̂ − Hu`` with their test and damping, and Alg. 1 line 3:
+  :func:`structured_pair`, :func:`structured_refine`, :func:`newest_gamma`.
 * Tensor-normal statistics (TNT, Shampoo): the trace normalisation of eq. (4.10)
   :func:`trace_normalize`, per-parameter contractions :func:`mode_statistics`, and the warm
   start :func:`estimate_mode_statistics`.
@@ -42,10 +44,14 @@ from qnopt.curvature.layers import (KronFactors, estimate_factors, hessian_actio
 from qnopt.curvature.patches import conv_patches
 from qnopt.curvature.products import (ggn_vp, gram, hvp, layer_gram, layer_jacobian_gram, layer_jvp,
                                       layer_vjp, output_hessian_blocks)
+from qnopt.curvature.structured import newest_gamma, structured_pair, structured_refine
 from qnopt.curvature.tensor_normal import (estimate_mode_statistics, factor_trace, mode_statistics,
                                            trace_normalize)
 
 __all__ = [
+    "newest_gamma",
+    "structured_pair",
+    "structured_refine",
     "estimate_mode_statistics",
     "factor_trace",
     "mode_statistics",

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from qnopt.curvature.kronecker import conv_A, conv_A_matvec, conv_G, mean_input
-from qnopt.linalg.tree import accumulation_dtype
+from qnopt.linalg.tree import accumulation_dtype, path_key
 
 __all__ = [
     "KronFactors",
@@ -64,7 +64,7 @@ def layer_key(info: Any) -> str:
       >>> layer_key(NS(params={"kernel": ("encoder", "Dense_0", "kernel")}))
       'encoder/Dense_0/kernel'
     """
-    return "/".join(str(k) for k in info.params["kernel"])
+    return path_key(info.params["kernel"])
 
 
 def layer_A(stats: Any) -> jax.Array:

@@ -120,7 +120,7 @@ def conv_patches(
       ``(*batch, T, G, prod(kernel_size) * c_in // G)``, in the dtype of ``x``.
 
     References:
-      Ren thesis (ren-thesis-kbfgs-tnt-smw.md), §3.2.1 eq. (3.1) and the vectors
+      Ren thesis, §3.2.1 eq. (3.1) and the vectors
       ``a_t`` of §3.2.2; Grosse & Martens (2016), "A Kronecker-factored approximate Fisher
       matrix for convolution layers", the expansion operator ``[[A]]``.
 

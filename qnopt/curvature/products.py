@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from qnopt.curvature.kronecker import append_ones
+from qnopt.losses import get_loss
 
 PyTree = Any
 
@@ -75,7 +76,6 @@ def ggn_vp(apply_fn: Callable[[PyTree], jax.Array], params: PyTree, v: PyTree, l
       Array([[0.5],
              [2. ]], dtype=float32)
     """
-    from qnopt.capture.losses import get_loss  # capture builds on curvature, not the reverse
 
     loss = get_loss(loss)
     outputs, jv = jax.jvp(apply_fn, (params,), (v,))
@@ -280,7 +280,6 @@ def output_hessian_blocks(loss: Any, outputs: ArrayLike, targets: ArrayLike) -> 
       Array([[[1., 0.],
               [0., 1.]]], dtype=float32)
     """
-    from qnopt.capture.losses import get_loss
 
     loss = get_loss(loss)
     outputs = jnp.asarray(outputs)

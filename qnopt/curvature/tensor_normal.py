@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from qnopt.curvature.layers import batch_average
-from qnopt.preconditioners.modes import mode_contractions, mode_layout
+from qnopt.linalg.modes import mode_contractions, mode_layout
 
 PyTree = Any
 

@@ -1,6 +1,6 @@
 """Levenberg-Marquardt (trust-region style) adaptation of the damping ``lambda``.
 
-Reference: Ren thesis (``/work/shared/papers/ren-thesis-kbfgs-tnt-smw.md``),
+Reference: Y. Ren, "Using Second-Order Information in Training Deep Neural Networks", PhD thesis, Columbia University (2022),
 §5.2.3 "Mini-batch and damping", eq. (5.4)-(5.5); default constants from §5.8
 (``lambda_LM = 1``, boost 1.01, drop 0.99, eps 1/4, tau 1e-3, after Kiros).
 
@@ -52,7 +52,7 @@ def levenberg_marquardt(lam: ArrayLike, rho: ArrayLike, *,
       Python / integer inputs).
 
     References:
-      Ren thesis (ren-thesis-kbfgs-tnt-smw.md), §5.2.3, the ``lambda_LM``
+      Ren thesis, §5.2.3, the ``lambda_LM``
       update rule following eq. (5.5).
 
     Example:
@@ -93,7 +93,7 @@ def lm_rho(f_old: ArrayLike, f_new: ArrayLike,
       ``rho`` as an array of at least float32.
 
     References:
-      Ren thesis (ren-thesis-kbfgs-tnt-smw.md), §5.2.3 eq. (5.5).
+      Ren thesis, §5.2.3 eq. (5.5).
 
     Example:
       >>> from qnopt.damping import lm_rho
@@ -137,7 +137,7 @@ def lm_total_damping(lam_lm: ArrayLike, tau: ArrayLike = 1e-3) -> jax.Array:
       ``lam_lm + tau``.
 
     References:
-      Ren thesis (ren-thesis-kbfgs-tnt-smw.md), §5.2.3 ("let lambda =
+      Ren thesis, §5.2.3 ("let lambda =
       lambda_LM + tau"), eq. (5.4).
 
     Example:

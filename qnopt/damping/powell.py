@@ -9,7 +9,7 @@ function here is built from it:
 * :func:`double_damping` -- ``powell_h`` then ``powell_identity`` (DD).
 * :func:`dp_dlm` / :func:`dpi_dlm` -- ``powell_h`` then LM damping on ``H^-1``.
 
-Reference: Yi Ren, PhD thesis (``/work/shared/papers/ren-thesis-kbfgs-tnt-smw.md``),
+Reference: Y. Ren, "Using Second-Order Information in Training Deep Neural Networks", PhD thesis, Columbia University (2022),
 §2.3 Alg. 3, §2.3.1, §3.3.2 Alg. 8 and Alg. 11.
 
 ``s`` and ``y`` may be 1-D arrays or pytrees of arrays (same structure);
@@ -85,7 +85,7 @@ def powell_h(s: ArrayTree, y: ArrayTree, H: Operator,
       scalar ``theta`` in the accumulation dtype (>= float32).
 
     References:
-      Ren thesis (ren-thesis-kbfgs-tnt-smw.md), §2.3.1 "Powell's Damping on H";
+      Ren thesis, §2.3.1 "Powell's Damping on H";
       Alg. 3 lines 2-3; Alg. 8 lines 2-7.
 
     Example:
@@ -125,7 +125,7 @@ def powell_b(s: ArrayTree, y: ArrayTree, B: Operator,
       scalar ``theta`` in the accumulation dtype.
 
     References:
-      Ren thesis (ren-thesis-kbfgs-tnt-smw.md), §2.3.1 "Powell's Damping on B".
+      Ren thesis, §2.3.1 "Powell's Damping on B".
 
     Example:
       >>> import jax.numpy as jnp
@@ -166,7 +166,7 @@ def powell_identity(s: ArrayTree, y: ArrayTree,
       ``(y_tilde, theta)``: ``y_tilde`` with the structure and dtypes of ``y``.
 
     References:
-      Ren thesis (ren-thesis-kbfgs-tnt-smw.md), §2.3.1 "Powell's Damping with
+      Ren thesis, §2.3.1 "Powell's Damping with
       B = I"; Alg. 3 lines 4-5.
 
     Example:
@@ -213,7 +213,7 @@ def double_damping(s: ArrayTree, y: ArrayTree, H: Operator, mu1: ArrayLike,
       ``(s_tilde, y_tilde)`` with the structures and dtypes of ``s`` and ``y``.
 
     References:
-      Ren thesis (ren-thesis-kbfgs-tnt-smw.md), §2.3, Algorithm 3 (lines 1-6)
+      Ren thesis, §2.3, Algorithm 3 (lines 1-6)
       and §2.3.1 "Double Damping (DD)".
 
     Example:
@@ -259,7 +259,7 @@ def dp_dlm(s: ArrayTree, y: ArrayTree, H: Optional[Operator], mu1: ArrayLike,
       ``(s_tilde, y_tilde)`` with the structures and dtypes of ``s`` and ``y``.
 
     References:
-      Ren thesis (ren-thesis-kbfgs-tnt-smw.md), §3.3.2 Algorithm 8 (lines 1-9),
+      Ren thesis, §3.3.2 Algorithm 8 (lines 1-9),
       "Improvement #1"; §3.6 Algorithm 11 and Lemma 4 for ``H=None``.
 
     Example:
@@ -300,7 +300,7 @@ def dpi_dlm(s: ArrayTree, y: ArrayTree, mu1: ArrayLike,
       ``(s_tilde, y_tilde)`` with the structures and dtypes of ``s`` and ``y``.
 
     References:
-      Ren thesis (ren-thesis-kbfgs-tnt-smw.md), §3.6 "Convergence Results",
+      Ren thesis, §3.6 "Convergence Results",
       Algorithm 11 (lines 1-9) and Lemma 4.
 
     Example:

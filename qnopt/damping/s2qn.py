@@ -1,6 +1,6 @@
 """S2QN gradient-norm-driven regularisation ``lambda_k``.
 
-Reference: S2QN (``/work/shared/papers/s2qn-structured-stochastic-quasi-newton.md``),
+Reference: M. Yang, D. Xu, H. Chen, Z. Wen & M. Chen, "Enhance Curvature Information by Structured Stochastic Quasi-Newton Methods" (CVPR 2021),
 §3 "Structured Stochastic Quasi-Newton Methods (S2QN)", eq. (7)-(8).
 """
 
@@ -45,7 +45,7 @@ def gradient_norm_lambda(grad_norm: ArrayLike, alpha: ArrayLike,
       ``lambda_k``, at least float32.
 
     References:
-      S2QN (s2qn-structured-stochastic-quasi-newton.md), §3, eq. (8).
+      S2QN, §3, eq. (8).
 
     Example:
       >>> from qnopt.damping import gradient_norm_lambda

@@ -1,6 +1,6 @@
 """SLIM-QN adaptive damping of the gradient-difference vector ``y``.
 
-Reference: SLIM-QN (``/work/shared/papers/slim-qn-momentumized-quasi-newton.md``),
+Reference: "SLIM-QN: A Stochastic, Light, Momentumized Quasi-Newton Optimizer for Deep Neural Networks" (anonymous, under double-blind review, OpenReview),
 §3.2 "Guarantee positive definiteness of the Hessian via damping", eq. (3)-(4),
 Lemma 1 (proof in Appendix A.1).
 """
@@ -48,7 +48,7 @@ def slimqn_tau(s: ArrayTree, y: ArrayTree, sigma_l: ArrayLike,
       Scalar ``tau`` in the accumulation dtype (>= float32).
 
     References:
-      SLIM-QN (slim-qn-momentumized-quasi-newton.md), §3.2 eq. (4); Lemma 1.
+      SLIM-QN, §3.2 eq. (4); Lemma 1.
 
     Example:
       >>> import jax.numpy as jnp
@@ -98,7 +98,7 @@ def slimqn_damp(s: ArrayTree, y: ArrayTree, sigma_l: ArrayLike,
       ``(y_hat, tau)``: ``y_hat`` with the structure and dtypes of ``y``.
 
     References:
-      SLIM-QN (slim-qn-momentumized-quasi-newton.md), §3.2 eq. (3)-(4); Lemma 1.
+      SLIM-QN, §3.2 eq. (3)-(4); Lemma 1.
 
     Example:
       >>> import jax.numpy as jnp

@@ -1,4 +1,5 @@
-"""Linear-algebra primitives: dense and limited-memory BFGS, compact forms, SMW solves, pytree helpers."""
+"""Linear-algebra primitives: dense and limited-memory BFGS, compact forms, SMW solves, mode-``i``
+tensor products, pytree helpers."""
 
 from qnopt.linalg.bfgs import bfgs_inverse_update
 from qnopt.linalg.block_bfgs import block_bfgs_update, block_damping_tau, block_sketch, gaussian_sketch
@@ -27,6 +28,8 @@ from qnopt.linalg.lsr1 import (
     lsr1_psi_combine,
     lsr1_psi_dot,
 )
+from qnopt.linalg.modes import (ModeLayout, mode_contraction, mode_contractions, mode_layout, mode_product,
+                                mode_products, tensor_view)
 from qnopt.linalg.roots import inverse_pth_root, power_iteration
 from qnopt.linalg.smw import smw_gram_matrix, smw_gram_weights, smw_solve
 from qnopt.linalg.structured import (
@@ -39,12 +42,12 @@ from qnopt.linalg.structured import (
     structured_solve,
     lowrank_structured_solve,
     cg_solve,
-    structured_pair,
-    structured_refine,
-    newest_gamma,
 )
 from qnopt.linalg.tree import (
     accumulation_dtype,
+    key_name,
+    named_leaves,
+    path_key,
     tree_all_finite,
     tree_axpy,
     tree_lerp,
@@ -57,6 +60,13 @@ from qnopt.linalg.tree import (
 )
 
 __all__ = [
+    "ModeLayout",
+    "mode_contraction",
+    "mode_contractions",
+    "mode_layout",
+    "mode_product",
+    "mode_products",
+    "tensor_view",
     "bfgs_inverse_update",
     "LbfgsMemory",
     "compact_inverse_coefficients",
@@ -94,6 +104,9 @@ __all__ = [
     "tree_stack_dot_many",
     "tree_stack_set",
     "tree_vdot",
+    "key_name",
+    "named_leaves",
+    "path_key",
     "LbfgsDirectCompact",
     "CgInfo",
     "compact_lbfgs_direct",
@@ -103,9 +116,6 @@ __all__ = [
     "structured_solve",
     "lowrank_structured_solve",
     "cg_solve",
-    "structured_pair",
-    "structured_refine",
-    "newest_gamma",
     "block_bfgs_update",
     "block_damping_tau",
     "block_sketch",

@@ -11,7 +11,7 @@ This is the matrix obtained by applying the SR1 update (MB-LSR1 paper eq. 6)
 
 with the stored pairs, oldest first, to ``B₀ = γI``, provided each update is well defined.
 Pairs are admitted by the usual rule :func:`lsr1_accept`,
-``|sᵀ(y − Bs)| > r‖s‖‖y − Bs‖`` (r = 1e-8, METHODS.md), which keeps every update well defined.
+``|sᵀ(y − Bs)| > r‖s‖‖y − Bs‖`` (r = 1e-8, the rule of L-SSR1-TR), which keeps every update well defined.
 
 The memory reuses :class:`qnopt.linalg.LbfgsMemory` (circular pair stacks plus ``SᵀY`` and
 ``YᵀY``) and adds ``SᵀS``; every ``m × m`` quantity of the compact form is built from these
@@ -202,7 +202,7 @@ def lsr1_matvec(memory: Lsr1Memory, gamma: ArrayLike, v: PyTree) -> PyTree:
 
 def lsr1_accept(memory: Lsr1Memory, gamma: ArrayLike, s: PyTree, y: PyTree, r: ArrayLike = 1e-8) -> jax.Array:
     """The SR1 safeguard: ``|sᵀ(y − Bs)| > r‖s‖‖y − Bs‖`` with ``B`` the current compact matrix
-    (Nocedal & Wright eq. 6.26; METHODS.md: r = 1e-8), and every quantity finite.
+    (Nocedal & Wright eq. 6.26; r = 1e-8 as in L-SSR1-TR), and every quantity finite.
 
     The rule is scale-free, so a residual that is pure round-off (``y = Bs`` in exact arithmetic:
     the SR1 update would be undefined) passes it about as often as not and makes ``M⁻¹`` nearly

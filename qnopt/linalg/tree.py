@@ -28,6 +28,9 @@ __all__ = [
     "tree_stack_combine",
     "tree_stack_set",
     "tree_all_finite",
+    "key_name",
+    "named_leaves",
+    "path_key",
 ]
 
 
@@ -136,3 +139,38 @@ def tree_all_finite(tree: PyTree) -> jax.Array:
         dtype = jnp.result_type(*[jnp.asarray(x).dtype for x in leaves], jnp.float32)
         return jnp.all(jnp.isfinite(jnp.concatenate([jnp.ravel(x).astype(dtype) for x in leaves])))
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def key_name(key: Any) -> Any:
+    """The name of one pytree path entry: a dict key, an attribute name or a sequence index.
+
+    Example:
+      >>> import jax
+      >>> [key_name(k) for k in jax.tree_util.tree_flatten_with_path({"a": [1, 2]})[0][1][0]]
+      ['a', 1]
+    """
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return getattr(key, attr)
+    return str(key)
+
+
+def named_leaves(tree: PyTree) -> list:
+    """``[(path, leaf)]`` with each ``path`` a tuple of :func:`key_name` entries; the ``.value``
+    attribute of a Flax NNX variable is not part of the path.
+
+    Example:
+      >>> named_leaves({"dense": {"kernel": 1, "bias": 2}})
+      [(('dense', 'bias'), 2), (('dense', 'kernel'), 1)]
+    """
+    out = []
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if kp and isinstance(kp[-1], jax.tree_util.GetAttrKey) and kp[-1].name == "value":
+            kp = kp[:-1]
+        out.append((tuple(key_name(k) for k in kp), leaf))
+    return out
+
+
+def path_key(path: tuple) -> str:
+    """``"a/b/c"`` for the path ``("a", "b", "c")``: the key of a layer in the methods' states."""
+    return "/".join(str(k) for k in path)

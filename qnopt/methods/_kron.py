@@ -21,9 +21,8 @@ import jax.numpy as jnp
 import optax
 
 from qnopt.base import check_like, require_params
-from qnopt.capture.oracle import _key_name
 from qnopt.curvature.layers import layer_key
-from qnopt.linalg.tree import accumulation_dtype, tree_all_finite
+from qnopt.linalg.tree import accumulation_dtype, named_leaves, path_key, tree_all_finite
 from qnopt.preconditioners import layer_matrix, split_layer_matrix
 
 PyTree = Any
@@ -58,16 +57,6 @@ class LayerSpec:
         return self.d_in + int(self.has_bias)
 
 
-def _leaves(tree) -> list:
-    """``[(path, array)]``; the ``.value`` attribute of a Flax NNX variable is not part of the path."""
-    out = []
-    for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        if kp and isinstance(kp[-1], jax.tree_util.GetAttrKey) and kp[-1].name == "value":
-            kp = kp[:-1]
-        out.append((tuple(_key_name(k) for k in kp), leaf))
-    return out
-
-
 def find_layers(params: PyTree, layers: Any = None) -> dict:
     """``{key: LayerSpec}`` of the layers in ``params`` (see the module docstring).
 
@@ -77,21 +66,21 @@ def find_layers(params: PyTree, layers: Any = None) -> dict:
     """
     specs = {}
     if layers is None:
-        leaves = dict(_leaves(params))
+        leaves = dict(named_leaves(params))
         for path, leaf in leaves.items():
             if not path or path[-1] != "kernel" or jnp.ndim(leaf) < 2:
                 continue
             shape = tuple(jnp.shape(leaf))
             bias = path[:-1] + ("bias",)
             has_bias = bias in leaves and tuple(jnp.shape(leaves[bias])) == (shape[-1],)
-            specs[_key(path)] = _spec(path, bias if has_bias else None, shape, conv=len(shape) > 2)
+            specs[path_key(path)] = _spec(path, bias if has_bias else None, shape, conv=len(shape) > 2)
         if not specs:
             raise ValueError(
                 "Found no layer in params: no dict node holds a 'kernel' array of rank >= 2 (the "
                 "Flax layout). Pass layers=capture.layer_info(params, batch) to name the layers.")
         return specs
     items = layers.values() if isinstance(layers, dict) else layers
-    flat = dict(_leaves(params))
+    flat = dict(named_leaves(params))
     for item in items:
         if hasattr(item, "params"):  # LayerInfo
             kp, bp = item.params["kernel"], item.params.get("bias")
@@ -104,27 +93,23 @@ def find_layers(params: PyTree, layers: Any = None) -> dict:
         if kp not in flat or (bp is not None and bp not in flat):
             raise ValueError(f"layers=: kernel path {'/'.join(map(str, kp))} (or its bias) is not in params.")
         shape = tuple(jnp.shape(flat[kp]))
-        specs[_key(kp)] = _spec(kp, bp, shape, conv=len(shape) > 2 if conv is None else conv)
+        specs[path_key(kp)] = _spec(kp, bp, shape, conv=len(shape) > 2 if conv is None else conv)
     return specs
 
 
-def _key(path: tuple) -> str:
-    return "/".join(str(k) for k in path)
-
-
 def _spec(kp, bp, shape, conv) -> LayerSpec:
-    return LayerSpec(_key(kp), kp, bp, shape, math.prod(shape[:-1]), shape[-1], conv)
+    return LayerSpec(path_key(kp), kp, bp, shape, math.prod(shape[:-1]), shape[-1], conv)
 
 
 def fallback_leaves(tree: PyTree, specs: dict) -> dict:
     """``{path: leaf}`` of the parameters that belong to no layer."""
     owned = {s.kernel_path for s in specs.values()} | {s.bias_path for s in specs.values() if s.has_bias}
-    return {_key(p): leaf for p, leaf in _leaves(tree) if p not in owned}
+    return {path_key(p): leaf for p, leaf in named_leaves(tree) if p not in owned}
 
 
 def layer_grads(grads: PyTree, specs: dict) -> dict:
     """``{key: gradient as the matrix (d_out, d_in[+1])}`` in the accumulation dtype."""
-    flat = dict(_leaves(grads))
+    flat = dict(named_leaves(grads))
     out = {}
     for key, spec in specs.items():
         x = layer_matrix(flat[spec.kernel_path], flat[spec.bias_path] if spec.has_bias else None)
@@ -137,10 +122,10 @@ def assemble(like: PyTree, specs: dict, layer_updates: dict, fallback_updates: d
     flat = dict(fallback_updates)
     for key, spec in specs.items():
         k, b = split_layer_matrix(layer_updates[key], spec.kernel_shape, spec.has_bias)
-        flat[_key(spec.kernel_path)] = k
+        flat[path_key(spec.kernel_path)] = k
         if spec.has_bias:
-            flat[_key(spec.bias_path)] = b
-    leaves = [flat[_key(p)].astype(jnp.asarray(x).dtype) for p, x in _leaves(like)]
+            flat[path_key(spec.bias_path)] = b
+    leaves = [flat[path_key(p)].astype(jnp.asarray(x).dtype) for p, x in named_leaves(like)]
     return jax.tree.unflatten(jax.tree.structure(like), leaves)
 
 

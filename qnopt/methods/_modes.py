@@ -31,7 +31,7 @@ from qnopt.base import check_like, check_range, check_statistics_hyperparams, re
 from qnopt.curvature.ema import debiased_decay, ema_update
 from qnopt.curvature.tensor_normal import mode_statistics
 from qnopt.linalg.tree import accumulation_dtype, tree_all_finite
-from qnopt.preconditioners.modes import ModeLayout, mode_layout, mode_products
+from qnopt.linalg.modes import ModeLayout, mode_layout, mode_products
 
 PyTree = Any
 Refresh = Callable[[tuple, Any, ModeLayout], tuple]

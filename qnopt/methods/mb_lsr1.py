@@ -1,5 +1,5 @@
-r"""MB-LSR1: minibatch limited-memory SR1 trust region (Griffin, Jahani, Takáč, Yektamaram &
-Zhou; ``mb-lsr1-minibatch-sr1-trust-region.md`` Alg. 1–6), and L-SSR1-TR as its special case.
+r"""MB-LSR1: minibatch limited-memory SR1 trust region (J. D. Griffin, M. Jahani, M. Takáč, S. Yektamaram & W. Zhou, "A minibatch stochastic Quasi-Newton method adapted for nonconvex deep learning problems", Alg. 1–6), and L-SSR1-TR
+(J. Erway, J. Griffin, R. Marcia & R. Omheni, "Trust-region algorithms for training responses: machine learning methods using indefinite Hessian approximations", Optimization Methods and Software (2019)) as its special case.
 
 One ``update`` is one iteration ``k`` of Alg. 1 on the oracle's minibatch ``I_k``::
 

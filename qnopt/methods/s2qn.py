@@ -67,10 +67,11 @@ import optax
 
 from qnopt.base import check_like, check_range, require_params
 from qnopt.damping import gradient_norm_lambda
+from qnopt.curvature import structured_refine
 from qnopt.linalg import (Lsr1Memory, accumulation_dtype, cg_solve, lowrank_structured_solve, lsr1_memory_init,
-                          structured_refine, structured_solve, tree_all_finite, tree_axpy, tree_scale,
+                          named_leaves, path_key, structured_solve, tree_all_finite, tree_axpy, tree_scale,
                           tree_stack_combine, tree_stack_dot, tree_vdot)
-from qnopt.methods._kron import _key, _leaves, find_layers, learning_rate_at
+from qnopt.methods._kron import find_layers, learning_rate_at
 
 PyTree = Any
 
@@ -132,7 +133,7 @@ class _Blocks(NamedTuple):
 
 def _partition(params: PyTree, blocks: Union[str, Callable], method: str) -> _Blocks:
     """The blocks of §3.4 for ``params`` (see the module docstring)."""
-    leaves = _leaves(params)
+    leaves = named_leaves(params)
     if len(leaves) != len(jax.tree.leaves(params)):
         raise ValueError(f"{method}: blocks= needs a parameter tree whose leaves are arrays.")
     paths = [p for p, _ in leaves]
@@ -147,10 +148,10 @@ def _partition(params: PyTree, blocks: Union[str, Callable], method: str) -> _Bl
             owner[spec.kernel_path] = key
             if spec.has_bias:
                 owner[spec.bias_path] = key
-        names = [owner.get(p, _key(p)) for p in paths]
+        names = [owner.get(p, path_key(p)) for p in paths]
     else:
         names = [str(blocks(p)) for p in paths]
-    keys = tuple(_key(p) for p in paths)
+    keys = tuple(path_key(p) for p in paths)
     if len(set(keys)) != len(keys):
         raise ValueError(f"{method}: blocks= needs distinct parameter paths, got {sorted(keys)}.")
     return _Blocks(keys, tuple(names), tuple(sorted(set(names))))

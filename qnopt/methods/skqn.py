@@ -53,10 +53,10 @@ import optax
 
 from qnopt.base import check_range
 from qnopt.curvature import (debiased_decay, ema_update, kron_refinement_pair, layer_A, layer_G,
-                             preactivation_blocks)
+                             preactivation_blocks, structured_refine)
 from qnopt.damping import gradient_norm_lambda
 from qnopt.linalg import (accumulation_dtype, block_bfgs_update, gaussian_sketch, lsr1_memory_init,
-                          structured_refine, structured_solve, tree_all_finite, tree_vdot)
+                          named_leaves, structured_solve, tree_all_finite, tree_vdot)
 from qnopt.linalg.block_bfgs import P_CHOICES
 from qnopt.methods import _kron as K
 from qnopt.preconditioners import factor_eigh, kron_eigen_rotate, kron_eigen_solve
@@ -221,7 +221,7 @@ def scale_by_skqn(
 
     def init_fn(params: PyTree) -> ScaleBySkqnState:
         specs = K.find_layers(params, layers)
-        flat = dict(K._leaves(params))
+        flat = dict(named_leaves(params))
         dts = {key: accumulation_dtype(jnp.asarray(flat[sp.kernel_path]).dtype) for key, sp in specs.items()}
         states = {key: init_layer(key, sp, dts[key]) for key, sp in specs.items()}
         dt = jnp.result_type(*dts.values())

@@ -7,7 +7,7 @@
   (eigh or Cholesky), :func:`damped_cholesky`.
 * Exact regularised Kronecker inverses (SKQN): :func:`factor_eigh`, :func:`kron_eigen_solve`
   (``(A ⊗ G + cI)⁻¹``), :func:`kron_eigen_matvec`, :func:`kron_eigen_rotate`.
-* Tensors (TNT, Shampoo): mode-``i`` products :func:`mode_product` / :func:`mode_products`
+* Tensors (TNT, Shampoo), re-exported from :mod:`qnopt.linalg.modes`: mode-``i`` products :func:`mode_product` / :func:`mode_products`
   (eq. 4.8), contractions :func:`mode_contraction` / :func:`mode_contractions`, and the tensor
   view of each parameter :func:`tensor_view` / :func:`mode_layout`.
 """
@@ -16,7 +16,7 @@ from qnopt.preconditioners.kronecker import (damped_cholesky, damped_inverse, fa
                                              kron_eigen_matvec, kron_eigen_rotate, kron_eigen_solve,
                                              kron_factor_solve,
                                              kron_precondition, layer_matrix, split_layer_matrix)
-from qnopt.preconditioners.modes import (ModeLayout, mode_contraction, mode_contractions, mode_layout,
+from qnopt.linalg.modes import (ModeLayout, mode_contraction, mode_contractions, mode_layout,
                                          mode_product, mode_products, tensor_view)
 
 __all__ = [

@@ -8,7 +8,7 @@ r"""Trust-region radius rules: MB-LSR1's progressive (averaged-ratio) rule and t
       δ ← min(δ, ‖s‖)      if ρ̂ < 0.1
       δ ← 2δ               if ρ̂ ≥ 0.5 and ‖s‖ ≥ δ
 
-* :func:`classic_radius` — the rule of L-SSR1-TR (Erway et al. 2019; METHODS.md)::
+* :func:`classic_radius` — the rule of L-SSR1-TR (J. Erway, J. Griffin, R. Marcia & R. Omheni, "Trust-region algorithms for training responses: machine learning methods using indefinite Hessian approximations", Optimization Methods and Software (2019), the radius update of its trust-region algorithm)::
 
       ρ > 0.75:          δ ← 2δ unless ‖p‖ ≤ 0.8δ
       0.1 ≤ ρ ≤ 0.75:    δ unchanged

@@ -1,4 +1,4 @@
-"""Tests for the loss registry (qnopt.capture.losses).
+"""Tests for the loss registry (qnopt.losses).
 
 Test data comes from numpy and the JAX work of each test runs in few jitted functions: eager
 dispatch compiles every primitive for every new shape, which would dominate the run time.
@@ -20,7 +20,7 @@ import qnopt.capture as capture
 from qnopt.capture import (Loss, get_loss, make_loss, mean_loss, register_loss,
                            registered_losses, sigmoid_binary_cross_entropy)
 
-losses_mod = importlib.import_module("qnopt.capture.losses")
+losses_mod = importlib.import_module("qnopt.losses")
 
 BUILTINS = ["mse", "softmax_cross_entropy", "sigmoid_binary_cross_entropy",
             "sigmoid_binary_cross_entropy_mean"]

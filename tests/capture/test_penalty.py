@@ -17,7 +17,7 @@ from jax.flatten_util import ravel_pytree
 
 import qnopt.capture
 from qnopt.capture import get_loss, jax_capture, tag_dense
-from qnopt.testing import chex_equal
+from qnopt.testing import assert_trees_equal
 
 HI = jax.lax.Precision.HIGHEST
 N = 6
@@ -57,7 +57,7 @@ def case():
 
 def _close(a, b, tol=2e-5):
     """Same tree structure and leaves equal to ``tol`` (relative and absolute)."""
-    chex_equal(a, b, "penalised oracle vs reference", rtol=tol, atol=tol)
+    assert_trees_equal(a, b, "penalised oracle vs reference", rtol=tol, atol=tol)
 
 
 def _dense(mv, params):

@@ -460,7 +460,7 @@ def test_all_exports():
         assert callable(obj) and obj.__doc__ and "Example:" in obj.__doc__, name
 
 
-@pytest.mark.parametrize("mod", ["patches", "kronecker", "ema", "products", "layers", "tensor_normal"])
+@pytest.mark.parametrize("mod", ["patches", "kronecker", "ema", "products", "layers", "tensor_normal", "structured"])
 def test_docstring_examples(mod):
     module = importlib.import_module(f"qnopt.curvature.{mod}")
     result = doctest.testmod(module, verbose=False)

@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 import qnopt
 from qnopt.curvature import estimate_mode_statistics, factor_trace, mode_statistics, trace_normalize
-from qnopt.preconditioners import mode_contractions, mode_layout
+from qnopt.linalg.modes import mode_contractions, mode_layout
 
 
 @settings(max_examples=40, deadline=None)

@@ -224,3 +224,14 @@ def test_tree_stack_helpers_against_numpy():
     np.testing.assert_allclose(float(la.tree_vdot(v, v)), vf @ vf, rtol=1e-5)
     assert bool(la.tree_all_finite(v))
     assert not bool(la.tree_all_finite({"a": v["a"], "b": v["b"].at[0].set(jnp.inf)}))
+
+
+@pytest.mark.parametrize("mod", ["tree", "modes", "structured", "lsr1", "lbfgs", "roots", "smw", "bfgs", "block_bfgs"])
+def test_linalg_docstring_examples_run(mod):
+    import doctest
+    import importlib
+    result = doctest.testmod(importlib.import_module(f"qnopt.linalg.{mod}"), verbose=False)
+    assert result.failed == 0 and (result.attempted > 0 or mod in _NO_EXAMPLES), result
+
+
+_NO_EXAMPLES = ("modes", "lsr1")   # no docstring examples yet (their tests are the dense references)

@@ -1,5 +1,6 @@
-"""The common matrix (DEVELOPERS.md) for every method: add one ``MethodCase`` line per method."""
+"""The common matrix (qnopt.testing) for every method: add one ``MethodCase`` line per method."""
 
+import dataclasses
 import functools
 
 import jax
@@ -167,6 +168,11 @@ CASES += [
 # share its compiled step and trajectory through RUNS (qnopt.testing.Runs).
 ROWS = [pytest.param(c, id=c.name, marks=pytest.mark.xdist_group(c.name)) for c in CASES]
 RUNS = T.Runs()
+# Aliases whose computation a row above already runs (qnopt.skqn is skqn_b2 by default): only
+# their contract is checked.
+_SKQN_B2 = next(c for c in CASES if c.name == "skqn_b2")
+CONTRACT_ONLY = [dataclasses.replace(_SKQN_B2, name="skqn", make=functools.partial(qnopt.skqn, alpha=10.0),
+                                     factory=qnopt.skqn)]
 
 _LOGREG = []
 
@@ -188,6 +194,17 @@ def test_faster_than_sgd(case, problem):
 @pytest.mark.parametrize("case", ROWS)
 def test_no_recompilation(case, problem):
     T.check_no_recompilation(case, problem, runs=RUNS)
+
+
+@pytest.mark.parametrize("case", ROWS + [pytest.param(c, id=c.name) for c in CONTRACT_ONLY])
+def test_contract(case, problem):
+    T.check_contract(case, problem, runs=RUNS)
+
+
+def test_every_alias_is_in_the_matrix():
+    """Each alias of qnopt.alias.COMPOSITION has a row, so its contract is checked."""
+    missing = set(qnopt.alias.COMPOSITION) - {c.factory.__name__ for c in CASES + CONTRACT_ONLY}
+    assert not missing, f"add a MethodCase for {sorted(missing)}"
 
 
 @pytest.mark.parametrize("case", ROWS)

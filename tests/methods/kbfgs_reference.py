@@ -1,7 +1,7 @@
 """Hand-written float64 NumPy references for K-BFGS / K-BFGS(L) and the K-FAC direction.
 
 Plain loops and explicit matrices, following the pseudo-code of the Ren thesis
-(``/work/shared/papers/ren-thesis-kbfgs-tnt-smw.md``) line by line:
+(Y. Ren, "Using Second-Order Information in Training Deep Neural Networks", PhD thesis, Columbia University (2022)) line by line:
 
 * Alg. 1 (forward/backward of an MLP): :func:`mlp_forward_backward`;
 * Alg. 3 (double damping, DD): :func:`dd`;  Alg. 8 (``D_P D_LM``): :func:`dp_dlm`;

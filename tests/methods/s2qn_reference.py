@@ -6,7 +6,7 @@ import numpy as np
 
 
 def per_example(loss, out, t):
-    """The per-example losses of qnopt/capture/losses.py, written out independently."""
+    """The per-example losses of qnopt/losses.py, written out independently."""
     o, t = out[:, 0], t[:, 0]
     if loss == "mse":
         return 0.5 * (o - t) ** 2

@@ -1,5 +1,5 @@
 r"""MB-LSR1 (``qnopt.scale_by_mb_lsr1``) against a line-by-line float64 NumPy reference of the
-paper's Alg. 1, 3, 4 and 5 (``mb-lsr1-minibatch-sr1-trust-region.md``), on a small
+paper's Alg. 1, 3, 4 and 5 (J. D. Griffin, M. Jahani, M. Takáč, S. Yektamaram & W. Zhou, "A minibatch stochastic Quasi-Newton method adapted for nonconvex deep learning problems"), on a small
 deterministic full-batch problem (a 3-2-1 tanh network, mean squared error, ``d = 8``).
 
 The reference shares no code with ``qnopt``: the loss and gradient are written out in NumPy,

@@ -414,7 +414,7 @@ def test_one_sharded_step_from_a_warm_state(name):
     params, state, _ = trajectory.run(20)
     ref = trajectory.step(params, state)[:2]
     out = sharded_step(jax.device_put(params, p_shard), jax.device_put(state, s_shard))
-    qnopt.testing.chex_equal(out[0], ref[0], f"{name}: one sharded step differs", rtol=2e-4, atol=2e-5)
+    qnopt.testing.assert_trees_equal(out[0], ref[0], f"{name}: one sharded step differs", rtol=2e-4, atol=2e-5)
 
     def matrices(s):
         for ls in s.layers.values():

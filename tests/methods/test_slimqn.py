@@ -151,7 +151,9 @@ def test_hyperparameter_errors_are_clear():
 
 
 def test_max_step_norm_clips_the_step():
-    opt = qnopt.slimqn(1.0, max_step_norm=0.5, momentum=0.0)
+    """Deprecated for one release (chain optax.clip_by_global_norm instead): still clips, and warns."""
+    with pytest.warns(DeprecationWarning, match="max_step_norm"):
+        opt = qnopt.slimqn(1.0, max_step_norm=0.5, momentum=0.0)
     params = {"w": jnp.zeros(4)}
     state = opt.init(params)
     u, _ = opt.update({"w": jnp.full(4, 10.0)}, state, params)

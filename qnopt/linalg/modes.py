@@ -27,6 +27,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 
+from qnopt.linalg.tree import key_name
+
 PyTree = Any
 Reshape = Union[str, Callable[[tuple, tuple], tuple]]
 Precision = Optional[jax.lax.Precision]
@@ -128,10 +130,8 @@ def tensor_view(path: tuple, shape: tuple, reshape: Reshape = "filter") -> tuple
 def mode_layout(params: PyTree, reshape: Reshape = "filter", max_dim: int = 4096) -> PyTree:
     """A tree like ``params`` of :class:`ModeLayout`: each parameter's tensor view
     (:func:`tensor_view`) and the modes larger than ``max_dim`` marked diagonal."""
-    from qnopt.capture.oracle import _key_name  # the one place that names tree keys
-
     def one(kp, leaf):
-        path = tuple(_key_name(k) for k in kp)
+        path = tuple(key_name(k) for k in kp)
         view = tensor_view(path, tuple(jnp.shape(leaf)), reshape)
         return ModeLayout(view, tuple(d > max_dim for d in view))
 

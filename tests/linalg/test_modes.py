@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from qnopt.preconditioners import (ModeLayout, mode_contraction, mode_contractions, mode_layout,
+from qnopt.linalg.modes import (ModeLayout, mode_contraction, mode_contractions, mode_layout,
                                    mode_product, mode_products, tensor_view)
 
 shapes = st.lists(st.integers(1, 4), min_size=1, max_size=4).map(tuple)
