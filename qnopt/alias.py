@@ -58,12 +58,17 @@ class Composition(NamedTuple):
     locked: dict = {}
     deprecated: dict = {}
 
-    def reference(self, learning_rate: Any, **kwargs: Any) -> optax.GradientTransformation:
-        """The documented composition, built from ``scale_by`` (what the alias must equal)."""
-        kwargs = {**self.defaults, **kwargs, **self.locked}
+    def scale(self, *args: Any, **kwargs: Any) -> optax.GradientTransformation:
+        """``scale_by`` with the alias's defaults and locked arguments."""
+        return self.scale_by(*args, **{**self.defaults, **kwargs, **self.locked})
+
+    def reference(self, learning_rate: Any, *between: optax.GradientTransformation,
+                  **kwargs: Any) -> optax.GradientTransformation:
+        """The documented composition, built from ``scale_by`` (what the alias must equal);
+        ``between`` are transformations chained between a direction and its learning rate."""
         if self.kind == "step":
-            return self.scale_by(learning_rate, **kwargs)
-        return optax.chain(self.scale_by(**kwargs), optax.scale_by_learning_rate(learning_rate))
+            return self.scale(learning_rate, **kwargs)
+        return optax.chain(self.scale(**kwargs), *between, optax.scale_by_learning_rate(learning_rate))
 
     def signature(self) -> inspect.Signature:
         """The alias's signature: ``learning_rate`` first, then ``scale_by``'s arguments (less
@@ -100,10 +105,7 @@ def _alias(composition: Composition):
                                   f"release; chain the transformation yourself (see qnopt.{name}'s docstring).",
                                   DeprecationWarning, stacklevel=2)
                     extra.append(make_transform(value))
-            if not extra:
-                return composition.reference(learning_rate, **kw)
-            kw = {**composition.defaults, **kw, **composition.locked}
-            return optax.chain(composition.scale_by(**kw), *extra, optax.scale_by_learning_rate(learning_rate))
+            return composition.reference(learning_rate, *extra, **kw)
 
         alias.__name__ = alias.__qualname__ = name
         alias.__doc__, alias.__module__, alias.__signature__ = stub.__doc__, __name__, sig
