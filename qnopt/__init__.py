@@ -7,13 +7,13 @@ learning rate. The primitives they are built from live in ``qnopt.linalg`` and `
 
 __version__ = "0.1.0"
 
-from qnopt import base, capture, curvature, damping, data, linalg, losses, preconditioners, sharding, testing, trust_region
+from qnopt import base, capture, contract, curvature, damping, data, linalg, losses, preconditioners, sharding, testing, trust_region
 from qnopt.alias import kbfgs, kbfgs_l, kfac, lssr1_tr, mb_lsr1, s2qn, s4qn, shampoo, skqn, skqn_b1, skqn_b2, skqn_l, slimqn, smw_gn, smw_ng, smw_ng_bd, tnt
 from qnopt.training import make_train_step
 from qnopt.methods import (KbfgsLayerState, KfacLayerState, ScaleByKbfgsState, ScaleByKfacState,
                            ScaleByMbLsr1State, ScaleByS2qnState, ScaleBySkqnState, SkqnLayerState,
                            scale_by_mb_lsr1, scale_by_s2qn, scale_by_skqn,
-                           ScaleByShampooState, ScaleBySlimQNState, ScaleBySmwState, ScaleByTntState,
+                           ScaleByShampooState, ScaleBySlimqnState, ScaleBySmwState, ScaleByTntState,
                            scale_by_kbfgs, scale_by_kfac, scale_by_shampoo, scale_by_slimqn,
                            scale_by_smw_gn, scale_by_smw_ng, scale_by_smw_ng_bd, scale_by_tnt)
 
@@ -21,6 +21,7 @@ __all__ = [
     "__version__",
     "base",
     "capture",
+    "contract",
     "curvature",
     "damping",
     "data",
@@ -63,7 +64,7 @@ __all__ = [
     "slimqn",
     "make_train_step",
     "scale_by_slimqn",
-    "ScaleBySlimQNState",
+    "ScaleBySlimqnState",
     "smw_ng",
     "smw_ng_bd",
     "smw_gn",
@@ -72,3 +73,8 @@ __all__ = [
     "scale_by_smw_gn",
     "ScaleBySmwState",
 ]
+
+# Renamed for one release (docs/glossary.md): the old name still works, with a DeprecationWarning.
+from qnopt.base import deprecated_module_names as _deprecated_module_names  # noqa: E402
+
+__getattr__ = _deprecated_module_names("qnopt", {"ScaleBySlimQNState": ("ScaleBySlimqnState", ScaleBySlimqnState)})

@@ -19,7 +19,6 @@ Most checks run the same optimizer, ``case.make(case.lrs[0])``, from the same st
 from __future__ import annotations
 
 import dataclasses
-import functools
 import gc
 import inspect
 from typing import Any, Callable, Optional, Sequence
@@ -73,15 +72,15 @@ class Problem:
 
 @dataclasses.dataclass(frozen=True)
 class MethodCase:
-    """How the matrix builds and drives one method.
+    """One row of the matrix: ``MethodCase(name, factory, kwargs)``, the method
+    ``factory(learning_rate, **kwargs)``, and how the matrix drives it.
 
     Attributes:
       name: test id.
-      make: ``make(learning_rate) -> optax transformation``.
-      lrs: learning rates tried; the best final loss counts.
-      factory: the alias itself, for ``optax.inject_hyperparams(factory, static_args)``.
-      factory_kwargs: keyword arguments for ``factory`` besides ``learning_rate``.
-      static_args: non-numeric-hyperparameter argument names for ``inject_hyperparams``.
+      factory: the alias (a qnopt alias, or any ``factory(learning_rate, **kwargs)``); it is
+        also what ``optax.inject_hyperparams`` wraps.
+      kwargs: keyword arguments for ``factory`` besides ``learning_rate``.
+      lrs: learning rates tried; the best final loss counts (``lrs[0]`` drives every other check).
       steps: step budget for the convergence check.
       extra_args: ``fn(params, loss) -> dict`` of keyword arguments the method needs in
         ``update`` (a curvature oracle, ``value_fn``...); ``None`` for gradient-only methods.
@@ -92,18 +91,28 @@ class MethodCase:
         L-SR1 pairs amplify float32 round-off (a different XLA fusion or reduction order) by
         ~3–10× per step, so they compare a few steps here and one step from a warm state in
         their own tests (:func:`check_sharding_one_step`).
+      static_args: ``static_args`` for ``optax.inject_hyperparams``; ``None`` (default): those
+        the method declares (a qnopt alias's ``static_args``, see :mod:`qnopt.contract`).
     """
 
     name: str
-    make: Callable[[float], optax.GradientTransformation]
-    lrs: Sequence[float]
     factory: Callable[..., optax.GradientTransformation]
-    factory_kwargs: dict
-    static_args: tuple = ()
+    kwargs: dict = dataclasses.field(default_factory=dict)
+    lrs: Sequence[float] = (0.1,)
     steps: int = 150
     extra_args: Optional[Callable[[PyTree, Callable], dict]] = None
     problem: Optional[Callable[[], "Problem"]] = None
     compare_steps: int = 30
+    static_args: Optional[tuple] = None
+
+    def make(self, learning_rate: Any) -> optax.GradientTransformation:
+        """``factory(learning_rate, **kwargs)``."""
+        return self.factory(learning_rate, **self.kwargs)
+
+    @property
+    def static(self) -> tuple:
+        """The ``static_args`` for ``optax.inject_hyperparams``."""
+        return tuple(getattr(self.factory, "static_args", ())) if self.static_args is None else tuple(self.static_args)
 
 
 def logreg_problem(n: int = 256, d: int = 12, correlation: float = 0.9, l2: float = 1e-3, seed: int = 0) -> Problem:
@@ -135,14 +144,18 @@ def mlp_problem(n: int = 256, d: int = 12, hidden: int = 16, classes: int = 3,
     preconditioners address), with the full batch's curvature oracle (``qnopt.capture.linen``)."""
     import flax.linen as nn
 
-    from qnopt.capture import linen
-
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, d))
     y = np.argmax(x @ rng.normal(size=(d, classes)) + 0.5 * rng.normal(size=(n, classes)), axis=1)
     x = x * np.logspace(np.log10(scale_range[0]), np.log10(scale_range[1]), d)
     batch = (jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32))
-    model = nn.Sequential([nn.Dense(hidden), nn.tanh, nn.Dense(classes)])
+    return _classification("mlp", nn.Sequential([nn.Dense(hidden), nn.tanh, nn.Dense(classes)]), batch, seed)
+
+
+def _classification(name: str, model: Any, batch: tuple, seed: int) -> Problem:
+    """A Flax Linen classifier's mean softmax cross-entropy on ``batch`` and its full-batch oracle."""
+    from qnopt.capture import linen
+
     capture = linen(model, loss="softmax_cross_entropy")
     params = model.init(jax.random.key(seed), batch[0])["params"]
 
@@ -150,7 +163,7 @@ def mlp_problem(n: int = 256, d: int = 12, hidden: int = 16, classes: int = 3,
         logits = model.apply({"params": p}, batch[0]).astype(jnp.float32)
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]))
 
-    return Problem("mlp", params, loss, oracle=lambda p: capture.oracle(p, batch, jax.random.key(1)))
+    return Problem(name, params, loss, oracle=lambda p: capture.oracle(p, batch, jax.random.key(1)))
 
 
 def embed_problem(n: int = 256, vocab: int = 20, length: int = 6, dim: int = 8, classes: int = 3,
@@ -160,8 +173,6 @@ def embed_problem(n: int = 256, vocab: int = 20, length: int = 6, dim: int = 8, 
     of every kind (the embedding table, LayerNorm's scale and bias, kernels, biases), with
     the full batch's curvature oracle. For methods that must cover every parameter (TNT)."""
     import flax.linen as nn
-
-    from qnopt.capture import linen
 
     class Model(nn.Module):
         @nn.compact
@@ -175,15 +186,7 @@ def embed_problem(n: int = 256, vocab: int = 20, length: int = 6, dim: int = 8, 
     counts = np.stack([np.bincount(t, minlength=vocab) for t in tokens]).astype(np.float64)
     y = np.argmax(counts @ rng.normal(size=(vocab, classes)) + 0.3 * rng.normal(size=(n, classes)), axis=1)
     batch = (jnp.asarray(tokens, jnp.int32), jnp.asarray(y, jnp.int32))
-    model = Model()
-    capture = linen(model, loss="softmax_cross_entropy")
-    params = model.init(jax.random.key(seed), batch[0])["params"]
-
-    def loss(p):
-        logits = model.apply({"params": p}, batch[0]).astype(jnp.float32)
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]))
-
-    return Problem("embed", params, loss, oracle=lambda p: capture.oracle(p, batch, jax.random.key(1)))
+    return _classification("embed", Model(), batch, seed)
 
 
 def oracle_args(params, loss, problem: Problem) -> dict:
@@ -302,19 +305,6 @@ def _start(case: MethodCase, problem: Problem, runs: Optional[Runs]):
     return runs, trajectory.opt, params, state, runs.grad(problem)(params)
 
 
-def _make_is_factory(case: MethodCase) -> bool:
-    """``case.make(lr)`` is ``case.factory(learning_rate=lr, **case.factory_kwargs)``."""
-    make = case.make
-    if not (isinstance(make, functools.partial) and make.func is case.factory and not make.args
-            and make.keywords == case.factory_kwargs):
-        return False
-    try:
-        first = next(iter(inspect.signature(case.factory).parameters))
-    except (TypeError, ValueError, StopIteration):
-        return False
-    return first == "learning_rate"
-
-
 def _final(losses: np.ndarray) -> float:
     return float(losses[-1]) if np.isfinite(losses[-1]) else float("inf")
 
@@ -348,7 +338,7 @@ def check_contract(case: MethodCase, problem: Problem, runs: Optional[Runs] = No
 
     * ``learning_rate`` is its first parameter, required, or defaulting to the documented value
       for methods whose own step is a full step;
-    * one update of ``case.factory(lr, **case.factory_kwargs)`` equals, bit for bit, one update of
+    * one update of ``case.factory(lr, **case.kwargs)`` equals, bit for bit, one update of
       the documented composition of its ``scale_by`` (the same computation, compiled alike);
     * the update descends (``⟨u, g⟩ < 0``), and a "direction" ``scale_by`` returns the gradient's
       sign (``⟨d, g⟩ > 0``), at the problem's start.
@@ -373,14 +363,14 @@ def check_contract(case: MethodCase, problem: Problem, runs: Optional[Runs] = No
     def first_update(opt):
         return _jit_update(opt, case, problem)(grads, opt.init(start), start)[0]
 
-    ours = first_update(case.factory(lr, **case.factory_kwargs))
-    assert_trees_equal(ours, first_update(comp.reference(lr, **case.factory_kwargs)),
+    ours = first_update(case.factory(lr, **case.kwargs))
+    assert_trees_equal(ours, first_update(comp.reference(lr, **case.kwargs)),
                        f"{name}: alias(lr) differs from its documented {comp.kind} composition")
     inner = lambda u: float(sum(jnp.vdot(a.astype(jnp.float32), b.astype(jnp.float32))
                                 for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(grads))))
     assert inner(ours) < 0, f"{name}: the update does not descend (<u, g> = {inner(ours):.3g})"
     if comp.kind == "direction":
-        direction = first_update(comp.scale(**case.factory_kwargs))
+        direction = first_update(comp.scale(**case.kwargs))
         assert inner(direction) > 0, \
             f"{name}: scale_by must return the gradient's sign (<d, g> = {inner(direction):.3g})"
 
@@ -453,15 +443,17 @@ def check_inject_hyperparams(case: MethodCase, problem: Problem, runs: Optional[
     learning rate lives in the state where a schedule or a user can change it."""
     lr = case.lrs[0]
     runs = Runs() if runs is None else runs
-    injected = optax.inject_hyperparams(case.factory, static_args=case.static_args)(
-        learning_rate=lr, **case.factory_kwargs)
+    injected = optax.inject_hyperparams(case.factory, static_args=case.static)(
+        learning_rate=lr, **case.kwargs)
     steps = min(25, case.compare_steps)
     run = _Trajectory(injected, problem, case, problem.params)
     p1, s1, _ = run.run(steps)
-    if _make_is_factory(case):  # the plain run is the shared trajectory of case.make(lrs[0])
+    # The plain run is the shared trajectory of case.make(lrs[0]) = factory(lrs[0], **kwargs),
+    # i.e. factory(learning_rate=lrs[0], ...) where learning_rate is the first parameter.
+    if next(iter(inspect.signature(case.factory).parameters), None) == "learning_rate":
         p2 = _trajectory(case, problem, runs).run(steps)[0]
     else:
-        p2 = run_steps(case.factory(learning_rate=lr, **case.factory_kwargs), problem, steps, case)[0]
+        p2 = run_steps(case.factory(learning_rate=lr, **case.kwargs), problem, steps, case)[0]
     # Two compiled programs (the learning rate is a traced state value in one, a constant in the
     # other): equal to float32 round-off, as the sharding checks compare.
     assert_equal_to_roundoff(p1, p2, runs.roundoff_response(case, problem, steps),

@@ -16,7 +16,7 @@ LAYERS = (
     ("linalg",),
     ("damping",),
     ("curvature",),
-    ("preconditioners", "trust_region", "capture"),
+    ("preconditioners", "trust_region", "capture", "contract"),
     ("methods",),
     ("alias", "training"),
     ("testing",),

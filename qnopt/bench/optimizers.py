@@ -57,16 +57,16 @@ class WarmStart:
     ``kind="factors"`` (Kronecker methods): the runner calls
     ``qnopt.curvature.estimate_factors(capture, params, batches, fisher=fisher, key=key)`` and
     passes ``initial_factors=``. ``kind="modes"`` (TNT, Shampoo):
-    ``qnopt.curvature.estimate_mode_statistics(capture, params, batches, estimator=fisher,
-    key=key, reshape=..., max_dim=...)`` (the view the optimizer is built with) and
-    ``initial_statistics=``. Both run on the first ``max_batches`` minibatches of epoch 1 (the
+    ``qnopt.curvature.estimate_mode_statistics(capture, params, batches, fisher=fisher,
+    key=key, reshape=..., max_dim=...)`` (the view the optimizer is built with), passed as
+    ``initial_factors=`` too. Both run on the first ``max_batches`` minibatches of epoch 1 (the
     epoch's own order) at the initial parameters, outside the step timing (reported as
     ``warm_start_time``); problems without a capture get no warm start.
 
     Attributes:
       fisher: ``None`` (only ``A``: K-BFGS), ``"sampled"`` or ``"empirical"`` (``A`` and ``G``:
         K-FAC; the gradient statistics of TNT / Shampoo). A per-problem
-        ``Tuned.kwargs["fisher"]`` (``["estimator"]`` for ``"modes"``) overrides a
+        ``Tuned.kwargs["fisher"]`` overrides a
         non-``None`` value, so the warm start estimates what the optimizer then uses.
       max_batches: cap on the number of minibatches (``--warm-start-batches`` overrides it;
         ``0`` disables the warm start).
@@ -77,10 +77,8 @@ class WarmStart:
     max_batches: int = 10
     kind: str = "factors"
 
-    @property
-    def argument(self) -> str:
-        """The factory's keyword for the estimate."""
-        return "initial_factors" if self.kind == "factors" else "initial_statistics"
+    #: The factory's keyword for the estimate (docs/glossary.md).
+    argument = "initial_factors"
 
 
 @dataclass(frozen=True)
@@ -148,7 +146,7 @@ class OptimizerSpec:
         """The warm start on ``problem`` (its Fisher kind follows a tuned ``fisher=``)."""
         ws = self.warm_start
         if ws is not None and ws.fisher is not None:
-            fisher = self.kwargs_for(problem).get("fisher" if ws.kind == "factors" else "estimator")
+            fisher = self.kwargs_for(problem).get("fisher")
             if fisher is not None and fisher != ws.fisher:
                 ws = WarmStart(fisher=fisher, max_batches=ws.max_batches, kind=ws.kind)
         return ws
@@ -224,7 +222,7 @@ _KBFGS_TUNED = {
 # rank N₂ = 32): outside the span of the 32 per-example gradients the step is α g / λ, so the
 # thesis' λ_LM = 1 is SGD at lr 0.1 and diverges at once (so do λ_LM = 10 and α ≥ 0.3 with λ_LM
 # = 30); λ_LM = 100 with α = 0.1 is stable (40-step check, seed 0).
-_SMW_TUNED = {"autoencoder/fashion_mnist": Tuned(0.1, (0.3, 0.1, 0.03), {"damping": 100.0})}
+_SMW_TUNED = {"autoencoder/fashion_mnist": Tuned(0.1, (0.3, 0.1, 0.03), {"initial_damping": 100.0})}
 
 # Default learning rates are chosen not to diverge on any problem (SGD at 1e-2
 # diverges on the Fashion-MNIST autoencoder, whose loss is summed over 784
@@ -291,11 +289,11 @@ _TABLE: list[OptimizerSpec] = [
                   1.0, _S4QN_GRID, needs_oracle=True, batch_growth=_S4QN_GROWTH,
                   description="ssn with the Hessian on the whole gradient sample, alpha 1000"),
     OptimizerSpec("slimqn", _slimqn, 0.1, (0.3, 0.1, 0.03),
-                  description="qnopt.slimqn (paper defaults; L and damping per problem)",
+                  description="qnopt.slimqn (paper defaults; L and pair_damping per problem)",
                   tuned={"logreg": Tuned(0.1, (0.3, 0.1, 0.03), dict(update_every=5)),
                          "classifier": Tuned(0.1, (0.3, 0.1, 0.03), dict(update_every=10)),
-                         "autoencoder/digits": Tuned(1e-2, (1.5e-2, 1e-2, 7e-3), dict(damping=0.5)),
-                         "autoencoder/fashion_mnist": Tuned(1e-3, (3e-3, 1e-3, 3e-4), dict(damping=0.5))}),
+                         "autoencoder/digits": Tuned(1e-2, (1.5e-2, 1e-2, 7e-3), dict(pair_damping=0.5)),
+                         "autoencoder/fashion_mnist": Tuned(1e-3, (3e-3, 1e-3, 3e-4), dict(pair_damping=0.5))}),
     # Kronecker-factored methods (need the curvature oracle). Fashion-MNIST autoencoder: grids
     # around the authors' MNIST settings, K-BFGS(L) lr 0.3, damping 0.3, Alg. 4 (Goldfarb, Ren &
     # Bahamou 2020) and K-FAC lr 0.03, damping 1, inverses every 20 steps (Ren thesis Table 3.5,

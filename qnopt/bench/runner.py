@@ -257,7 +257,7 @@ def warm_start_factors(
         options = {"fisher": ws.fisher}
     else:
         kw = spec.kwargs_for(problem)
-        options = {"estimator": ws.fisher, **{k: kw[k] for k in ("reshape", "max_dim") if k in kw}}
+        options = {"fisher": ws.fisher, **{k: kw[k] for k in ("reshape", "max_dim") if k in kw}}
     capture = problem.capture()
     t0 = time.perf_counter()
     bs = [jax.device_put(b) for b in _epoch_batches(problem, batch_size, seed, 0, cap)]

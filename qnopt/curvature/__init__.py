@@ -6,8 +6,9 @@
   the homogeneous coordinate :func:`append_ones` and the mean input :func:`mean_input`.
 * ``A @ s`` without forming ``A`` (Ren thesis eq. 3.15, "minibatched Hessian-action"):
   :func:`dense_A_matvec`, :func:`conv_A_matvec`.
-* Kronecker products in the layer-matrix layout ``(d_out, d_in)``: :func:`kron_matvec`,
-  :func:`kron_inverse_apply`.
+* Kronecker products in the layer-matrix layout ``(d_out, d_in)``: :func:`kron_matvec`
+  (with inverse factors, the preconditioned step; ``kron_inverse_apply``, its former
+  duplicate, is a deprecated name of it for one release).
 * Curvature-vector products and per-example Gram matrices: :func:`hvp`, :func:`ggn_vp`,
   :func:`layer_gram`, :func:`gram`; SMW-NG/GN's ``J X`` and ``Jᵀ w`` per layer
   :func:`layer_jvp`, :func:`layer_vjp`, the Jacobian block Gram :func:`layer_jacobian_gram`
@@ -24,7 +25,7 @@
   :func:`trace_normalize`, per-parameter contractions :func:`mode_statistics`, and the warm
   start :func:`estimate_mode_statistics`.
 * Moving averages of factors: :func:`ema_update`, :func:`warmup_decay`,
-  :func:`debiased_decay`, :func:`init_factor`.
+  :func:`debiased_decay`, :func:`statistics_decay`, :func:`init_factor`.
 
 Conventions. ``W = [weight, bias]`` has shape ``(d_out, d_in + 1)`` and acts on ``ā = [a, 1]``;
 ``vec`` stacks columns, so ``vec(g āᵀ) = ā ⊗ g`` and the layer curvature is ``A ⊗ G``. ``G``
@@ -34,10 +35,9 @@ averages over them (``spatial=`` selects ``"sum"``, ``"mean"`` or the §3.4.3 ``
 rebalancing). All functions are pure and jit-compatible.
 """
 
-from qnopt.curvature.ema import debiased_decay, ema_update, init_factor, warmup_decay
+from qnopt.curvature.ema import debiased_decay, ema_update, init_factor, statistics_decay, warmup_decay
 from qnopt.curvature.kronecker import (Spatial, append_ones, conv_A, conv_A_matvec, conv_G,
-                                       dense_A, dense_A_matvec, dense_G, kron_inverse_apply,
-                                       kron_matvec, kron_refinement_pair, mean_input)
+                                       dense_A, dense_A_matvec, dense_G, kron_matvec, kron_refinement_pair, mean_input)
 from qnopt.curvature.layers import (KronFactors, estimate_factors, hessian_action_pair, layer_A,
                                     layer_A_matvec, layer_G, layer_key, layer_mean_input,
                                     output_pair, preactivation_blocks)
@@ -58,6 +58,7 @@ __all__ = [
     "trace_normalize",
     "KronFactors",
     "debiased_decay",
+    "statistics_decay",
     "estimate_factors",
     "hessian_action_pair",
     "layer_A",
@@ -82,7 +83,6 @@ __all__ = [
     "hvp",
     "ema_update",
     "init_factor",
-    "kron_inverse_apply",
     "kron_matvec",
     "layer_gram",
     "layer_jacobian_gram",
@@ -92,3 +92,7 @@ __all__ = [
     "mean_input",
     "warmup_decay",
 ]
+
+from qnopt.base import deprecated_module_names as _deprecated_module_names  # noqa: E402
+
+__getattr__ = _deprecated_module_names("qnopt.curvature", {"kron_inverse_apply": ("kron_matvec", kron_matvec)})

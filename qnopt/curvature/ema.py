@@ -21,7 +21,7 @@ from jax.typing import ArrayLike
 
 from qnopt.linalg.tree import accumulation_dtype, tree_lerp
 
-__all__ = ["ema_update", "warmup_decay", "debiased_decay", "init_factor"]
+__all__ = ["ema_update", "warmup_decay", "debiased_decay", "statistics_decay", "init_factor"]
 
 PyTree = Any
 
@@ -101,6 +101,20 @@ def debiased_decay(count: ArrayLike, decay: ArrayLike) -> jax.Array:
     """
     k, b = _count_and_decay(count, decay)
     return 1.0 - (1.0 - b) / (1.0 - b ** k)
+
+
+def statistics_decay(count: ArrayLike, decay: ArrayLike, *, warm: bool) -> Any:
+    r"""The decay of the curvature statistics' EMA at the ``count``-th (1-based) update: the
+    plain ``β`` after a warm start (the statistics start at an estimate, K-FAC Alg. 12 line 2,
+    TNT Alg. 15 line 2), the zero-debiased :func:`debiased_decay` when they start at zero.
+    What K-FAC, TNT, Shampoo and SKQN use.
+
+    Example:
+      >>> from qnopt.curvature import statistics_decay
+      >>> statistics_decay(1, 0.9, warm=True), float(statistics_decay(1, 0.9, warm=False))
+      (0.9, 0.0)
+    """
+    return decay if warm else debiased_decay(count, decay)
 
 
 def init_factor(d: int, kind: Literal["identity", "zeros"] = "identity", *,

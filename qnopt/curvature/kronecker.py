@@ -62,7 +62,6 @@ __all__ = [
     "conv_G",
     "conv_A_matvec",
     "kron_matvec",
-    "kron_inverse_apply",
 ]
 
 Spatial = Literal["sum", "mean", "sqrt"]
@@ -422,32 +421,6 @@ def kron_matvec(A: ArrayLike, G: ArrayLike, V: ArrayLike) -> jax.Array:
     """
     A, G, V = jnp.asarray(A), jnp.asarray(G), jnp.asarray(V)
     return jnp.matmul(jnp.matmul(G, V, precision=_HIGHEST), A.T, precision=_HIGHEST)
-
-
-def kron_inverse_apply(A_inv: ArrayLike, G_inv: ArrayLike, V: ArrayLike) -> jax.Array:
-    r"""Kronecker-factored preconditioning ``(A ⊗ G)⁻¹ vec(V) = vec(G⁻¹ V A⁻ᵀ)``.
-
-    Given (damped) inverses ``A_inv ≈ H_A`` and ``G_inv ≈ H_G`` this is the K-BFGS / K-FAC step
-    direction ``p = H_G · DW · H_A`` (thesis eq. 3.10; Alg. 9 line 9, Alg. 7 line 5, Alg. 12
-    line 8), using ``(A ⊗ G)⁻¹ = A⁻¹ ⊗ G⁻¹``. Same layout and ``vec`` convention as
-    :func:`kron_matvec` (``V`` of shape ``(..., d_out, d_in)``); for symmetric factors
-    ``A⁻ᵀ = A⁻¹``.
-
-    Args:
-      A_inv: inverse of the input-side factor ``(d_in, d_in)``.
-      G_inv: inverse of the output-side factor ``(d_out, d_out)``.
-      V: matrix ``(..., d_out, d_in)``, e.g. the layer gradient ``DW``.
-
-    Returns:
-      ``G_inv V A_invᵀ`` of the shape of ``V``.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from qnopt.curvature import kron_inverse_apply
-      >>> kron_inverse_apply(jnp.eye(2) / 2, jnp.eye(1) / 4, jnp.array([[8., 16.]]))
-      Array([[1., 2.]], dtype=float32)
-    """
-    return kron_matvec(A_inv, G_inv, V)
 
 
 def kron_refinement_pair(U_hat: ArrayLike, V_hat: ArrayLike, A: ArrayLike, G: ArrayLike) -> tuple[jax.Array, jax.Array]:

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from qnopt.base import renamed
 from qnopt.curvature.layers import batch_average
 from qnopt.linalg.modes import mode_contractions, mode_layout
 
@@ -93,20 +94,21 @@ def mode_statistics(grads: PyTree, layouts: PyTree) -> list:
 
 
 @functools.lru_cache(maxsize=32)
-def _statistics_pass(capture: Any, estimator: str, reshape: Any, max_dim: int) -> Callable:
-    """The jitted per-batch contraction pass, cached per capture, estimator and layout."""
+def _statistics_pass(capture: Any, fisher: str, reshape: Any, max_dim: int) -> Callable:
+    """The jitted per-batch contraction pass, cached per capture, Fisher kind and layout."""
 
     @jax.jit
     def one(params, batch, k):
         oracle = capture.oracle(params, batch, k)
-        grads = oracle.grads if estimator == "empirical" else oracle.fisher_grads(k)
+        grads = oracle.grads if fisher == "empirical" else oracle.fisher_grads(k)
         return mode_statistics(grads, mode_layout(params, reshape, max_dim))
 
     return one
 
 
+@renamed(estimator="fisher")
 def estimate_mode_statistics(capture: Any, params: PyTree, batches: Iterable[Any], *,
-                             estimator: str = "sampled", key: Optional[jax.Array] = None,
+                             fisher: str = "sampled", key: Optional[jax.Array] = None,
                              reshape: Any = "filter", max_dim: int = 4096) -> PyTree:
     r"""Warm start of TNT / Shampoo (Alg. 15 and 16, line 2): ``E[G^{(i)}]`` of every parameter
     averaged over a data iterator at the initial parameters.
@@ -115,15 +117,16 @@ def estimate_mode_statistics(capture: Any, params: PyTree, batches: Iterable[Any
       capture: a capture engine (``qnopt.capture.linen(...)`` etc.).
       params: the initial parameters.
       batches: an iterable of batches (e.g. one pass over the training set), weighted equally.
-      estimator: ``"sampled"`` (gradients under labels sampled from the model: TNT; needs
-        ``key``) or ``"empirical"`` (the batch's labels: Shampoo, TNT-EF).
+      fisher: ``"sampled"`` (gradients under labels sampled from the model: TNT; needs
+        ``key``) or ``"empirical"`` (the batch's labels: Shampoo, TNT-EF); formerly
+        ``estimator``, as in :func:`qnopt.curvature.estimate_factors`.
       key: PRNG key for ``"sampled"``; folded with the batch index.
       reshape, max_dim: the tensor views (:func:`qnopt.preconditioners.mode_layout`); they
         must be those of the optimizer.
 
     Returns:
       A tree like ``params`` whose leaves are tuples of per-mode statistics; pass it as
-      ``initial_statistics=`` to :func:`qnopt.tnt` / :func:`qnopt.shampoo`.
+      ``initial_factors=`` to :func:`qnopt.tnt` / :func:`qnopt.shampoo`.
 
     Example:
       >>> import jax, jax.numpy as jnp, flax.linen as nn, qnopt
@@ -132,15 +135,15 @@ def estimate_mode_statistics(capture: Any, params: PyTree, batches: Iterable[Any
       >>> params = model.init(jax.random.key(0), x)["params"]
       >>> capture = qnopt.capture.linen(model, loss="mse")
       >>> s = estimate_mode_statistics(capture, params, [(x, jnp.zeros((4, 2)))],
-      ...                              estimator="empirical")
+      ...                              fisher="empirical")
       >>> [f.shape for f in s["kernel"]]
       [(3, 3), (2, 2)]
     """
-    if estimator not in ("sampled", "empirical"):
-        raise ValueError(f"estimator must be 'sampled' or 'empirical', got {estimator!r}.")
-    if estimator == "sampled" and key is None:
-        raise ValueError("estimate_mode_statistics(estimator='sampled') needs a PRNG key: "
+    if fisher not in ("sampled", "empirical"):
+        raise ValueError(f"fisher must be 'sampled' or 'empirical', got {fisher!r}.")
+    if fisher == "sampled" and key is None:
+        raise ValueError("estimate_mode_statistics(fisher='sampled') needs a PRNG key: "
                          "key=jax.random.key(0).")
-    one = _statistics_pass(capture, estimator, reshape, max_dim)
+    one = _statistics_pass(capture, fisher, reshape, max_dim)
     mean = batch_average(one, params, batches, key, "estimate_mode_statistics")
     return jax.tree.structure(params).unflatten([tuple(s) for s in mean])

@@ -45,6 +45,7 @@ from qnopt.linalg.structured import (
 )
 from qnopt.linalg.tree import (
     accumulation_dtype,
+    accumulation_zeros,
     key_name,
     named_leaves,
     path_key,
@@ -95,6 +96,7 @@ __all__ = [
     "smw_gram_weights",
     "smw_solve",
     "accumulation_dtype",
+    "accumulation_zeros",
     "tree_all_finite",
     "tree_axpy",
     "tree_lerp",

@@ -19,6 +19,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 __all__ = [
     "accumulation_dtype",
+    "accumulation_zeros",
     "tree_vdot",
     "tree_axpy",
     "tree_scale",
@@ -37,6 +38,19 @@ __all__ = [
 def accumulation_dtype(dtype: Any) -> jnp.dtype:
     """The dtype used to accumulate statistics for leaves of ``dtype`` (at least float32)."""
     return jnp.promote_types(dtype, jnp.float32)
+
+
+def accumulation_zeros(tree: PyTree) -> PyTree:
+    """Zeros shaped like ``tree``'s leaves in their accumulation dtype (momenta, steps, memories
+    kept in the optimizer state: float32 for bfloat16 parameters, float64 stays float64).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from qnopt.linalg import accumulation_zeros
+      >>> accumulation_zeros({"w": jnp.ones((2,), jnp.bfloat16)})["w"].dtype
+      dtype('float32')
+    """
+    return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), accumulation_dtype(jnp.asarray(p).dtype)), tree)
 
 
 def tree_vdot(a: PyTree, b: PyTree) -> jax.Array:

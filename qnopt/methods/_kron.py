@@ -1,6 +1,7 @@
 """What the Kronecker-factored methods (K-BFGS, K-FAC) share: which parameters form a layer,
-the oracle checks, the layer-matrix view of gradients, the fallback transform for the other
-parameters, and the step that turns per-layer directions into the descent update.
+the oracle checks, the warm-start factors, the layer-matrix view of gradients, the fallback
+transform for the other parameters, and the step that turns per-layer directions into the
+descent update.
 
 A *layer* is a kernel (and its bias) that the curvature oracle captures. The optimizer's state
 must be created by ``init(params)`` before any oracle is seen, so the layers are found from the
@@ -20,19 +21,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from qnopt.base import check_like, require_params
+from qnopt.base import check_update_args
 from qnopt.curvature.layers import layer_key
 from qnopt.linalg.tree import accumulation_dtype, named_leaves, path_key, tree_all_finite
+from qnopt.methods._step import LayerStatistics, require_oracle, schedule_value
 from qnopt.preconditioners import layer_matrix, split_layer_matrix
 
 PyTree = Any
-
-_NO_ORACLE = (
-    "{method} needs the curvature oracle of the minibatch: "
-    "`capture = qnopt.capture.linen(model, loss=...)` once, then inside the jitted step "
-    "`oracle = capture.oracle(params, batch, key)` and "
-    "`opt.update(oracle.grads, state, params, curvature=oracle)` "
-    "(or let qnopt.make_train_step(capture, opt) do it).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,8 +126,7 @@ def assemble(like: PyTree, specs: dict, layer_updates: dict, fallback_updates: d
 
 def check_oracle(curvature: Any, specs: dict, method: str) -> dict:
     """The oracle's layer statistics keyed like ``specs``, after checking they match."""
-    if curvature is None or not hasattr(curvature, "layers"):
-        raise ValueError(_NO_ORACLE.format(method=method))
+    require_oracle(curvature, method, LayerStatistics)
     stats = {layer_key(st.info): st for st in curvature.layers.values()}
     missing = sorted(set(specs) - set(stats))
     extra = sorted(set(stats) - set(specs))
@@ -169,8 +163,24 @@ def check_state(layer_states: dict, specs: dict, method: str, shape_of=_momentum
                              f"but the state was initialised for shape {shape}.")
 
 
-def learning_rate_at(learning_rate: optax.ScalarOrSchedule, count: jax.Array) -> jax.Array:
-    return learning_rate(count) if callable(learning_rate) else jnp.asarray(learning_rate)
+def initial_factors_of(initial_factors: Optional[dict], spec: LayerSpec, dtype: Any, method: str
+                       ) -> tuple[jax.Array, jax.Array]:
+    """The warm-start ``(A, G)`` of a layer from ``initial_factors={key: KronFactors(A, G)}``
+    (:func:`qnopt.curvature.estimate_factors`) in ``dtype``, zeros where not given (the
+    statistics then start at zero with a debiased average); a factor of the wrong shape raises
+    an error naming the layer and the expected shapes."""
+    f = None if initial_factors is None else initial_factors.get(spec.key)
+    given = {"A": None if f is None else f.A, "G": None if f is None else f.G}
+    want = {"A": (spec.da, spec.da), "G": (spec.d_out, spec.d_out)}
+    out = []
+    for name in ("A", "G"):
+        x = jnp.zeros(want[name], dtype) if given[name] is None else jnp.asarray(given[name], dtype)
+        if x.shape != want[name]:
+            raise ValueError(f"{method}: initial_factors[{spec.key!r}].{name} has shape {x.shape}; expected "
+                             f"{want[name]} (A: (d_in + bias, d_in + bias), G: (d_out, d_out)). Estimate "
+                             f"the factors with qnopt.curvature.estimate_factors on the same model.")
+        out.append(x)
+    return tuple(out)
 
 
 class StepContext(NamedTuple):
@@ -187,36 +197,31 @@ class StepContext(NamedTuple):
 
 def begin_update(updates: PyTree, state: Any, params: Optional[PyTree], curvature: Any, *,
                  method: str, layers: Any, learning_rate: optax.ScalarOrSchedule,
-                 weight_decay: Any, shape_of=_momentum_shape) -> StepContext:
-    """Checks (params given, gradient shapes, state and oracle layers), then ``ok`` (all
-    gradients finite), the 1-based step ``k``, ``α_k`` and the gradient plus ``wd·θ``."""
-    params = require_params(params, method)
-    check_grads(updates, params, method)
+                 weight_decay: Any, needs: tuple = (), shape_of=_momentum_shape) -> StepContext:
+    """Checks (params given, gradient shapes, state and oracle layers; ``needs``: the oracle
+    protocols the method reads besides :class:`~qnopt.methods._step.LayerStatistics`), then
+    ``ok`` (all gradients finite), the 1-based step ``k``, ``α_k`` and the gradient plus ``wd·θ``."""
+    params = check_update_args(updates, params, None, method)
     specs = find_layers(params, layers)
     check_state(state.layers, specs, method, shape_of)
+    require_oracle(curvature, method, LayerStatistics, *needs)
     stats = check_oracle(curvature, specs, method)
     grads = jax.tree.map(lambda g, p: g + weight_decay * p.astype(g.dtype), updates, params)
     return StepContext(params, specs, stats, tree_all_finite(updates), state.count + 1,
-                       learning_rate_at(learning_rate, state.count), grads)
+                       schedule_value(learning_rate, state.count), grads)
 
 
-def finish_step(ctx: StepContext, directions: dict, fallback: optax.GradientTransformation,
-                fallback_state: Any) -> tuple[PyTree, Any]:
+def descent_step(ctx: StepContext, directions: dict, fallback: optax.GradientTransformation,
+                 fallback_state: Any) -> tuple[PyTree, Any]:
     """The descent step: the layers' ``directions`` (already ``−α p``) and ``−α`` times the
-    fallback's update for the other parameters; zero on a non-finite step, whose fallback
-    state is left as it was."""
+    fallback's update for the other parameters, and the fallback's new state (a non-finite
+    step is undone by :func:`qnopt.methods._step.commit`)."""
     fb_upd, fb_state = fallback.update(fallback_leaves(ctx.grads, ctx.specs), fallback_state,
                                        fallback_leaves(ctx.params, ctx.specs))
-    fb_state = optax.tree.where(ctx.ok, fb_state, fallback_state)
-    step = assemble(ctx.params, ctx.specs, directions, {kk: -ctx.alpha * u for kk, u in fb_upd.items()})
-    return jax.tree.map(lambda s: jnp.where(ctx.ok, s, 0), step), fb_state
+    return assemble(ctx.params, ctx.specs, directions, {kk: -ctx.alpha * u for kk, u in fb_upd.items()}), fb_state
 
 
 def default_fallback(momentum: Any, scale: Any) -> optax.GradientTransformation:
     """Momentum SGD ``ĝ = βĝ + g`` scaled by ``scale`` (K-BFGS: ``1/λ``, thesis §3.4.3)."""
     return optax.chain(optax.trace(decay=momentum), optax.scale(scale))
 
-
-def check_grads(updates: PyTree, params: PyTree, method: str) -> None:
-    """Gradients have the structure and leaf shapes of the parameters."""
-    check_like(updates, params, "the gradient", method)

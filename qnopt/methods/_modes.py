@@ -27,23 +27,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from qnopt.base import check_like, check_range, check_statistics_hyperparams, require_params
-from qnopt.curvature.ema import debiased_decay, ema_update
+from qnopt.base import check_like, check_range, check_statistics_hyperparams, check_update_args
+from qnopt.curvature.ema import ema_update, statistics_decay
 from qnopt.curvature.tensor_normal import mode_statistics
-from qnopt.linalg.tree import accumulation_dtype, tree_all_finite
+from qnopt.linalg.tree import accumulation_dtype, accumulation_zeros, tree_all_finite
 from qnopt.linalg.modes import ModeLayout, mode_layout, mode_products
+from qnopt.methods._step import SampledGradients, commit, require_oracle
 
 PyTree = Any
 Refresh = Callable[[tuple, Any, ModeLayout], tuple]
 
 __all__ = ["ModePreconditionerState", "scale_by_mode_preconditioner"]
-
-_NO_ORACLE = (
-    "{method} with estimator='sampled' needs gradients under labels sampled from the model: pass "
-    "the minibatch's curvature oracle, `capture = qnopt.capture.linen(model, loss=...)` once, then "
-    "inside the jitted step `oracle = capture.oracle(params, batch, key)` and "
-    "`opt.update(oracle.grads, state, params, curvature=oracle)` (or qnopt.make_train_step(capture, "
-    "opt)). Any object with a fisher_grads() method works. Or use estimator='empirical' (no oracle).")
 
 
 class ModePreconditionerState(NamedTuple):
@@ -74,7 +68,7 @@ def _check_initial(initial: PyTree, params: PyTree, layouts: list, dtypes: list,
     try:
         leaves = treedef.flatten_up_to(initial)
     except (ValueError, TypeError) as e:
-        raise ValueError(f"{method}: initial_statistics must be a tree like params with a tuple of "
+        raise ValueError(f"{method}: initial_factors must be a tree like params with a tuple of "
                          f"per-mode statistics per leaf (qnopt.curvature.estimate_mode_statistics): "
                          f"{e}") from None
     out = []
@@ -88,19 +82,19 @@ def _check_initial(initial: PyTree, params: PyTree, layouts: list, dtypes: list,
     return out
 
 
-def scale_by_mode_preconditioner(*, method: str, refresh: Refresh, estimator: str, damping: Any,
+def scale_by_mode_preconditioner(*, method: str, refresh: Refresh, fisher: str, damping: Any,
                                  momentum: Any, beta: Any, stats_every: int, inverse_every: int,
                                  weight_decay: Any, reshape: Any, max_dim: int,
-                                 initial_statistics: Optional[PyTree]
+                                 initial_factors: Optional[PyTree]
                                  ) -> optax.GradientTransformationExtraArgs:
     """The shared transformation (module docstring). ``refresh(stats, damping, layout)`` maps a
     parameter's statistics to its preconditioner factors."""
-    if estimator not in ("sampled", "empirical"):
-        raise ValueError(f"{method}: estimator must be 'sampled' or 'empirical', got {estimator!r}.")
+    if fisher not in ("sampled", "empirical"):
+        raise ValueError(f"{method}: fisher must be 'sampled' or 'empirical', got {fisher!r}.")
     check_statistics_hyperparams(damping=damping, momentum=momentum, beta=beta, stats_every=stats_every,
                                  inverse_every=inverse_every, weight_decay=weight_decay)
     check_range("max_dim", max_dim, 1)
-    warm = initial_statistics is not None
+    warm = initial_factors is not None
     no_decay = isinstance(weight_decay, (int, float)) and weight_decay == 0
 
     def init_fn(params: PyTree) -> ModePreconditionerState:
@@ -108,24 +102,22 @@ def scale_by_mode_preconditioner(*, method: str, refresh: Refresh, estimator: st
         layouts = treedef.flatten_up_to(mode_layout(params, reshape, max_dim))
         dtypes = [accumulation_dtype(p.dtype) for p in jax.tree.leaves(params)]
         if warm:
-            stats = _check_initial(initial_statistics, params, layouts, dtypes, method)
+            stats = _check_initial(initial_factors, params, layouts, dtypes, method)
         else:
             stats = [tuple(jnp.zeros(s, dt) for s in lay.factor_shapes)
                      for lay, dt in zip(layouts, dtypes)]
         precond = [tuple(_identity(s, dt) for s in lay.factor_shapes) for lay, dt in zip(layouts, dtypes)]
-        mom = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), accumulation_dtype(p.dtype)), params)
+        mom = accumulation_zeros(params)
         return ModePreconditionerState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), mom,
                                        treedef.unflatten(stats), treedef.unflatten(precond))
 
     def update_fn(updates: PyTree, state: ModePreconditionerState, params: Optional[PyTree] = None,
                   curvature: Any = None, **extra_args):
         del extra_args
-        params = require_params(params, method)
-        check_like(updates, state.momentum, "the gradient", method)
-        check_like(params, state.momentum, "params", method)
-        if estimator == "sampled":
-            if curvature is None or not hasattr(curvature, "fisher_grads"):
-                raise ValueError(_NO_ORACLE.format(method=method))
+        params = check_update_args(updates, params, state.momentum, method)
+        if fisher == "sampled":
+            require_oracle(curvature, method, SampledGradients,
+                           hint="Or use fisher='empirical' (the gradient's own statistics, no oracle).")
             if hasattr(curvature, "outputs"):
                 curvature.outputs  # the forward pass, outside the cond below (shared, cached)
         treedef = jax.tree.structure(updates)
@@ -138,10 +130,10 @@ def scale_by_mode_preconditioner(*, method: str, refresh: Refresh, estimator: st
 
         # Lines 11-13 / 8-10: statistics of the sampled (TNT) or empirical gradient.
         def new_statistics(stats):
-            source = updates if estimator == "empirical" else curvature.fisher_grads()
+            source = updates if fisher == "empirical" else curvature.fisher_grads()
             check_like(source, updates, "the sampled-label gradient (curvature.fisher_grads())", method)
             fresh = mode_statistics(source, treedef.unflatten(layouts))
-            decay = beta if warm else debiased_decay(state.stats_count + 1, beta)
+            decay = statistics_decay(state.stats_count + 1, beta, warm=warm)
             new = treedef.unflatten([ema_update(o, f, decay)
                                      for o, f in zip(treedef.flatten_up_to(stats), fresh)])
             s_ok = tree_all_finite(source)
@@ -178,12 +170,10 @@ def scale_by_mode_preconditioner(*, method: str, refresh: Refresh, estimator: st
         direction = treedef.unflatten(directions)
         if not no_decay:
             direction = jax.tree.map(lambda d, w: d + weight_decay * w.astype(d.dtype), direction, params)
-        out = jax.tree.map(lambda d, u: jnp.where(ok, d, 0).astype(u.dtype), direction, updates)
-        # A non-finite step leaves the state as it was (the factors were not refreshed: the
-        # refresh condition includes ``ok``).
-        keep = lambda new, old: optax.tree.where(ok, new, old)
-        new_state = ModePreconditionerState(jnp.where(ok, t + 1, t), state.stats_count + counted * ok,
-                                            keep(mom, state.momentum), keep(stats, state.stats), precond)
-        return out, new_state
+        # The factors are refreshed only on finite steps (``refresh_step`` includes ``ok``): no
+        # select over them.
+        return commit(ok, direction, updates,
+                      ModePreconditionerState(t + 1, state.stats_count + counted, mom, stats, precond), state,
+                      guarded=("precond",))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -44,18 +44,20 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from qnopt.base import check_range
+from qnopt.base import check_range, renamed
+from qnopt.contract import Composition, alias
 from qnopt.curvature.layers import (hessian_action_pair, layer_A, layer_A_matvec,
                                     layer_mean_input, output_pair)
 from qnopt.damping import double_damping, dp_dlm
 from qnopt.linalg import (LbfgsMemory, bfgs_inverse_update, lbfgs_memory_init,
                           lbfgs_memory_matrix, lbfgs_memory_push)
 from qnopt.methods import _kron as K
+from qnopt.methods._step import SecondPass, commit
 from qnopt.preconditioners import damped_inverse, kron_precondition
 
 PyTree = Any
 
-__all__ = ["KbfgsLayerState", "ScaleByKbfgsState", "scale_by_kbfgs"]
+__all__ = ["KbfgsLayerState", "ScaleByKbfgsState", "scale_by_kbfgs", "kbfgs", "kbfgs_l"]
 
 _ALGORITHMS = ("auto", "alg4", "alg9")
 
@@ -96,6 +98,7 @@ def _damping_split(algorithm: str, damping, spatial_size: int, conv: bool):
     return root, root
 
 
+@renamed(mu1="powell_mu")
 def scale_by_kbfgs(
     learning_rate: optax.ScalarOrSchedule,
     damping: float = 0.3,
@@ -104,7 +107,7 @@ def scale_by_kbfgs(
     algorithm: str = "auto",
     update_every: int = 1,
     beta: float = 0.9,
-    mu1: float = 0.2,
+    powell_mu: float = 0.2,
     weight_decay: float = 0.0,
     skip_rule: bool = False,
     initial_factors: Optional[dict] = None,
@@ -125,7 +128,8 @@ def scale_by_kbfgs(
       algorithm: ``"alg4"``, ``"alg9"`` or ``"auto"`` (Alg. 4 if every kernel is 2-D).
       update_every: ``T``, curvature updated when ``k ≡ 0 (mod T)`` (Alg. 9 line 12; Alg. 4 uses 1).
       beta: ``β``, the gradient and pair averaging (0.9).
-      mu1: ``μ1`` of Powell's damping on ``H`` (0.2).
+      powell_mu: ``μ1`` of Powell's damping on ``H`` (0.2; the name S2QN and SKQN use for
+        their Powell damping; formerly ``mu1``).
       weight_decay: L2 coefficient added to the gradient before everything (the authors add
         ``1e-5``).
       skip_rule: skip the ``H_G`` update when ``s_Gᵀy_G ≤ 10⁻⁴‖s_G‖²‖ḡ‖`` (our reading of the
@@ -160,7 +164,7 @@ def scale_by_kbfgs(
     check_range("damping", damping, 0.0, low_open=True)
     check_range("update_every", update_every, 1)
     check_range("beta", beta, 0.0, 1.0, high_open=True)
-    check_range("mu1", mu1, 0.0, 1.0, low_open=True, high_open=True)
+    check_range("powell_mu", powell_mu, 0.0, 1.0, low_open=True, high_open=True)
     check_range("weight_decay", weight_decay, 0.0)
     method = "qnopt.kbfgs" if memory_size is None else "qnopt.kbfgs_l"
     fb = K.default_fallback(beta, 1.0 / jnp.asarray(damping)) if fallback is None else fallback
@@ -177,11 +181,7 @@ def scale_by_kbfgs(
         specs = K.find_layers(params, layers)
         states = {}
         for key, sp in specs.items():
-            A0 = None if initial_factors is None else initial_factors.get(key)
-            A0 = jnp.zeros((sp.da, sp.da), jnp.float32) if A0 is None else jnp.asarray(A0.A, jnp.float32)
-            if A0.shape != (sp.da, sp.da):
-                raise ValueError(f"{method}: initial_factors[{key!r}].A has shape {A0.shape}, "
-                                 f"expected {(sp.da, sp.da)}.")
+            A0 = K.initial_factors_of(initial_factors, sp, jnp.float32, method)[0]
             H_G = (jnp.eye(sp.d_out, dtype=jnp.float32) if memory_size is None
                    else lbfgs_memory_init(jnp.zeros((sp.d_out,), jnp.float32), memory_size))
             zeros = jnp.zeros((sp.d_out,), jnp.float32)
@@ -195,7 +195,7 @@ def scale_by_kbfgs(
                   curvature: Any = None, **extra_args):
         del extra_args
         ctx = K.begin_update(updates, state, params, curvature, method=method, layers=layers,
-                             learning_rate=learning_rate, weight_decay=weight_decay)
+                             learning_rate=learning_rate, weight_decay=weight_decay, needs=(SecondPass,))
         params, specs, stats, ok, k, alpha, grads = ctx
         alg = resolve(specs)
         lams = {key: _damping_split(alg, damping, stats[key].info.spatial_size, sp.conv)
@@ -218,14 +218,13 @@ def scale_by_kbfgs(
             return lambda X: lbfgs_memory_matrix(st.H_G, X, gamma0[key])
 
         # Lines 8-11: averaged gradient, step H_G ĝ H_A.
-        # (A non-finite step is undone for the whole state at the end.)
         directions, new_states = {}, {}
         for key, X in K.layer_grads(grads, specs).items():
             st = layer_states[key]
             mom = beta * st.momentum + ((1 - beta) * X if alg == "alg4" else X)
             directions[key] = kron_precondition(HG_op(st, key), mom, st.H_A)
             new_states[key] = st._replace(momentum=mom)
-        step, fb_state = K.finish_step(ctx, {kk: -alpha * d for kk, d in directions.items()}, fb,
+        step, fb_state = K.descent_step(ctx, {kk: -alpha * d for kk, d in directions.items()}, fb,
                                        state.fallback)
 
         # Lines 12-23: curvature from a second pass at W⁺ on the same minibatch.
@@ -253,7 +252,7 @@ def scale_by_kbfgs(
                 if memory_size is not None:
                     Hop = lambda v, op=Hop: op(v[:, None])[:, 0]
                 damp = double_damping if alg == "alg4" else dp_dlm
-                s_t, y_t = damp(s_G, y_G, Hop, mu1, lam_g)
+                s_t, y_t = damp(s_G, y_G, Hop, powell_mu, lam_g)
                 accept = jnp.vdot(s_t, y_t) > 0
                 if skip_rule:
                     gbar = jnp.sum(jnp.mean(s0.dh.reshape(s0.dh.shape[0], -1, sp.d_out), axis=1), axis=0)
@@ -267,11 +266,8 @@ def scale_by_kbfgs(
 
         do_curv = ok & (k % update_every == 0)
         new_states = jax.lax.cond(do_curv, curvature_update, lambda ls: ls, new_states)
-        count = jnp.where(ok, k, state.count).astype(jnp.int32)
         # A skipped (non-finite) step leaves the state as it was (the first-step init included).
-        new_states = {key: optax.tree.where(ok, new_states[key], state.layers[key]) for key in specs}
-        out = jax.tree.map(lambda s, u: s.astype(u.dtype), step, updates)
-        return out, ScaleByKbfgsState(count, new_states, fb_state)
+        return commit(ok, step, updates, ScaleByKbfgsState(k, new_states, fb_state), state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -283,3 +279,26 @@ def _bfgs_if(H: jax.Array, s: jax.Array, y: jax.Array, accept: Any = True) -> ja
     H_new = bfgs_inverse_update(H, s, safe_y)
     H_new = 0.5 * (H_new + H_new.T)
     return jnp.where(accept & jnp.all(jnp.isfinite(H_new)), H_new, H)
+
+
+#: Arguments fixed when the transformation is built (``static_args`` of ``optax.inject_hyperparams``).
+STATIC = ("memory_size", "algorithm", "update_every", "skip_rule", "initial_factors", "layers", "fallback")
+
+
+@alias(Composition(scale_by_kbfgs, "step", static=STATIC))
+def kbfgs():
+    r"""K-BFGS (Ren thesis Alg. 4 for MLPs, Alg. 9 for CNNs): ``W ← W − α H_G ĝ H_A`` per layer.
+
+    This is :func:`qnopt.scale_by_kbfgs` itself (it applies the learning rate, because the
+    second pass is taken at the updated weights); see it for the algorithm and every argument.
+    ``update`` needs ``params`` and the minibatch's curvature oracle (``curvature=``). Defaults
+    are the thesis' (``β = 0.9``, ``μ1 = 0.2``); the authors' MLP settings are ``lr 0.3``,
+    ``damping 0.3`` with a warm start of ``A`` (:func:`qnopt.curvature.estimate_factors`) and
+    ``weight_decay=1e-5``.
+    """
+
+
+@alias(Composition(scale_by_kbfgs, "step", defaults={"memory_size": 100}, static=STATIC))
+def kbfgs_l():
+    r"""K-BFGS(L): :func:`kbfgs` with ``H_G`` from the last ``memory_size`` pairs by L-BFGS in the
+    non-loop compact form applied to the matrix gradient (thesis §2.3; ``p = 100`` by default)."""

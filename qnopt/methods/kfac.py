@@ -38,15 +38,17 @@ import jax.numpy as jnp
 import optax
 
 from qnopt.base import check_statistics_hyperparams
-from qnopt.curvature.ema import debiased_decay, ema_update
+from qnopt.contract import Composition, alias
+from qnopt.curvature.ema import ema_update, statistics_decay
 from qnopt.curvature.layers import layer_A, layer_G
 from qnopt.methods import _kron as K
+from qnopt.methods._step import SampledLabels, SecondPass, commit
 from qnopt.preconditioners import (damped_cholesky, damped_inverse, factored_damping,
                                    kron_factor_solve, kron_precondition)
 
 PyTree = Any
 
-__all__ = ["KfacLayerState", "ScaleByKfacState", "scale_by_kfac"]
+__all__ = ["KfacLayerState", "ScaleByKfacState", "scale_by_kfac", "kfac"]
 
 
 class KfacLayerState(NamedTuple):
@@ -140,18 +142,13 @@ def scale_by_kfac(
     method = "qnopt.kfac"
     fb = K.default_fallback(momentum, 1.0) if fallback is None else fallback
     warm = initial_factors is not None
+    needs = ((SecondPass,) if stats_at == "new" else ()) + ((SampledLabels,) if fisher == "sampled" else ())
 
     def init_fn(params: PyTree) -> ScaleByKfacState:
         specs = K.find_layers(params, layers)
         states = {}
         for key, sp in specs.items():
-            f = None if initial_factors is None else initial_factors.get(key)
-            A = jnp.zeros((sp.da, sp.da), jnp.float32) if f is None else jnp.asarray(f.A, jnp.float32)
-            G = (jnp.zeros((sp.d_out, sp.d_out), jnp.float32) if f is None or f.G is None
-                 else jnp.asarray(f.G, jnp.float32))
-            if A.shape != (sp.da, sp.da) or G.shape != (sp.d_out, sp.d_out):
-                raise ValueError(f"{method}: initial_factors[{key!r}] has shapes {A.shape}, {G.shape}; "
-                                 f"expected {(sp.da, sp.da)}, {(sp.d_out, sp.d_out)}.")
+            A, G = K.initial_factors_of(initial_factors, sp, jnp.float32, method)
             states[key] = KfacLayerState(jnp.zeros((sp.d_out, sp.da), jnp.float32), A, G,
                                          jnp.eye(sp.da, dtype=jnp.float32),
                                          jnp.eye(sp.d_out, dtype=jnp.float32))
@@ -162,7 +159,7 @@ def scale_by_kfac(
         """Lines 11-16: EMA of Ω and Γ from ``oracle`` (at θ or θ⁺)."""
         a_src = K.check_oracle(oracle, specs, method)
         g_src = a_src if fisher == "empirical" else K.check_oracle(oracle.fisher(), specs, method)
-        decay = beta if warm else debiased_decay(stats_count + 1, beta)
+        decay = statistics_decay(stats_count + 1, beta, warm=warm)
         return {key: st._replace(A=ema_update(st.A, layer_A(a_src[key]), decay),
                                  G=ema_update(st.G, layer_G(g_src[key]), decay))
                 for key, st in layer_states.items()}
@@ -184,7 +181,7 @@ def scale_by_kfac(
                   curvature: Any = None, **extra_args):
         del extra_args
         ctx = K.begin_update(updates, state, params, curvature, method=method, layers=layers,
-                             learning_rate=learning_rate, weight_decay=weight_decay)
+                             learning_rate=learning_rate, weight_decay=weight_decay, needs=needs)
         params, specs, _, ok, k, alpha, grads = ctx
         stats_step = ok & (k % stats_every == 0)
         layer_states, stats_count = state.layers, state.stats_count
@@ -198,7 +195,6 @@ def scale_by_kfac(
                                     lambda ls: ls, layer_states)
 
         # Lines 7-9: momentum and the preconditioned step.
-        # (A non-finite step is undone for the whole state at the end.)
         directions, new_states = {}, {}
         for key, X in K.layer_grads(grads, specs).items():
             st = layer_states[key]
@@ -215,7 +211,7 @@ def scale_by_kfac(
                 mom = momentum * st.momentum - alpha * precondition(X)
                 directions[key] = mom
             new_states[key] = st._replace(momentum=mom)
-        step, fb_state = K.finish_step(ctx, directions, fb, state.fallback)
+        step, fb_state = K.descent_step(ctx, directions, fb, state.fallback)
 
         if stats_at == "new":  # Lines 11-16 at the new parameters, same minibatch.
             new_states = jax.lax.cond(
@@ -223,9 +219,19 @@ def scale_by_kfac(
                 lambda ls: statistics(ls, curvature.at(optax.apply_updates(params, step)), specs, stats_count),
                 lambda ls: ls, new_states)
             stats_count = stats_count + stats_step.astype(jnp.int32)
-        new_states = {key: optax.tree.where(ok, new_states[key], state.layers[key]) for key in specs}
-        count = jnp.where(ok, k, state.count).astype(jnp.int32)
-        out = jax.tree.map(lambda s, u: s.astype(u.dtype), step, updates)
-        return out, ScaleByKfacState(count, stats_count, new_states, fb_state)
+        return commit(ok, step, updates, ScaleByKfacState(k, stats_count, new_states, fb_state), state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+#: Arguments fixed when the transformation is built (``static_args`` of ``optax.inject_hyperparams``).
+STATIC = ("inverse_every", "fisher", "stats_at", "momentum_on", "inverse", "initial_factors", "layers",
+          "fallback")
+
+
+@alias(Composition(scale_by_kfac, "step", static=STATIC))
+def kfac():
+    r"""K-FAC baseline (Ren thesis Alg. 7/12): EMA Kronecker factors of the (sampled) Fisher,
+    π-damped inverses every ``inverse_every`` steps, momentum. This is
+    :func:`qnopt.scale_by_kfac` itself (it applies the learning rate: the statistics pass is at
+    the updated weights); see it for every argument. """

@@ -45,22 +45,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from qnopt.base import check_like, check_range, require_params
-from qnopt.linalg import (Lsr1Memory, accumulation_dtype, lsr1_accept, lsr1_gamma, lsr1_memory_init,
+from qnopt.base import check_range, check_update_args
+from qnopt.contract import Composition, alias
+from qnopt.linalg import (Lsr1Memory, accumulation_dtype, accumulation_zeros, lsr1_accept, lsr1_gamma, lsr1_memory_init,
                           lsr1_memory_push, lsr1_memory_reset, tree_all_finite, tree_axpy, tree_scale,
                           tree_vdot)
-from qnopt.methods._kron import learning_rate_at
+from qnopt.methods._step import HessianProducts, TrialValues, commit, require_oracle, schedule_value
 from qnopt.trust_region import (BatchSizeState, armijo_backtracking, batch_size_init, classic_radius, obs,
                                 progress_check, progressive_radius)
 
 PyTree = Any
 
-__all__ = ["ScaleByMbLsr1State", "scale_by_mb_lsr1"]
-
-_NO_ORACLE = ("{method} needs the minibatch's loss at trial points and its gradient at the new "
-              "point: pass curvature=capture.oracle(params, batch, key) (qnopt.capture) or any "
-              "object with .loss, .grads, .value(params), .at(params) (and .hvp(v) for the "
-              "Hessian-vector warm start) to opt.update(...).")
+__all__ = ["ScaleByMbLsr1State", "scale_by_mb_lsr1", "mb_lsr1", "lssr1_tr"]
 
 
 class ScaleByMbLsr1State(NamedTuple):
@@ -226,10 +222,12 @@ def scale_by_mb_lsr1(
     check_range("armijo", armijo, 0.0, 1.0, low_open=True, high_open=True)
     check_range("backtrack", backtrack, 0.0, 1.0, low_open=True, high_open=True)
     n_cap = jnp.iinfo(jnp.int32).max if num_examples is None else int(num_examples)
+    hvp_warm_start = restart_memory > 0 and warm_start_curvature == "hvp"
+    needs = (HessianProducts,) if hvp_warm_start else ()
+    hint = "(.hvp is for warm_start_curvature='hvp'; 'finite_difference' needs only .at.)" if hvp_warm_start else ""
 
     def init_fn(params: PyTree) -> ScaleByMbLsr1State:
-        zeros = lambda: jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), accumulation_dtype(jnp.asarray(p).dtype)),
-                                     params)
+        zeros = lambda: accumulation_zeros(params)
         dt = _scalar_dtype(params)
         f32 = lambda x: jnp.asarray(x, dt)
         return ScaleByMbLsr1State(
@@ -243,12 +241,8 @@ def scale_by_mb_lsr1(
     def update_fn(updates: PyTree, state: ScaleByMbLsr1State, params: Optional[PyTree] = None,
                   curvature: Any = None, progress: Any = None, **extra_args):
         del extra_args
-        params = require_params(params, method)
-        check_like(updates, state.velocity, "the gradient", method)
-        check_like(params, state.velocity, "params", method)
-        if curvature is None or not all(hasattr(curvature, a) for a in ("value", "at", "grads", "loss")):
-            raise ValueError(_NO_ORACLE.format(method=method))
-        oracle = curvature
+        params = check_update_args(updates, params, state.velocity, method)
+        oracle = require_oracle(curvature, method, TrialValues, *needs, hint=hint)
         # Scalars in the state's dtype (float32, or float64 for float64 parameters); hyper-parameters
         # cast to it, so that plain and injected values (optax.inject_hyperparams) give identical
         # arithmetic.
@@ -287,7 +281,7 @@ def scale_by_mb_lsr1(
         gam = jnp.where(restart, 1.0, state.gamma)
 
         # Lines 15–19: Armijo on this minibatch, ρ from the trust-region step, y on the same batch.
-        lr = f32(learning_rate_at(learning_rate, state.count))
+        lr = f32(schedule_value(learning_rate, state.count))
         d = tree_scale(lr, p)
         f0 = f32(oracle.loss)
         ls = armijo_backtracking(lambda a: oracle.value(_apply(params, tree_scale(a, d))), f0, lr * gp,
@@ -340,18 +334,15 @@ def scale_by_mb_lsr1(
             batch = jax.tree.map(lambda a, b: jnp.where(check, a, b), checked, batch)
             zeta_new = jnp.where(batch.batch_size >= n_cap, 0.0, state.zeta).astype(state.zeta.dtype)
 
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b).astype(b.dtype), new, old)
         new_state = ScaleByMbLsr1State(
-            count=keep(state.count + 1, state.count), memory=memory,
-            gamma=keep(next_gamma, state.gamma), radius=keep(radius, state.radius), rho=keep(jnp.where(jnp.isfinite(rho), rho, state.rho), state.rho),
-            rho_hat=keep(rho_hat, state.rho_hat), rho_count=keep(rho_count, state.rho_count),
-            zeta=keep(zeta_new, state.zeta), velocity=keep(v, state.velocity), last_step=keep(s, state.last_step),
-            batch=keep(batch, state.batch), key=keep(key, state.key),
-            small_gradient=keep(gnorm <= exit_tol, state.small_gradient),
-            restarts=keep(state.restarts + restart, state.restarts),
-            resets=keep(state.resets + resampled, state.resets))
-        out = jax.tree.map(lambda x, u: jnp.where(ok, x, 0).astype(jnp.asarray(u).dtype), s, updates)
-        return out, new_state
+            count=state.count + 1, memory=memory, gamma=next_gamma, radius=radius,
+            rho=jnp.where(jnp.isfinite(rho), rho, state.rho), rho_hat=rho_hat, rho_count=rho_count, zeta=zeta_new,
+            velocity=v, last_step=s, batch=batch, key=key, small_gradient=gnorm <= exit_tol,
+            restarts=state.restarts + restart, resets=state.resets + resampled)
+        # The memory is written only on steps with a finite gradient (the restart, reset and push
+        # predicates include ``ok``; a non-finite step s after a restart leaves it emptied, which
+        # holds no NaN): no select over the whole memory.
+        return commit(ok, s, updates, new_state, state, guarded=("memory",))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -371,9 +362,6 @@ def _sampled_pairs(memory: Lsr1Memory, gamma, oracle: Any, params: PyTree, radiu
     S_p = jax.tree.map(lambda x, p: x.astype(jnp.asarray(p).dtype), S, params)
     S = jax.tree.map(lambda x, r: x.astype(r.dtype), S_p, S)
     if curvature == "hvp":
-        if not hasattr(oracle, "hvp"):
-            raise ValueError("warm_start_curvature='hvp' needs an oracle with .hvp(v); use "
-                             "warm_start_curvature='finite_difference'.")
         Y = jax.lax.map(oracle.hvp, S_p)
     else:
         Y = jax.lax.map(lambda si: jax.tree.map(jnp.subtract, oracle.at(_apply(params, si)).grads, oracle.grads), S_p)
@@ -385,3 +373,41 @@ def _sampled_pairs(memory: Lsr1Memory, gamma, oracle: Any, params: PyTree, radiu
         return lsr1_memory_push(mem, si, yi, lsr1_accept(mem, gamma, si, yi, sr1_tol))
 
     return jax.lax.fori_loop(0, count, push, lsr1_memory_reset(memory))
+
+
+#: Arguments fixed when the transformation is built (``static_args`` of ``optax.inject_hyperparams``).
+STATIC = ("memory_size", "restart_memory", "radius_rule", "warm_start_curvature", "num_examples",
+          "max_line_search")
+
+_LSSR1 = dict(restart_memory=-1, restart_tolerance=0.0, xi=0.0, eta=0.0, momentum=0.0, zeta=0.0, gamma2=0.0,
+              radius_rule="classic", sgd_learning_rate=0.1, warm_start_curvature="hvp")
+
+
+@alias(Composition(scale_by_mb_lsr1, "step", 1.0, static=STATIC))
+def mb_lsr1():
+    r"""MB-LSR1 (MB-LSR1 paper Alg. 1–6): minibatch L-SR1 trust region with the averaged-ratio
+    radius rule, restarts / sampled warm starts, the hybrid momentum–SGD direction, an Armijo
+    line search and the progress-check batch-size controller.
+
+    This is :func:`qnopt.scale_by_mb_lsr1` itself, with its signature and defaults (the update
+    is the whole step ``s``: the curvature pair needs the step actually taken); see it for the
+    algorithm and every argument. ``update`` needs ``params`` and the minibatch's oracle
+    (``curvature=``); pass ``progress=`` (an oracle on a fresh sample of
+    ``state.batch.check_size`` examples) to let the controller raise the batch size, and read
+    the recommendation from ``state.batch.batch_size``.
+    """
+
+
+@alias(Composition(scale_by_mb_lsr1, "step", 1.0, defaults={"gamma1": 1e-3}, locked=_LSSR1, static=STATIC))
+def lssr1_tr():
+    r"""L-SSR1-TR (Erway, Griffin, Marcia & Omheni 2019), the baseline MB-LSR1 improves on.
+
+    MB-LSR1's framework with the settings that make it L-SSR1-TR (MB-LSR1 paper §3): no
+    restarts (``m̂ = −1``, ``ξ = 0``), ``γ₂ = η = ζ = 0``, no momentum (the step is the OBS
+    trust-region step), the classic radius rule (``ρ > 0.75`` doubles ``Δ`` unless
+    ``‖p‖ ≤ 0.8Δ``, ``ρ < 0.1`` halves it), ``γ`` from the generalised-eigenvalue rule, and
+    the periodic progress check every ``K = progress_every`` iterations on the evaluation batch
+    the user passes as ``progress=`` (L-SSR1-TR evaluates the whole training set: pass an
+    oracle on all of it), which doubles the batch size when the loss fell by less than ``γ₁``.
+    The other arguments are those of :func:`qnopt.scale_by_mb_lsr1`.
+    """

@@ -65,22 +65,23 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from qnopt.base import check_like, check_range, require_params
+from qnopt.base import check_range, check_update_args
+from qnopt.contract import Composition, alias
 from qnopt.damping import gradient_norm_lambda
 from qnopt.curvature import structured_refine
-from qnopt.linalg import (Lsr1Memory, accumulation_dtype, cg_solve, lowrank_structured_solve, lsr1_memory_init,
+from qnopt.linalg import (Lsr1Memory, accumulation_zeros, cg_solve, lowrank_structured_solve, lsr1_memory_init,
                           named_leaves, path_key, structured_solve, tree_all_finite, tree_axpy, tree_scale,
                           tree_stack_combine, tree_stack_dot, tree_vdot)
-from qnopt.methods._kron import find_layers, learning_rate_at
+from qnopt.methods._kron import find_layers
+from qnopt.methods._step import (GaussNewtonProducts, HessianProducts, PerExampleGradients, SecondPass, SubBatches,
+                                 commit, require_oracle, schedule_value)
 
 PyTree = Any
 
-__all__ = ["ScaleByS2qnState", "scale_by_s2qn"]
+__all__ = ["ScaleByS2qnState", "scale_by_s2qn", "s2qn", "s4qn"]
 
 _BASES = ("empirical_fisher", "hessian", "ggn")
-_NO_ORACLE = ("{method} needs the minibatch's curvature oracle: pass curvature=capture.oracle(params, batch, "
-              "key) (qnopt.capture) to opt.update(...); it gives the base matrix on the first N_H examples "
-              "and the gradient at the new point on the same samples.")
+_BASE_NEEDS = {"empirical_fisher": PerExampleGradients, "hessian": HessianProducts, "ggn": GaussNewtonProducts}
 
 
 class ScaleByS2qnState(NamedTuple):
@@ -230,8 +231,7 @@ def scale_by_s2qn(
         raise ValueError(f"blocks must be None, 'layer' or a callable path -> block name, got {blocks!r}.")
 
     def init_fn(params: PyTree) -> ScaleByS2qnState:
-        zeros = lambda: jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), accumulation_dtype(jnp.asarray(p).dtype)),
-                                     params)
+        zeros = lambda: accumulation_zeros(params)
         if blocks is None:
             memory = lsr1_memory_init(params, memory_size)
             dt = memory.ss.dtype
@@ -245,7 +245,7 @@ def scale_by_s2qn(
 
     def _lambda(state, dt):
         """λ_k of eq. 8 from ‖g_{k−1}‖ (``1/α`` at the first step)."""
-        a_k = jnp.asarray(learning_rate_at(alpha, state.count), dt)
+        a_k = jnp.asarray(schedule_value(alpha, state.count), dt)
         return gradient_norm_lambda(state.prev_grad_norm, a_k, r1, r2).astype(dt)
 
     def _refine_and_solve(memory, u, v_hat, g, h_mv, q, lam, ok, count, dt):
@@ -299,11 +299,8 @@ def scale_by_s2qn(
     def update_fn(updates: PyTree, state: ScaleByS2qnState, params: Optional[PyTree] = None,
                   curvature: Any = None, **extra_args):
         del extra_args
-        params = require_params(params, method)
-        check_like(updates, state.step, "the gradient", method)
-        check_like(params, state.step, "params", method)
-        if curvature is None or not hasattr(curvature, "capture") or not hasattr(curvature, "at"):
-            raise ValueError(_NO_ORACLE.format(method=method))
+        params = check_update_args(updates, params, state.step, method)
+        require_oracle(curvature, method, SecondPass, SubBatches, _BASE_NEEDS[base])
         dt = state.lam.dtype
         ok = tree_all_finite(updates)
         g = jax.tree.map(lambda u, r: jnp.where(ok, u.astype(r.dtype), 0), updates, state.step)
@@ -329,7 +326,7 @@ def scale_by_s2qn(
             lam = _lambda(state, dt)
             memory, gam, x = _refine_and_solve(state.memory, state.step, state.grad_change, g, h_mv, q,
                                                lam, ok, state.count, dt)
-        beta = jnp.asarray(learning_rate_at(learning_rate, state.count), dt)
+        beta = jnp.asarray(schedule_value(learning_rate, state.count), dt)
         step = tree_scale(-beta, x)
         ok = ok & tree_all_finite(step)
 
@@ -339,15 +336,35 @@ def scale_by_s2qn(
         v_hat = jax.tree.map(lambda a, b, r: a.astype(r.dtype) - b.astype(r.dtype),
                              curvature.at(new_params).grads, curvature.grads, state.step)
 
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b).astype(b.dtype), new, old)
-        new_state = ScaleByS2qnState(
-            # A non-finite direction also leaves the memory as it was (else the pending pair, kept in
-            # the state, would be pushed a second time at the next step).
-            count=keep(state.count + 1, state.count), memory=keep(memory, state.memory), step=keep(u, state.step),
-            grad_change=keep(v_hat, state.grad_change),
-            prev_grad_norm=keep(jnp.sqrt(tree_vdot(g, g)).astype(dt), state.prev_grad_norm),
-            lam=keep(lam, state.lam), gamma=keep(gam, state.gamma))
-        out = jax.tree.map(lambda s, u_: jnp.where(ok, s, 0).astype(jnp.asarray(u_).dtype), step, updates)
-        return out, new_state
+        # A non-finite direction also leaves the memory as it was (else the pending pair, kept in
+        # the state, would be pushed a second time at the next step).
+        new_state = ScaleByS2qnState(count=state.count + 1, memory=memory, step=u, grad_change=v_hat,
+                                     prev_grad_norm=jnp.sqrt(tree_vdot(g, g)), lam=lam, gamma=gam)
+        return commit(ok, step, updates, new_state, state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+#: Arguments fixed when the transformation is built (``static_args`` of ``optax.inject_hyperparams``).
+STATIC = ("base", "memory_size", "sub_batch_size", "refine", "damped", "cg_iters", "blocks")
+
+
+@alias(Composition(scale_by_s2qn, "step", 1.0, static=STATIC))
+def s2qn():
+    r"""S2QN (S2QN paper Alg. 1): ``θ ← θ − β (H + Λ + λI)⁻¹ g`` with a cheap base ``H`` (default the
+    subsampled empirical Fisher, inverted with the L-BFGS refinement ``Λ`` by eq. 14) and the
+    gradient-norm rule for ``λ`` (eq. 8).
+
+    This is :func:`qnopt.scale_by_s2qn` itself, with its signature and defaults (the update is
+    the whole step: the pair needs the step that is taken); see it for every argument. ``update``
+    needs ``params`` and the minibatch's oracle (``curvature=``).
+    """
+
+
+@alias(Composition(scale_by_s2qn, "step", 1.0, defaults={"base": "hessian"}, static=STATIC))
+def s4qn():
+    r"""S4QN (S2QN paper §6.1): S2QN whose base is the subsampled Hessian (``base="hessian"``,
+    ``oracle.hvp`` on the first ``sub_batch_size`` examples, ``(H + (γ+λ)I)⁻¹`` by conjugate
+    gradients inside eq. 13). ``refine=False`` is the subsampled-Newton (SSN) baseline with the
+    same ``λ`` rule. See :func:`qnopt.scale_by_s2qn`.
+    """

@@ -23,16 +23,19 @@ from typing import Any, Optional
 
 import optax
 
+from qnopt.base import renamed
+from qnopt.contract import Composition, alias
 from qnopt.linalg.roots import inverse_pth_root
 from qnopt.methods._modes import ModePreconditionerState, scale_by_mode_preconditioner
 
 PyTree = Any
 
-__all__ = ["ScaleByShampooState", "scale_by_shampoo"]
+__all__ = ["ScaleByShampooState", "scale_by_shampoo", "shampoo"]
 
 ScaleByShampooState = ModePreconditionerState
 
 
+@renamed(initial_statistics="initial_factors")
 def scale_by_shampoo(
     damping: float = 3e-4,
     *,
@@ -46,7 +49,7 @@ def scale_by_shampoo(
     weight_decay: float = 0.0,
     reshape: Any = "filter",
     max_dim: int = 4096,
-    initial_statistics: Optional[PyTree] = None,
+    initial_factors: Optional[PyTree] = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Shampoo's preconditioned direction ``p`` (Alg. 16 lines 1–15; the module docstring).
 
@@ -60,8 +63,8 @@ def scale_by_shampoo(
       root: ``"newton"`` (coupled Newton) or ``"eigh"``.
       max_iters, tol: the coupled Newton iteration's cap and tolerance (100, 1e-6).
       weight_decay: ``γ`` (added after preconditioning, line 15).
-      reshape, max_dim, initial_statistics: as :func:`qnopt.scale_by_tnt` (warm start with
-        ``estimate_mode_statistics(..., estimator="empirical")``).
+      reshape, max_dim, initial_factors: as :func:`qnopt.scale_by_tnt` (warm start with
+        ``estimate_mode_statistics(..., fisher="empirical")``; formerly ``initial_statistics``).
     """
     if root not in ("newton", "eigh"):
         raise ValueError(f"root must be 'newton' or 'eigh', got {root!r}.")
@@ -72,7 +75,35 @@ def scale_by_shampoo(
                      for s in stats)
 
     return scale_by_mode_preconditioner(
-        method="qnopt.shampoo", refresh=refresh, estimator="empirical", damping=damping,
+        method="qnopt.shampoo", refresh=refresh, fisher="empirical", damping=damping,
         momentum=momentum, beta=beta, stats_every=stats_every, inverse_every=inverse_every,
         weight_decay=weight_decay, reshape=reshape, max_dim=max_dim,
-        initial_statistics=initial_statistics)
+        initial_factors=initial_factors)
+
+
+#: Arguments fixed when the transformation is built (``static_args`` of ``optax.inject_hyperparams``).
+STATIC = ("stats_every", "inverse_every", "root", "max_iters", "tol", "reshape", "max_dim", "initial_factors")
+
+
+@alias(Composition(scale_by_shampoo, "direction", static=STATIC))
+def shampoo():
+    r"""Shampoo as in the Ren thesis (Alg. 16): ``W ← W − α (ĝ ×_1 P_1 ⋯ ×_k P_k + γW)`` with
+    ``P_i = (Ĝ^{(i)} + εI)^{−1/2k}`` from EMA statistics of the gradient, by coupled Newton.
+
+    ``chain(scale_by_shampoo(...), scale_by_learning_rate(learning_rate))``; see
+    :func:`qnopt.scale_by_shampoo`. Gradient-only (no oracle). The thesis's autoencoder setting
+    is ``lr 3e-4``, ``damping 3e-4``, ``T1 = 1``, ``T2 = 20``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, qnopt
+      >>> A = jnp.diag(jnp.array([1.0, 10.0, 100.0]))
+      >>> loss = lambda p: 0.5 * p["w"] @ A @ p["w"]
+      >>> params = {"w": jnp.ones(3)}
+      >>> opt = qnopt.shampoo(0.1, damping=1e-3, inverse_every=1)
+      >>> state = opt.init(params)
+      >>> for _ in range(50):
+      ...     updates, state = opt.update(jax.grad(loss)(params), state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> bool(loss(params) < 0.1 * loss({"w": jnp.ones(3)}))
+      True
+    """

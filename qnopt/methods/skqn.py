@@ -51,19 +51,21 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from qnopt.base import check_range
-from qnopt.curvature import (debiased_decay, ema_update, kron_refinement_pair, layer_A, layer_G,
-                             preactivation_blocks, structured_refine)
+from qnopt.base import check_range, renamed
+from qnopt.contract import Composition, alias
+from qnopt.curvature import (ema_update, kron_refinement_pair, layer_A, layer_G, preactivation_blocks,
+                             statistics_decay, structured_refine)
 from qnopt.damping import gradient_norm_lambda
 from qnopt.linalg import (accumulation_dtype, block_bfgs_update, gaussian_sketch, lsr1_memory_init,
                           named_leaves, structured_solve, tree_all_finite, tree_vdot)
 from qnopt.linalg.block_bfgs import P_CHOICES
 from qnopt.methods import _kron as K
+from qnopt.methods._step import SecondPass, commit, schedule_value
 from qnopt.preconditioners import factor_eigh, kron_eigen_rotate, kron_eigen_solve
 
 PyTree = Any
 
-__all__ = ["SkqnLayerState", "ScaleBySkqnState", "scale_by_skqn"]
+__all__ = ["SkqnLayerState", "ScaleBySkqnState", "scale_by_skqn", "skqn", "skqn_l", "skqn_b1", "skqn_b2"]
 
 REFINEMENTS = ("lbfgs", "b1", "b2")
 
@@ -119,6 +121,7 @@ def _sketch(key: jax.Array, X: jax.Array, s: Optional[int]) -> Optional[jax.Arra
     return None if s is None or q <= s else gaussian_sketch(key, s, q, X.dtype)
 
 
+@renamed(p="block_form")
 def scale_by_skqn(
     learning_rate: optax.ScalarOrSchedule = 1.0,
     *,
@@ -134,7 +137,7 @@ def scale_by_skqn(
     damped: bool = False,
     powell_mu: float = 0.25,
     gamma: Optional[float] = None,
-    p: str = "sym",
+    block_form: str = "sym",
     delta: float = 0.2,
     sketch_size: Optional[int] = 32,
     refinement_init: float = 0.1,
@@ -158,8 +161,9 @@ def scale_by_skqn(
         ``T2`` steps (static).
       memory_size, eps, damped, powell_mu, gamma: SKQN-L's L-BFGS refinement (as in
         :func:`qnopt.scale_by_s2qn`).
-      p, delta: SKQN-B's block update: ``P`` of eq. 21 (``"sym"``, ``"trace"``, ``"diag"``,
-        ``"bfgs"``) and the damping safeguard (:func:`qnopt.linalg.block_bfgs_update`).
+      block_form, delta: SKQN-B's block update: ``P`` of eq. 21 (``"sym"``, ``"trace"``,
+        ``"diag"``, ``"bfgs"``; formerly ``p``) and the damping safeguard
+        (:func:`qnopt.linalg.block_bfgs_update`).
       sketch_size: columns of the Gaussian sketch of eq. 22 (static; ``None`` only for SKQN-B1).
       refinement_init: ``c`` of ``Λ̃⁰ = c·(tr G̃/d_out)·I``.
       initial_factors: warm-start factors ``{layer key: KronFactors(A, G)}``
@@ -187,8 +191,8 @@ def scale_by_skqn(
     method = "qnopt.skqn"
     if refinement not in REFINEMENTS:
         raise ValueError(f"refinement must be one of {REFINEMENTS}, got {refinement!r}.")
-    if p not in P_CHOICES:
-        raise ValueError(f"p must be one of {P_CHOICES}, got {p!r}.")
+    if block_form not in P_CHOICES:
+        raise ValueError(f"block_form must be one of {P_CHOICES}, got {block_form!r}.")
     if sketch_size is None and refinement == "b2":
         raise ValueError("SKQN-B2 needs sketch_size (an int): its N·|T| secant columns per layer are "
                          "sketched to sketch_size columns (eq. 22) before they are stored.")
@@ -207,12 +211,7 @@ def scale_by_skqn(
     lbfgs = refinement == "lbfgs"
 
     def init_layer(key: str, sp: K.LayerSpec, dt) -> SkqnLayerState:
-        f = None if initial_factors is None else initial_factors.get(key)
-        A = jnp.zeros((sp.da, sp.da), dt) if f is None else jnp.asarray(f.A, dt)
-        G = jnp.zeros((sp.d_out, sp.d_out), dt) if f is None or f.G is None else jnp.asarray(f.G, dt)
-        if A.shape != (sp.da, sp.da) or G.shape != (sp.d_out, sp.d_out):
-            raise ValueError(f"{method}: initial_factors[{key!r}] has shapes {A.shape}, {G.shape}; "
-                             f"expected {(sp.da, sp.da)}, {(sp.d_out, sp.d_out)}.")
+        A, G = K.initial_factors_of(initial_factors, sp, dt, method)
         mat = jnp.zeros((sp.d_out, sp.da), dt)
         ref = lsr1_memory_init(mat, memory_size) if lbfgs else jnp.zeros((sp.d_out, sp.d_out), dt)
         pend = jnp.zeros((sp.d_out, sketch_size), dt) if refinement == "b2" else mat
@@ -231,7 +230,7 @@ def scale_by_skqn(
 
     def statistics(ls: dict, stats: dict, stats_count) -> dict:
         """Line 2: EMA of ``Â`` and ``G̃`` (empirical: the gradient pass's own statistics)."""
-        decay = beta if warm else debiased_decay(stats_count + 1, beta)
+        decay = statistics_decay(stats_count + 1, beta, warm=warm)
         return {key: st._replace(A=ema_update(st.A, layer_A(stats[key]).astype(st.A.dtype), decay),
                                  G=ema_update(st.G, layer_G(stats[key]).astype(st.G.dtype), decay))
                 for key, st in ls.items()}
@@ -241,7 +240,7 @@ def scale_by_skqn(
         d = st.G.shape[0]
         scale = refinement_init * jnp.maximum(jnp.trace(st.G) / d, jnp.finfo(st.G.dtype).eps)
         lam0 = jnp.where(jnp.trace(st.refinement) > 0, st.refinement, scale * jnp.eye(d, dtype=st.G.dtype))
-        new, tau = block_bfgs_update(lam0, U, V, p=p, damping=True, delta=delta, xi=xi)
+        new, tau = block_bfgs_update(lam0, U, V, p=block_form, damping=True, delta=delta, xi=xi)
         accept = valid & jnp.all(jnp.isfinite(new)) & (jnp.sum(U * U) > 0)
         return st._replace(refinement=jnp.where(accept, new, st.refinement), scale=jnp.where(accept, tau, st.scale))
 
@@ -263,7 +262,8 @@ def scale_by_skqn(
                   curvature: Any = None, **extra_args):
         del extra_args
         ctx = K.begin_update(updates, state, params, curvature, method=method, layers=layers,
-                             learning_rate=learning_rate, weight_decay=weight_decay, shape_of=_shape)
+                             learning_rate=learning_rate, weight_decay=weight_decay, needs=(SecondPass,),
+                             shape_of=_shape)
         params, specs, stats, ok, k, beta_k, _ = ctx
         valid = ok & (state.count > 0)
         key, sub = jax.random.split(state.key)
@@ -273,7 +273,7 @@ def scale_by_skqn(
         stats_step = ok & (k % stats_every == 0)
         ls = jax.lax.cond(stats_step, lambda ls: statistics(ls, stats, state.stats_count), lambda ls: ls,
                           state.layers)
-        lam = gradient_norm_lambda(state.prev_grad_norm, K.learning_rate_at(alpha, state.count), r1, r2)
+        lam = gradient_norm_lambda(state.prev_grad_norm, schedule_value(alpha, state.count), r1, r2)
         grads = K.layer_grads(ctx.grads, specs)
         directions, new_ls = {}, {}
         for key_l, X in grads.items():   # lines 3–4, per layer
@@ -299,8 +299,8 @@ def scale_by_skqn(
                 x = kron_eigen_solve(st.eig_A, st.eig_G, X, lam_l)
             directions[key_l] = -beta_k.astype(X.dtype) * x
             new_ls[key_l] = st
-        ctx = ctx._replace(ok=ok & tree_all_finite(directions))
-        step, fb_state = K.finish_step(ctx, directions, fb, state.fallback)
+        ok = ok & tree_all_finite(directions)
+        step, fb_state = K.descent_step(ctx, directions, fb, state.fallback)
 
         # Line 5: the pending pair, on the same samples at θ_k+1.
         new_params = optax.apply_updates(params, step)
@@ -323,17 +323,42 @@ def scale_by_skqn(
                 u = U[key_l].astype(st.step.dtype)
                 new_ls[key_l] = st._replace(step=u, change=V[key_l].astype(st.step.dtype) + weight_decay * u)
 
-        good = ctx.ok
-        keep = lambda new, old: optax.tree.where(good, new, old)
-        gnorm = jnp.sqrt(tree_vdot(ctx.grads, ctx.grads)).astype(state.prev_grad_norm.dtype)
-        new_state = ScaleBySkqnState(
-            count=jnp.where(good, k, state.count).astype(jnp.int32),
-            stats_count=state.stats_count + (stats_step & good).astype(jnp.int32),
-            key=keep(key, state.key), prev_grad_norm=keep(gnorm, state.prev_grad_norm),
-            lam=keep(lam.astype(state.lam.dtype), state.lam),
-            layers={kk: keep(new_ls[kk], state.layers[kk]) for kk in specs}, fallback=fb_state)
-        out = jax.tree.map(lambda s, u: s.astype(u.dtype), step, updates)
-        return out, new_state
+        gnorm = jnp.sqrt(tree_vdot(ctx.grads, ctx.grads))
+        new_state = ScaleBySkqnState(count=k, stats_count=state.stats_count + stats_step.astype(jnp.int32),
+                                     key=key, prev_grad_norm=gnorm, lam=lam, layers=new_ls, fallback=fb_state)
+        return commit(ok, step, updates, new_state, state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
+
+#: Arguments fixed when the transformation is built (``static_args`` of ``optax.inject_hyperparams``).
+STATIC = ("refinement", "stats_every", "inverse_every", "memory_size", "damped", "block_form", "sketch_size",
+          "initial_factors", "layers", "fallback")
+
+
+@alias(Composition(scale_by_skqn, "step", 1.0, static=STATIC))
+def skqn():
+    r"""SKQN (S2QN paper §4): empirical K-FAC base ``Â ⊗ G̃`` per layer plus a quasi-Newton
+    refinement, ``θ ← θ − β (B + λI)⁻¹ g`` with ``λ`` by eq. 8. This is
+    :func:`qnopt.scale_by_skqn` itself (default ``refinement="b2"``); see it for every argument.
+    ``update`` needs ``params`` and the minibatch's oracle (``curvature=``).
+    """
+
+
+@alias(Composition(scale_by_skqn, "step", 1.0, defaults={"refinement": "lbfgs"}, static=STATIC))
+def skqn_l():
+    r"""SKQN-L (S2QN §6, eq. 12 on the empirical K-FAC base): per layer ``B = Â ⊗ G̃ + Λ`` with ``Λ``
+    the compact L-BFGS matrix of the pairs ``(u, v̂ − (Â ⊗ G̃)u)``, inverted by eq. 13 with the exact
+    ``(Â ⊗ G̃ + (γ+λ)I)⁻¹``. See :func:`qnopt.scale_by_skqn`."""
+
+
+@alias(Composition(scale_by_skqn, "step", 1.0, defaults={"refinement": "b1"}, static=STATIC))
+def skqn_b1():
+    r"""SKQN-B1 (S2QN eq. 19): ``B = Â ⊗ (G̃ + Λ̃)`` with ``Λ̃`` from the sketchy block BFGS update on
+    the parameter secant ``(G̃ + Λ̃)ÛÂ = V̂``. See :func:`qnopt.scale_by_skqn`."""
+
+
+@alias(Composition(scale_by_skqn, "step", 1.0, defaults={"refinement": "b2"}, static=STATIC))
+def skqn_b2():
+    r"""SKQN-B2 (S2QN eq. 20): ``B = Â ⊗ (G̃ + Λ̃)`` with ``Λ̃`` from the sketchy block BFGS update on
+    the pre-activation secants ``(G̃ + Λ̃)Ũ = Ṽ``. See :func:`qnopt.scale_by_skqn`."""

@@ -23,11 +23,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from qnopt.base import check_like, check_range, require_params
+from qnopt.base import check_range, check_update_args, deprecated_module_names, renamed
+from qnopt.contract import Composition, alias
 from qnopt.damping import slimqn_damp
+from qnopt.methods._step import commit
 from qnopt.linalg import (
     LbfgsMemory,
     accumulation_dtype,
+    accumulation_zeros,
     lbfgs_compact,
     lbfgs_memory_init,
     lbfgs_memory_push,
@@ -38,12 +41,12 @@ from qnopt.linalg import (
 
 PyTree = Any
 
-__all__ = ["ScaleBySlimQNState", "scale_by_slimqn"]
+__all__ = ["ScaleBySlimqnState", "scale_by_slimqn", "slimqn"]
 
 _PRECONDITIONERS = ("compact", "two_loop")
 
 
-class ScaleBySlimQNState(NamedTuple):
+class ScaleBySlimqnState(NamedTuple):
     """State of :func:`scale_by_slimqn`.
 
     Attributes:
@@ -67,13 +70,14 @@ class ScaleBySlimQNState(NamedTuple):
     tau: jax.Array
 
 
+@renamed(damping="pair_damping")
 def scale_by_slimqn(
     momentum: float = 0.9,
     beta1: float = 0.9,
     beta2: float = 0.9,
     update_every: int = 30,
     memory_size: int = 10,
-    damping: float = 0.05,
+    pair_damping: float = 0.05,
     sigma_l: float = 0.01,
     sigma_h: float = 1.0,
     weight_decay: float = 0.0,
@@ -94,7 +98,9 @@ def scale_by_slimqn(
       update_every: ``L``, a curvature pair every ``L`` steps.
       memory_size: ``M``, pairs kept (static: pass it in ``static_args`` of
         ``optax.inject_hyperparams``).
-      damping: ``1 − τ0`` of eq. 4 (the paper's "damping" column).
+      pair_damping: ``1 − τ0`` of eq. 4 (the paper's "damping" column): the weight of ``s``
+        in the damped pair ``ỹ = τ y + (1 − τ) s``. Not a ``λI`` added to a curvature matrix,
+        hence not ``damping`` (docs/glossary.md); formerly ``damping``.
       sigma_l, sigma_h: eigenvalue bounds ``σ_L ≤ 1 ≤ σ_H`` of eq. 4 / Lemma 1.
       weight_decay: ``wd`` added to the gradient before everything (Alg. 2 line 4), so it
         is preconditioned too, as the paper recommends.
@@ -126,22 +132,22 @@ def scale_by_slimqn(
     check_range("beta1", beta1, 0.0, 1.0, high_open=True)
     check_range("beta2", beta2, 0.0, 1.0, high_open=True)
     check_range("update_every", update_every, 1)
-    check_range("damping", damping, 0.0, 1.0, high_open=True)
+    check_range("pair_damping", pair_damping, 0.0, 1.0, high_open=True)
     check_range("sigma_l", sigma_l, 0.0, 1.0, low_open=True)
     check_range("sigma_h", sigma_h, 1.0)
     check_range("weight_decay", weight_decay, 0.0)
-    tau0 = 1.0 - damping
+    tau0 = 1.0 - pair_damping
 
-    def init_fn(params: PyTree) -> ScaleBySlimQNState:
+    def init_fn(params: PyTree) -> ScaleBySlimqnState:
         # Fresh buffers for every leaf (never the params' own buffers, never one buffer twice),
         # so the state can be donated to a jitted step together with the params.
         def acc():
             return jax.tree.map(lambda p: jnp.array(p, dtype=accumulation_dtype(jnp.asarray(p).dtype), copy=True), params)
 
         def zeros():
-            return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), accumulation_dtype(jnp.asarray(p).dtype)), params)
+            return accumulation_zeros(params)
 
-        return ScaleBySlimQNState(
+        return ScaleBySlimqnState(
             count=jnp.zeros((), jnp.int32),
             mtheta=acc(),  # Mθ_0 = θ_0
             mgrad=zeros(),
@@ -152,26 +158,18 @@ def scale_by_slimqn(
             tau=jnp.asarray(tau0, jnp.float32),
         )
 
-    def update_fn(updates: PyTree, state: ScaleBySlimQNState, params: Optional[PyTree] = None, **extra_args):
+    def update_fn(updates: PyTree, state: ScaleBySlimqnState, params: Optional[PyTree] = None, **extra_args):
         del extra_args
-        params = require_params(params, "scale_by_slimqn")
-        check_like(updates, state.mtheta, "the gradient", "scale_by_slimqn")
-        check_like(params, state.mtheta, "params", "scale_by_slimqn")
+        params = check_update_args(updates, params, state.mtheta, "qnopt.slimqn")
         L = update_every
         t = state.count + 1
         ok = tree_all_finite(updates)
         cast = lambda tree: jax.tree.map(lambda x, r: x.astype(r.dtype), tree, state.mtheta)
         theta = cast(params)
         g = jax.tree.map(lambda gi, th: gi + weight_decay * th, cast(updates), theta)  # line 4
-        # Each per-step state update is guarded where it is computed (one fused pass per
-        # leaf): a non-finite step leaves it as it was.
-        mtheta = jax.tree.map(  # line 5
-            lambda m, th: jnp.where(ok, beta1 * m + (1 - beta1) * th, m), state.mtheta, theta
-        )
+        mtheta = jax.tree.map(lambda m, th: beta1 * m + (1 - beta1) * th, state.mtheta, theta)  # line 5
         mgrad = jax.tree.map(  # line 6, Mg_0 = g_first
-            lambda m, gi: jnp.where(ok, jnp.where(state.count == 0, gi, beta2 * m + (1 - beta2) * gi), m),
-            state.mgrad, g,
-        )
+            lambda m, gi: jnp.where(state.count == 0, gi, beta2 * m + (1 - beta2) * gi), state.mgrad, g)
 
         # Lines 12-17 (their inputs): every L steps (t > L), a damped pair from the momenta,
         # only on finite steps; formed in a cond whose outputs are parameter-sized.
@@ -198,9 +196,10 @@ def scale_by_slimqn(
         use_qn = (t > n_warm) & (state.memory.num_pushed > 0)
         hg = (lbfgs_compact if preconditioner == "compact" else lbfgs_two_loop)(state.memory, g)
         delta = optax.tree.where(use_qn, hg, g)
-        buf = jax.tree.map(lambda bu, d: jnp.where(ok, momentum * bu + d, bu), state.momentum, delta)
+        buf = jax.tree.map(lambda bu, d: momentum * bu + d, state.momentum, delta)
 
-        # Lines 13-17: push the damped pair (one slot written in place).
+        # Lines 13-17: push the damped pair (one slot written in place), only on finite steps
+        # (``pair_step`` implies ``ok``): the memory is left out of commit's select below.
         # The push is conditioned on the step's read of the memory (H·g) being finite.
         # Besides never storing a pair from a broken step, this makes the in-place write
         # data-dependent on every read, so XLA orders them without copying the memory (an
@@ -208,13 +207,55 @@ def scale_by_slimqn(
         accept = keep & tree_all_finite(hg)
         memory = lbfgs_memory_push(state.memory, s, y_hat, accept)
         tau = jnp.where(accept, tau_k, state.tau)
-        snapshot = (t % L == 0) & ok  # Mθ_{t-L}, Mg_{t-L} for the next pair
+        snapshot = t % L == 0  # Mθ_{t-L}, Mg_{t-L} for the next pair
         mtheta_prev = optax.tree.where(snapshot, mtheta, state.mtheta_prev)
         mgrad_prev = optax.tree.where(snapshot, mgrad, state.mgrad_prev)
 
-        count = jnp.where(ok, t, state.count).astype(jnp.int32)
-        out = jax.tree.map(lambda b, u: jnp.where(ok, b, 0).astype(jnp.asarray(u).dtype), buf, updates)
-        new_state = ScaleBySlimQNState(count, mtheta, mgrad, mtheta_prev, mgrad_prev, memory, buf, tau)
-        return out, new_state
+        new_state = ScaleBySlimqnState(t, mtheta, mgrad, mtheta_prev, mgrad_prev, memory, buf, tau)
+        return commit(ok, buf, updates, new_state, state, guarded=("memory",))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+#: Arguments fixed when the transformation is built (``static_args`` of ``optax.inject_hyperparams``).
+STATIC = ("memory_size", "preconditioner")
+
+
+@alias(Composition(scale_by_slimqn, "direction", deprecated={"max_step_norm": optax.clip_by_global_norm},
+                     static=STATIC))
+def slimqn():
+    r"""SLIM-QN (stochastic, light, momentumized quasi-Newton).
+
+    ``θ_{t+1} = θ_t − η_t · buf_t`` with ``buf_t = m·buf_{t−1} + Ĥ⁻¹ g_t`` — see
+    :func:`qnopt.scale_by_slimqn` for the algorithm (SLIM-QN paper §3, Alg. 2) and every
+    argument. To clip the preconditioned, momentum-averaged direction before the learning
+    rate (a safeguard for the first steps after the warm-up), chain
+    ``optax.chain(qnopt.scale_by_slimqn(...), optax.clip_by_global_norm(c),
+    optax.scale_by_learning_rate(η))`` (so the parameter step is at most ``η·c``); the alias's
+    ``max_step_norm=c`` still does that for one release, with a ``DeprecationWarning``.
+
+    Args:
+      learning_rate: a scalar or an optax schedule (the paper decays it stepwise and warms
+        it up linearly; use ``optax.warmup_cosine_decay_schedule`` or similar).
+
+    Clip *after* SLIM-QN (on the step, like ``max_step_norm``), not before it: the pairs
+    ``(s, y)`` are built from the gradients SLIM-QN receives, and a gradient clipped by its
+    global norm no longer changes with the parameters as the curvature says (clipping first
+    makes this example diverge after about 30 steps).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, qnopt
+      >>> opt = optax.chain(qnopt.slimqn(0.1, update_every=5, memory_size=5),
+      ...                   optax.clip_by_global_norm(1.0))
+      >>> params = {"w": jnp.ones((3,))}
+      >>> state = opt.init(params)
+      >>> loss = lambda p: jnp.sum(p["w"] ** 2)
+      >>> for _ in range(60):
+      ...     updates, state = opt.update(jax.grad(loss)(params), state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> bool(loss(params) < 1e-2)
+      True
+    """
+
+
+__getattr__ = deprecated_module_names("qnopt.methods.slimqn", {"ScaleBySlimQNState": ("ScaleBySlimqnState", ScaleBySlimqnState)})

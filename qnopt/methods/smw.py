@@ -37,7 +37,7 @@ Choices where the thesis leaves room:
   The trial loss costs one forward pass on S₁ per step.
 * Parameters outside the captured layers are not in ``J`` (``B`` is zero there), so ``G⁻¹``
   acts on them as ``1/λ``.
-* Line 7 is taken whatever ρ (as Alg. 23 states); ``eta`` gives Theorem 6's variant that moves θ
+* Line 7 is taken whatever ρ (as Alg. 23 states); ``min_ratio`` (η) gives Theorem 6's variant that moves θ
   only when ``ρ ≥ η`` (λ is updated either way). A non-finite ρ (e.g. an overflowing trial loss)
   counts as a bad step: ``λ_LM`` is boosted. A non-finite gradient or direction returns a zero
   update and leaves the state (``λ_LM`` included) unchanged.
@@ -53,7 +53,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from qnopt.base import check_range, require_params
+from qnopt.base import check_range, check_update_args, renamed
+from qnopt.contract import Composition, alias
 from qnopt.curvature.layers import layer_key
 from qnopt.curvature.products import (layer_gram, layer_jacobian_gram, layer_jvp, layer_vjp,
                                       output_hessian_blocks)
@@ -61,10 +62,11 @@ from qnopt.damping.lm import levenberg_marquardt, lm_model_decrease, lm_rho, lm_
 from qnopt.linalg.smw import smw_gram_weights
 from qnopt.linalg.tree import accumulation_dtype, tree_all_finite, tree_vdot
 from qnopt.methods import _kron as K
+from qnopt.methods._step import LayerStatistics, ModelOutputs, SubBatches, TrialValues, commit, require_oracle
 
 PyTree = Any
 
-__all__ = ["ScaleBySmwState", "scale_by_smw_gn", "scale_by_smw_ng", "scale_by_smw_ng_bd"]
+__all__ = ["ScaleBySmwState", "scale_by_smw_gn", "scale_by_smw_ng", "scale_by_smw_ng_bd", "smw_ng", "smw_ng_bd", "smw_gn"]
 
 #: Losses whose output Hessian is known to be invertible (eq. 5.6) or singular (eq. 5.7 only).
 _INVERTIBLE_H = {"mse": True, "softmax_cross_entropy": False}
@@ -132,8 +134,11 @@ def _block_diag(blocks: jax.Array) -> jax.Array:
     return jnp.einsum("ij,iab->iajb", jnp.eye(n, dtype=blocks.dtype), blocks).reshape(n * m, n * m)
 
 
-def _smw(kind: str, sub_batch_size: Optional[int], damping: float, tau: float, boost: float,
-         drop: float, eps: float, eta: Optional[float], jitter: float, fisher: str, gn_form: str,
+_RENAMED = renamed(damping="initial_damping", eps="lm_threshold", eta="min_ratio")
+
+
+def _smw(kind: str, sub_batch_size: Optional[int], initial_damping: float, tau: float, boost: float,
+         drop: float, lm_threshold: float, min_ratio: Optional[float], jitter: float, fisher: str, gn_form: str,
          max_rows: int, layers: Any) -> optax.GradientTransformationExtraArgs:
     """Alg. 23 for ``kind`` in ``"ng"``, ``"ng_bd"``, ``"gn"`` (see the module docstring)."""
     method = {"ng": "qnopt.smw_ng", "ng_bd": "qnopt.smw_ng_bd", "gn": "qnopt.smw_gn"}[kind]
@@ -144,17 +149,17 @@ def _smw(kind: str, sub_batch_size: Optional[int], damping: float, tau: float, b
                          f"(eq. 5.7), got {gn_form!r}.")
     if sub_batch_size is not None:
         check_range("sub_batch_size", sub_batch_size, 1)
-    check_range("damping", damping, 0.0)
+    check_range("initial_damping", initial_damping, 0.0)
     check_range("tau", tau, 0.0, low_open=True)
     check_range("boost", boost, 1.0, low_open=True)
     check_range("drop", drop, 0.0, 1.0, low_open=True, high_open=True)
-    check_range("eps", eps, 0.0, 0.5, low_open=True, high_open=True)
-    if eta is not None:
-        check_range("eta", eta, 0.0, low_open=True)
+    check_range("lm_threshold", lm_threshold, 0.0, 0.5, low_open=True, high_open=True)
+    if min_ratio is not None:
+        check_range("min_ratio", min_ratio, 0.0, low_open=True)
 
     def init_fn(params: PyTree) -> ScaleBySmwState:
         K.find_layers(params, layers)  # fail early on a model without layers
-        return ScaleBySmwState(jnp.zeros((), jnp.int32), jnp.asarray(damping, jnp.float32))
+        return ScaleBySmwState(jnp.zeros((), jnp.int32), jnp.asarray(initial_damping, jnp.float32))
 
     def resolve_form(loss: Any) -> str:
         known = _INVERTIBLE_H.get(loss.name)
@@ -169,9 +174,10 @@ def _smw(kind: str, sub_batch_size: Optional[int], damping: float, tau: float, b
     def update_fn(updates: PyTree, state: ScaleBySmwState, params: Optional[PyTree] = None,
                   curvature: Any = None, **extra_args):
         del extra_args
-        params = require_params(params, method)
-        K.check_grads(updates, params, method)
+        params = check_update_args(updates, params, None, method)
         specs = K.find_layers(params, layers)
+        require_oracle(curvature, method, LayerStatistics, TrialValues, SubBatches,
+                       *((ModelOutputs,) if kind == "gn" else ()))
         stats = K.check_oracle(curvature, specs, method)
         n2 = _sub_batch_size(next(iter(stats.values())).a.shape[0], sub_batch_size)
         if kind == "gn":
@@ -216,13 +222,13 @@ def _smw(kind: str, sub_batch_size: Optional[int], damping: float, tau: float, b
         trial = jax.tree.map(lambda p, d: (p - d.astype(p.dtype)).astype(p.dtype), params, u)
         rho = lm_rho(curvature.loss, curvature.value(trial), model_decrease)
         ok = tree_all_finite(updates) & tree_all_finite(u)
-        lambda_lm = levenberg_marquardt(state.lambda_lm, rho, boost=boost, drop=drop, eps=eps)
+        lambda_lm = levenberg_marquardt(state.lambda_lm, rho, boost=boost, drop=drop, eps=lm_threshold)
 
         # Line 7 (the alias scales by −α); Theorem 6's variant takes the step only if ρ ≥ η.
-        take = ok if eta is None else ok & (rho >= eta)
-        out = jax.tree.map(lambda d, x: jnp.where(take, d, 0).astype(x.dtype), u, updates)
-        return out, ScaleBySmwState(jnp.where(ok, state.count + 1, state.count).astype(jnp.int32),
-                                    jnp.where(ok, lambda_lm, state.lambda_lm).astype(jnp.float32))
+        out, new_state = commit(ok, u, updates, ScaleBySmwState(state.count + 1, lambda_lm), state)
+        if min_ratio is not None:
+            out = jax.tree.map(lambda d: jnp.where(rho >= min_ratio, d, jnp.zeros((), d.dtype)), out)
+        return out, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -231,12 +237,14 @@ _ARGS_DOC = r"""
     Args:
       sub_batch_size: ``N₂``, the first examples of the oracle's minibatch that form ``S₂``
         (static; ``None``: ``min(32, N₁ // 2)``).
-      damping: initial ``λ_LM`` (thesis §5.8: 1).
+      initial_damping: initial ``λ_LM`` (thesis §5.8: 1), adapted every step by the
+        Levenberg–Marquardt rule (formerly ``damping``).
       tau: ``τ`` in ``λ = λ_LM + τ`` (1e-3).
       boost, drop: LM factors (1.01, 0.99).
-      eps: LM threshold ``ε ∈ (0, ½)`` (1/4).
-      eta: ``None`` (Alg. 23: always step) or ``η ∈ (0, ε)``: step only when ``ρ ≥ η``
-        (the variant of Theorem 6).
+      lm_threshold: the LM rule's ``ε ∈ (0, ½)`` (1/4): ``λ_LM`` grows when ``ρ < ε``,
+        shrinks when ``ρ > 1 − ε`` (formerly ``eps``).
+      min_ratio: ``None`` (Alg. 23: always step) or Theorem 6's ``η ∈ (0, ε)``: step only
+        when ``ρ ≥ η`` (formerly ``eta``).
       jitter: relative diagonal shift of the Cholesky guard on ``D``.
       layers: which parameters form layers (see :func:`qnopt.scale_by_kbfgs`)."""
 
@@ -247,10 +255,11 @@ def _with_args(f):
     return f
 
 
+@_RENAMED
 @_with_args
-def scale_by_smw_ng(sub_batch_size: Optional[int] = None, *, damping: float = 1.0, tau: float = 1e-3,
-                    boost: float = 1.01, drop: float = 0.99, eps: float = 0.25,
-                    eta: Optional[float] = None, fisher: str = "empirical", jitter: float = 1e-6,
+def scale_by_smw_ng(sub_batch_size: Optional[int] = None, *, initial_damping: float = 1.0, tau: float = 1e-3,
+                    boost: float = 1.01, drop: float = 0.99, lm_threshold: float = 0.25,
+                    min_ratio: Optional[float] = None, fisher: str = "empirical", jitter: float = 1e-6,
                     layers: Any = None) -> optax.GradientTransformationExtraArgs:
     r"""SMW-NG (thesis Alg. 23 with eq. 5.3, 5.6): ``u = (F + λI)⁻¹ g`` with ``F`` the Fisher of
     the sub-batch, inverted exactly through the ``N₂ × N₂`` matrix ``D = λI + JJᵀ/N₂``.
@@ -260,26 +269,28 @@ def scale_by_smw_ng(sub_batch_size: Optional[int] = None, *, damping: float = 1.
     ``fisher``: ``"empirical"`` (the batch's labels, eq. 5.3) or ``"sampled"`` (labels drawn
     from the model; needs the oracle's PRNG key and an NLL loss).
     """
-    return _smw("ng", sub_batch_size, damping, tau, boost, drop, eps, eta, jitter, fisher, "auto", 0,
+    return _smw("ng", sub_batch_size, initial_damping, tau, boost, drop, lm_threshold, min_ratio, jitter, fisher, "auto", 0,
                 layers)
 
 
+@_RENAMED
 @_with_args
-def scale_by_smw_ng_bd(sub_batch_size: Optional[int] = None, *, damping: float = 1.0,
-                       tau: float = 1e-3, boost: float = 1.01, drop: float = 0.99, eps: float = 0.25,
-                       eta: Optional[float] = None, fisher: str = "empirical", jitter: float = 1e-6,
+def scale_by_smw_ng_bd(sub_batch_size: Optional[int] = None, *, initial_damping: float = 1.0,
+                       tau: float = 1e-3, boost: float = 1.01, drop: float = 0.99, lm_threshold: float = 0.25,
+                       min_ratio: Optional[float] = None, fisher: str = "empirical", jitter: float = 1e-6,
                        layers: Any = None) -> optax.GradientTransformationExtraArgs:
     r"""SMW-NG-BD (thesis §5.8): SMW-NG with ``F`` block-diagonal over layers, one ``N₂ × N₂``
     SMW inverse ``D_l = λI + J_l J_lᵀ/N₂`` per layer (as K-FAC's block-diagonal approximation).
     """
-    return _smw("ng_bd", sub_batch_size, damping, tau, boost, drop, eps, eta, jitter, fisher, "auto",
+    return _smw("ng_bd", sub_batch_size, initial_damping, tau, boost, drop, lm_threshold, min_ratio, jitter, fisher, "auto",
                 0, layers)
 
 
+@_RENAMED
 @_with_args
-def scale_by_smw_gn(sub_batch_size: Optional[int] = None, *, damping: float = 1.0, tau: float = 1e-3,
-                    boost: float = 1.01, drop: float = 0.99, eps: float = 0.25,
-                    eta: Optional[float] = None, gn_form: str = "auto", max_rows: int = 4096,
+def scale_by_smw_gn(sub_batch_size: Optional[int] = None, *, initial_damping: float = 1.0, tau: float = 1e-3,
+                    boost: float = 1.01, drop: float = 0.99, lm_threshold: float = 0.25,
+                    min_ratio: Optional[float] = None, gn_form: str = "auto", max_rows: int = 4096,
                     jitter: float = 1e-6,
                     layers: Any = None) -> optax.GradientTransformationExtraArgs:
     r"""SMW-GN (thesis Alg. 23 with eq. 5.2, 5.6–5.7, Alg. 22): ``u = (Jᵀ H J/N₂ + λI)⁻¹ g``
@@ -290,5 +301,70 @@ def scale_by_smw_gn(sub_batch_size: Optional[int] = None, *, damping: float = 1.
     (5.6 for ``mse``, 5.7 otherwise: softmax cross-entropy's ``H_i`` is singular and sigmoid
     cross-entropy's can underflow). ``max_rows`` bounds ``m_L·N₂`` (a ``ValueError`` beyond).
     """
-    return _smw("gn", sub_batch_size, damping, tau, boost, drop, eps, eta, jitter, "empirical",
+    return _smw("gn", sub_batch_size, initial_damping, tau, boost, drop, lm_threshold, min_ratio, jitter, "empirical",
                 gn_form, max_rows, layers)
+
+
+#: Arguments fixed when the transformation is built (``static_args`` of ``optax.inject_hyperparams``).
+STATIC_NG = ("sub_batch_size", "fisher", "layers")
+STATIC_GN = ("sub_batch_size", "gn_form", "max_rows", "layers")
+
+
+_EXAMPLE = r"""
+    Example (``{name}`` on a small classifier; the other SMW methods train the same way):
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, qnopt
+      >>> model = nn.Sequential([nn.Dense(8), nn.sigmoid, nn.Dense(3)])
+      >>> x = jax.random.normal(jax.random.key(0), (64, 5))
+      >>> batch = (x, jnp.argmax(x[:, :3], axis=1))
+      >>> capture = qnopt.capture.linen(model, loss="softmax_cross_entropy")
+      >>> params = model.init(jax.random.key(1), x)["params"]
+      >>> opt = qnopt.{name}(0.3, sub_batch_size=32, initial_damping=0.01)
+      >>> state = opt.init(params)
+      >>> step = jax.jit(qnopt.make_train_step(capture, opt, donate=False))
+      >>> for i in range(30):
+      ...     params, state, loss = step(params, state, batch)
+      >>> bool(loss < 0.1)
+      True
+"""
+
+
+def _with_example(stub):
+    """Append the example, run for each of the three aliases, to the stub's docstring."""
+    stub.__doc__ = stub.__doc__.rstrip() + "\n" + _EXAMPLE.format(name=stub.__name__)
+    return stub
+
+
+@alias(Composition(scale_by_smw_ng, "direction", static=STATIC_NG))
+@_with_example
+def smw_ng():
+    r"""SMW-NG (Ren thesis ch. 5, Alg. 23): ``θ ← θ − α (F + λI)⁻¹ g`` with ``F`` the Fisher of
+    the first ``N₂`` examples of the minibatch, inverted exactly by Sherman–Morrison–Woodbury,
+    and ``λ = λ_LM + τ`` adapted by the Levenberg–Marquardt rule.
+
+    ``chain(scale_by_smw_ng(...), scale_by_learning_rate(α))``; see :func:`qnopt.scale_by_smw_ng`
+    and :mod:`qnopt.methods.smw` for the algorithm and every argument. Defaults are the thesis'
+    (§5.8: ``α = 0.1``, ``λ_LM = 1``, boost 1.01, drop 0.99, ``ε = 1/4``, ``τ = 1e-3``).
+    ``update`` needs ``params`` and the curvature oracle (``curvature=``).
+
+    """
+
+
+@alias(Composition(scale_by_smw_ng_bd, "direction", static=STATIC_NG))
+@_with_example
+def smw_ng_bd():
+    r"""SMW-NG-BD (Ren thesis §5.8): :func:`smw_ng` with the Fisher block-diagonal over layers
+    (one ``N₂ × N₂`` SMW inverse ``D_l = λI + J_l J_lᵀ/N₂`` per layer, as K-FAC's block-diagonal
+    approximation); see :func:`qnopt.scale_by_smw_ng_bd`.
+
+    """
+
+
+@alias(Composition(scale_by_smw_gn, "direction", static=STATIC_GN))
+@_with_example
+def smw_gn():
+    r"""SMW-GN (Ren thesis ch. 5, Alg. 23 with eq. 5.2, 5.6–5.7, Alg. 22): :func:`smw_ng` with the
+    Gauss-Newton matrix ``(1/N₂) Σ_i J_iᵀ H_i J_i`` of the sub-batch; ``D`` is
+    ``(m_L N₂) × (m_L N₂)`` (``m_L`` outputs per example, at most ``max_rows``). See
+    :func:`qnopt.scale_by_smw_gn`. In the example, ``D`` is ``(3·32) × (3·32)``.
+
+    """

@@ -14,7 +14,7 @@ eigenvalues (:func:`qnopt.curvature.trace_normalize`). The step is (Alg. 15, lin
     W ← W − α p                                                      [20]
 
 TNT is model-agnostic: it needs the parameter shapes and the oracle's ``fisher_grads()``
-(any Flax model; no layer capture). ``estimator="empirical"`` is TNT-EF (§4.7.3): the
+(any Flax model; no layer capture). ``fisher="empirical"`` is TNT-EF (§4.7.3): the
 statistics of the ordinary minibatch gradient, no oracle. See
 :mod:`qnopt.methods._modes` for the schedule and the warm start.
 """
@@ -25,17 +25,20 @@ from typing import Any, Optional
 
 import optax
 
+from qnopt.base import renamed
+from qnopt.contract import Composition, alias
 from qnopt.curvature.tensor_normal import trace_normalize
 from qnopt.methods._modes import ModePreconditionerState, scale_by_mode_preconditioner
 from qnopt.preconditioners import damped_inverse
 
 PyTree = Any
 
-__all__ = ["ScaleByTntState", "scale_by_tnt"]
+__all__ = ["ScaleByTntState", "scale_by_tnt", "tnt"]
 
 ScaleByTntState = ModePreconditionerState
 
 
+@renamed(estimator="fisher", initial_statistics="initial_factors")
 def scale_by_tnt(
     damping: float = 0.1,
     *,
@@ -43,18 +46,18 @@ def scale_by_tnt(
     beta: float = 0.9,
     stats_every: int = 1,
     inverse_every: int = 20,
-    estimator: str = "sampled",
+    fisher: str = "sampled",
     inverse: str = "cholesky",
     weight_decay: float = 0.0,
     reshape: Any = "filter",
     max_dim: int = 4096,
-    initial_statistics: Optional[PyTree] = None,
+    initial_factors: Optional[PyTree] = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""TNT's preconditioned direction ``p`` (Alg. 15 lines 1–19; the module docstring).
 
     ``update(grads, state, params, curvature=oracle)``: ``params`` is required (weight decay,
     shape checks); ``curvature`` (anything with ``fisher_grads()``, e.g.
-    ``capture.oracle(params, batch, key)``) when ``estimator="sampled"``.
+    ``capture.oracle(params, batch, key)``) when ``fisher="sampled"``.
 
     Args:
       damping: ``ε`` added to every normalised factor (thesis: 0.1 on the autoencoders,
@@ -63,7 +66,8 @@ def scale_by_tnt(
       beta: EMA decay ``β`` of the statistics (0.9).
       stats_every: ``T1`` (1 on autoencoders, 10 on CNNs).
       inverse_every: ``T2`` (20 on autoencoders, 100 on CNNs).
-      estimator: ``"sampled"`` (TNT) or ``"empirical"`` (TNT-EF).
+      fisher: ``"sampled"`` (TNT: statistics of gradients under labels sampled from the
+        model) or ``"empirical"`` (TNT-EF: of the minibatch gradient). Formerly ``estimator``.
       inverse: ``"cholesky"`` or ``"eigh"`` for ``(Ũ_i + εI)⁻¹``.
       weight_decay: ``γ`` (line 19: added after preconditioning, not to the gradient).
       reshape: tensor view of conv kernels, ``"filter"`` (``(kh·kw, in, out)``, the thesis's
@@ -71,8 +75,9 @@ def scale_by_tnt(
         (:func:`qnopt.preconditioners.tensor_view`).
       max_dim: modes larger than this keep diagonal statistics (embeddings, very wide layers:
         memory ``O(d)`` and no ``O(d³)`` inverse for that mode).
-      initial_statistics: warm start (Alg. 15 line 2),
+      initial_factors: warm-start factors (Alg. 15 line 2), the per-mode statistics of
         :func:`qnopt.curvature.estimate_mode_statistics` with the same ``reshape``/``max_dim``.
+        Formerly ``initial_statistics``.
     """
     if inverse not in ("cholesky", "eigh"):
         raise ValueError(f"inverse must be 'cholesky' or 'eigh', got {inverse!r}.")
@@ -81,6 +86,37 @@ def scale_by_tnt(
         return tuple(damped_inverse(u, eps, inverse) for u in trace_normalize(stats))
 
     return scale_by_mode_preconditioner(
-        method="qnopt.tnt", refresh=refresh, estimator=estimator, damping=damping, momentum=momentum,
+        method="qnopt.tnt", refresh=refresh, fisher=fisher, damping=damping, momentum=momentum,
         beta=beta, stats_every=stats_every, inverse_every=inverse_every, weight_decay=weight_decay,
-        reshape=reshape, max_dim=max_dim, initial_statistics=initial_statistics)
+        reshape=reshape, max_dim=max_dim, initial_factors=initial_factors)
+
+
+#: Arguments fixed when the transformation is built (``static_args`` of ``optax.inject_hyperparams``).
+STATIC = ("stats_every", "inverse_every", "fisher", "inverse", "reshape", "max_dim", "initial_factors")
+
+
+@alias(Composition(scale_by_tnt, "direction", static=STATIC))
+def tnt():
+    r"""TNT, Tensor-Normal Training (Ren thesis Alg. 15): ``W ← W − α (ĝ ×_1 P_1 ⋯ ×_k P_k + γW)``
+    with ``P_i = (Ũ_i + εI)⁻¹`` from trace-normalised statistics of sampled-label gradients.
+
+    ``chain(scale_by_tnt(...), scale_by_learning_rate(learning_rate))``; see
+    :func:`qnopt.scale_by_tnt` for every argument. ``update`` needs the minibatch's oracle
+    (``curvature=``, with a PRNG key) unless ``fisher="empirical"``. The thesis's autoencoder
+    setting is ``lr 1e-4``, ``damping 0.1``, ``T1 = 1``, ``T2 = 20``, with a warm start.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, qnopt
+      >>> model = nn.Sequential([nn.Dense(8), nn.LayerNorm(), nn.tanh, nn.Dense(3)])
+      >>> x = jax.random.normal(jax.random.key(0), (32, 5))
+      >>> batch = (x, jnp.argmax(x[:, :3], axis=1))
+      >>> capture = qnopt.capture.linen(model, loss="softmax_cross_entropy")
+      >>> params = model.init(jax.random.key(1), x)["params"]
+      >>> opt = qnopt.tnt(0.01, damping=0.1, inverse_every=5)
+      >>> state = opt.init(params)
+      >>> step = jax.jit(qnopt.make_train_step(capture, opt, donate=False))
+      >>> for i in range(20):
+      ...     params, state, loss = step(params, state, batch, jax.random.key(i))
+      >>> bool(loss < 0.5)
+      True
+    """

@@ -407,11 +407,15 @@ def test_kron_matvec_matches_materialised_kron():
     np.testing.assert_allclose(cv.kron_matvec(A, G, Vb)[1], cv.kron_matvec(A, G, Vb[1]), rtol=1e-6)
 
 
-def test_kron_inverse_apply_solves_kron_system():
+def test_kron_matvec_with_inverse_factors_solves_kron_system():
+    """``kron_matvec(A⁻¹, G⁻¹, V)`` is the preconditioned step; ``kron_inverse_apply`` is its
+    deprecated former name (same function, with a DeprecationWarning)."""
     rng = np.random.default_rng(13)
     A, G = _spd(rng, 4), _spd(rng, 3)
     V = rng.normal(size=(3, 4))
-    out = np.asarray(cv.kron_inverse_apply(np.linalg.inv(A), np.linalg.inv(G), V), np.float64)
+    with pytest.warns(DeprecationWarning, match="kron_inverse_apply is deprecated: it is now qnopt.curvature.kron_matvec"):
+        assert cv.kron_inverse_apply is cv.kron_matvec
+    out = np.asarray(cv.kron_matvec(np.linalg.inv(A), np.linalg.inv(G), V), np.float64)
     np.testing.assert_allclose(out.T.ravel(), np.linalg.solve(np.kron(A, G), V.T.ravel()),
                                rtol=1e-4, atol=1e-5)
 

@@ -99,7 +99,7 @@ def test_estimate_mode_statistics_averages_batches():
     params = model.init(jax.random.key(1), xs[0])["params"]
     capture = qnopt.capture.linen(model, loss="softmax_cross_entropy")
     batches = [(x, jnp.arange(6) % 3) for x in xs]
-    got = estimate_mode_statistics(capture, params, batches, estimator="empirical")
+    got = estimate_mode_statistics(capture, params, batches, fisher="empirical")
     layouts = mode_layout(params)
     per = [mode_statistics(capture.oracle(params, b).grads, layouts) for b in batches]
     want = jax.tree.map(lambda *a: sum(a) / 3, *per)
@@ -113,9 +113,9 @@ def test_estimate_mode_statistics_averages_batches():
     with pytest.raises(ValueError, match="PRNG key"):
         estimate_mode_statistics(capture, params, batches)
     with pytest.raises(ValueError, match="no batches"):
-        estimate_mode_statistics(capture, params, [], estimator="empirical")
-    with pytest.raises(ValueError, match="estimator"):
-        estimate_mode_statistics(capture, params, batches, estimator="true")
+        estimate_mode_statistics(capture, params, [], fisher="empirical")
+    with pytest.raises(ValueError, match="fisher must be"):
+        estimate_mode_statistics(capture, params, batches, fisher="true")
 
 
 def test_doctests():

@@ -1,7 +1,6 @@
 """The common matrix (qnopt.testing) for every method: add one ``MethodCase`` line per method."""
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -11,14 +10,9 @@ import qnopt
 from qnopt import testing as T
 
 CASES = [
-    T.MethodCase("slimqn", functools.partial(qnopt.slimqn, update_every=5, memory_size=5), lrs=(0.1, 0.05, 0.2),
-                 factory=qnopt.slimqn, factory_kwargs=dict(update_every=5, memory_size=5),
-                 static_args=("memory_size", "preconditioner"), steps=60),
-    T.MethodCase("slimqn_two_loop",
-                 functools.partial(qnopt.slimqn, update_every=5, memory_size=5, preconditioner="two_loop"),
-                 lrs=(0.1, 0.05, 0.2), factory=qnopt.slimqn,
-                 factory_kwargs=dict(update_every=5, memory_size=5, preconditioner="two_loop"),
-                 static_args=("memory_size", "preconditioner"), steps=60),
+    T.MethodCase("slimqn", qnopt.slimqn, dict(update_every=5, memory_size=5), lrs=(0.1, 0.05, 0.2), steps=60),
+    T.MethodCase("slimqn_two_loop", qnopt.slimqn, dict(update_every=5, memory_size=5, preconditioner="two_loop"),
+                 lrs=(0.1, 0.05, 0.2), steps=60),
 ]
 MLP = T.mlp_problem()
 
@@ -27,58 +21,32 @@ def _oracle(params, loss):
     return T.oracle_args(params, loss, MLP)
 
 
+_ON_MLP = dict(steps=60, extra_args=_oracle, problem=lambda: MLP)
 CASES += [
-    T.MethodCase("kbfgs", functools.partial(qnopt.kbfgs, damping=0.1), lrs=(1.0, 3.0),
-                 factory=qnopt.kbfgs, factory_kwargs=dict(damping=0.1), static_args=("memory_size",),
-                 steps=60, extra_args=_oracle, problem=lambda: MLP),
-    T.MethodCase("kbfgs_alg9", functools.partial(qnopt.kbfgs, damping=0.1, algorithm="alg9", update_every=2),
-                 lrs=(0.1, 0.3), factory=qnopt.kbfgs,
-                 factory_kwargs=dict(damping=0.1, algorithm="alg9", update_every=2),
-                 static_args=("memory_size", "algorithm", "update_every"), steps=60, extra_args=_oracle,
-                 problem=lambda: MLP),
-    T.MethodCase("kbfgs_l", functools.partial(qnopt.kbfgs_l, damping=0.1, memory_size=5), lrs=(1.0, 3.0),
-                 factory=qnopt.kbfgs_l, factory_kwargs=dict(damping=0.1, memory_size=5),
-                 static_args=("memory_size",), steps=60, extra_args=_oracle, problem=lambda: MLP),
-    T.MethodCase("kfac", functools.partial(qnopt.kfac, damping=0.1, inverse_every=5), lrs=(0.1, 0.3),
-                 factory=qnopt.kfac, factory_kwargs=dict(damping=0.1, inverse_every=5),
-                 static_args=("inverse_every", "fisher", "stats_at", "momentum_on", "inverse"), steps=60,
-                 extra_args=_oracle, problem=lambda: MLP),
+    T.MethodCase("kbfgs", qnopt.kbfgs, dict(damping=0.1), lrs=(1.0, 3.0), **_ON_MLP),
+    T.MethodCase("kbfgs_alg9", qnopt.kbfgs, dict(damping=0.1, algorithm="alg9", update_every=2), lrs=(0.1, 0.3),
+                 **_ON_MLP),
+    T.MethodCase("kbfgs_l", qnopt.kbfgs_l, dict(damping=0.1, memory_size=5), lrs=(1.0, 3.0), **_ON_MLP),
+    T.MethodCase("kfac", qnopt.kfac, dict(damping=0.1, inverse_every=5), lrs=(0.1, 0.3), **_ON_MLP),
     # Empirical Fisher, statistics before the step, Cholesky solves (momentum on the update, the
     # kfac-jax convention, moves the parameters with a zero learning rate: checked elsewhere).
-    T.MethodCase("kfac_empirical_current",
-                 functools.partial(qnopt.kfac, damping=0.1, inverse_every=5, fisher="empirical",
-                                   stats_at="current", inverse="cholesky_solve"),
-                 lrs=(0.1, 0.3), factory=qnopt.kfac,
-                 factory_kwargs=dict(damping=0.1, inverse_every=5, fisher="empirical", stats_at="current",
-                                     inverse="cholesky_solve"),
-                 static_args=("inverse_every", "fisher", "stats_at", "momentum_on", "inverse"), steps=60,
-                 extra_args=_oracle, problem=lambda: MLP),
+    T.MethodCase("kfac_empirical_current", qnopt.kfac,
+                 dict(damping=0.1, inverse_every=5, fisher="empirical", stats_at="current", inverse="cholesky_solve"),
+                 lrs=(0.1, 0.3), **_ON_MLP),
 ]
 EMBED = T.embed_problem()
-_TNT_STATIC = ("stats_every", "inverse_every", "estimator", "inverse", "reshape", "max_dim",
-               "initial_statistics")
-_SHAMPOO_STATIC = ("stats_every", "inverse_every", "root", "max_iters", "tol", "reshape", "max_dim",
-                   "initial_statistics")
 # lrs[0] drives the sharding and NaN checks: the moderate step. At the largest stable step the
 # ill-conditioned MLP amplifies float32 reduction-order differences (the preconditioner's
 # condition number times 1e-7 per step) past the sharding check's tolerance within 30 steps.
 CASES += [
-    T.MethodCase("tnt", functools.partial(qnopt.tnt, damping=0.1, inverse_every=5), lrs=(0.003, 0.01),
-                 factory=qnopt.tnt, factory_kwargs=dict(damping=0.1, inverse_every=5),
-                 static_args=_TNT_STATIC, steps=60, extra_args=_oracle, problem=lambda: MLP),
+    T.MethodCase("tnt", qnopt.tnt, dict(damping=0.1, inverse_every=5), lrs=(0.003, 0.01), **_ON_MLP),
     # Embedding, LayerNorm, kernels and biases; the vocabulary mode (20 > max_dim) is diagonal.
-    T.MethodCase("tnt_embed", functools.partial(qnopt.tnt, damping=0.1, inverse_every=5, max_dim=16),
-                 lrs=(0.01, 0.003), factory=qnopt.tnt,
-                 factory_kwargs=dict(damping=0.1, inverse_every=5, max_dim=16), static_args=_TNT_STATIC,
+    T.MethodCase("tnt_embed", qnopt.tnt, dict(damping=0.1, inverse_every=5, max_dim=16), lrs=(0.01, 0.003),
                  steps=60, extra_args=lambda p, loss: T.oracle_args(p, loss, EMBED), problem=lambda: EMBED),
-    T.MethodCase("tnt_empirical",
-                 functools.partial(qnopt.tnt, damping=0.1, inverse_every=5, estimator="empirical"),
-                 lrs=(0.01, 0.003), factory=qnopt.tnt,
-                 factory_kwargs=dict(damping=0.1, inverse_every=5, estimator="empirical"),
-                 static_args=_TNT_STATIC, steps=60, problem=lambda: MLP),
-    T.MethodCase("shampoo", functools.partial(qnopt.shampoo, damping=1e-3, inverse_every=5), lrs=(0.03, 0.1),
-                 factory=qnopt.shampoo, factory_kwargs=dict(damping=1e-3, inverse_every=5),
-                 static_args=_SHAMPOO_STATIC, steps=60, problem=lambda: MLP),
+    T.MethodCase("tnt_empirical", qnopt.tnt, dict(damping=0.1, inverse_every=5, fisher="empirical"),
+                 lrs=(0.01, 0.003), steps=60, problem=lambda: MLP),
+    T.MethodCase("shampoo", qnopt.shampoo, dict(damping=1e-3, inverse_every=5), lrs=(0.03, 0.1), steps=60,
+                 problem=lambda: MLP),
 ]
 
 
@@ -88,19 +56,14 @@ def _smw_case(name, factory, **kwargs):
     with step α/λ). The first learning rate (used by every check but the convergence race) is
     one where the trajectory is stable: at λ_LM ≈ 0.03–0.1 with α = 1, float32 round-off (e.g.
     sharded vs unsharded reductions) grows ~100× over 30 steps."""
-    kwargs = {"sub_batch_size": 128, **kwargs}
-    static = ("sub_batch_size", "layers") + (("gn_form", "max_rows") if factory is qnopt.smw_gn
-                                              else ("fisher",))
-    return T.MethodCase(name, functools.partial(factory, **kwargs), lrs=(0.3, 1.0), factory=factory,
-                        factory_kwargs=kwargs, static_args=static, steps=60, extra_args=_oracle,
-                        problem=lambda: MLP)
+    return T.MethodCase(name, factory, {"sub_batch_size": 128, **kwargs}, lrs=(0.3, 1.0), **_ON_MLP)
 
 
 CASES += [
-    _smw_case("smw_ng", qnopt.smw_ng, damping=0.1),
-    _smw_case("smw_ng_sampled", qnopt.smw_ng, damping=0.1, fisher="sampled"),
-    _smw_case("smw_ng_bd", qnopt.smw_ng_bd, damping=0.3),
-    _smw_case("smw_gn", qnopt.smw_gn, damping=0.3, sub_batch_size=64),
+    _smw_case("smw_ng", qnopt.smw_ng, initial_damping=0.1),
+    _smw_case("smw_ng_sampled", qnopt.smw_ng, initial_damping=0.1, fisher="sampled"),
+    _smw_case("smw_ng_bd", qnopt.smw_ng_bd, initial_damping=0.3),
+    _smw_case("smw_gn", qnopt.smw_gn, initial_damping=0.3, sub_batch_size=64),
 ]
 # MB-LSR1 / L-SSR1-TR: the learning rate multiplies the trust-region direction (1 is the paper's
 # method); δ₀ = 1e-2 instead of the paper's 1e-4 so that a 60-step race is not spent doubling δ.
@@ -108,25 +71,18 @@ CASES += [
 # L-SR1 pairs are near-collinear), so the sharded and injected runs are compared over 3 steps here,
 # and the sharded one also one step from a 30-step state (test_sharding_one_step).
 _LSR1 = dict(memory_size=8, initial_radius=1e-2)
+_LSR1_RUN = dict(lrs=(1.0,), extra_args=_oracle, problem=lambda: MLP, compare_steps=3)
 CASES += [
     # MB-LSR1 flattens the same way (final loss vs SGD-momentum's best, 30/40/60/90 steps, jaxlib
     # 0.10.1 and 0.10.2 at LLVM -O0 and -O2): 0.40-0.44 vs 0.50, 0.35-0.36 vs 0.38-0.41,
     # 0.265-0.279 vs 0.272-0.301 (lost with 0.10.1 at -O0), 0.21-0.23 vs 0.18-0.21. Its race is
     # over 40 steps (the flattening is a question of its defaults, not of this race).
-    T.MethodCase("mb_lsr1", functools.partial(qnopt.mb_lsr1, **_LSR1), lrs=(1.0,), factory=qnopt.mb_lsr1,
-                 factory_kwargs=_LSR1, static_args=("memory_size", "restart_memory", "radius_rule",
-                                                    "warm_start_curvature"),
-                 steps=40, extra_args=_oracle, problem=lambda: MLP, compare_steps=3),
-    T.MethodCase("mb_lsr1_warm", functools.partial(qnopt.mb_lsr1, restart_memory=4, **_LSR1), lrs=(1.0,),
-                 factory=qnopt.mb_lsr1, factory_kwargs=dict(restart_memory=4, **_LSR1),
-                 static_args=("memory_size", "restart_memory", "radius_rule", "warm_start_curvature"),
-                 steps=60, extra_args=_oracle, problem=lambda: MLP, compare_steps=3),
+    T.MethodCase("mb_lsr1", qnopt.mb_lsr1, _LSR1, steps=40, **_LSR1_RUN),
+    T.MethodCase("mb_lsr1_warm", qnopt.mb_lsr1, dict(restart_memory=4, **_LSR1), steps=60, **_LSR1_RUN),
     # L-SSR1-TR is ahead of SGD-momentum early (40 steps: 0.31 vs 0.38–0.41 over compile settings)
     # but level at 60 (0.279–0.284 vs 0.282–0.301: the winner depends on round-off) and behind at
     # 120 (0.22 vs 0.09–0.14): its race is over 40 steps.
-    T.MethodCase("lssr1_tr", functools.partial(qnopt.lssr1_tr, **_LSR1), lrs=(1.0,), factory=qnopt.lssr1_tr,
-                 factory_kwargs=_LSR1, static_args=("memory_size",), steps=40, extra_args=_oracle,
-                 problem=lambda: MLP, compare_steps=3),
+    T.MethodCase("lssr1_tr", qnopt.lssr1_tr, _LSR1, steps=40, **_LSR1_RUN),
 ]
 # S2QN (subsampled empirical Fisher base, eq. 14, Powell-damped pairs) and S4QN (subsampled
 # Hessian base by CG, eq. 13) on the first 64 of the 256 examples; α = 10 (λ ∈ [0.1, 0.2]). The
@@ -134,36 +90,24 @@ CASES += [
 # every 5 steps (5e-5 after 30 sharded steps, 1.5e-5 after 20; with the suite's LLVM -O0 code, 5e-5
 # after 20): its trajectories are compared over 10 steps, and one sharded step from a 30-step state
 # (test_sharding_one_step).
-_S2QN_STATIC = ("base", "memory_size", "sub_batch_size", "refine", "damped", "cg_iters")
 _S2QN = dict(alpha=10.0, sub_batch_size=64, damped=True)
 _S4QN = dict(alpha=10.0, sub_batch_size=64, cg_iters=10)
 CASES += [
-    T.MethodCase("s2qn", functools.partial(qnopt.s2qn, **_S2QN), lrs=(0.5, 1.0), factory=qnopt.s2qn,
-                 factory_kwargs=_S2QN, static_args=_S2QN_STATIC, steps=60, extra_args=_oracle, problem=lambda: MLP),
-    T.MethodCase("s4qn", functools.partial(qnopt.s4qn, **_S4QN), lrs=(0.5, 1.0), factory=qnopt.s4qn,
-                 factory_kwargs=_S4QN, static_args=_S2QN_STATIC, steps=60, extra_args=_oracle, problem=lambda: MLP,
-                 compare_steps=10),
+    T.MethodCase("s2qn", qnopt.s2qn, _S2QN, lrs=(0.5, 1.0), **_ON_MLP),
+    T.MethodCase("s4qn", qnopt.s4qn, _S4QN, lrs=(0.5, 1.0), compare_steps=10, **_ON_MLP),
     # Block-diagonal S2QN (§3.4): one refinement per layer (kernel + bias), the EFIM block Q_jQ_jᵀ.
     # Its per-block γ_j amplify reduction-order round-off more than one block does (sharded vs
     # unsharded: within 2e-4 after 20 steps, 1e-4 absolute off after 30): compared over 20 steps,
     # and one sharded step from a 30-step state (test_sharding_one_step).
-    T.MethodCase("s2qn_blocks", functools.partial(qnopt.s2qn, blocks="layer", **_S2QN), lrs=(0.5, 1.0),
-                 factory=qnopt.s2qn, factory_kwargs=dict(blocks="layer", **_S2QN),
-                 static_args=_S2QN_STATIC + ("blocks",), steps=60, extra_args=_oracle, problem=lambda: MLP,
-                 compare_steps=20),
+    T.MethodCase("s2qn_blocks", qnopt.s2qn, dict(blocks="layer", **_S2QN), lrs=(0.5, 1.0), compare_steps=20,
+                 **_ON_MLP),
 ]
 # SKQN (S2QN §4): empirical K-FAC base per layer, α = 10 (λ ∈ [0.1, 0.2]); the moderate step first.
 # Sharded and unsharded float32 runs start 3e-7 apart after one step and the refinements amplify
 # that ~10× per 10 steps (B2 fastest: 5e-5 after 10 steps, 2e-3 after 30): trajectories are
 # compared over 5 steps, plus one sharded step from a 20-step state in tests/methods/test_skqn.py.
-_SKQN_STATIC = ("refinement", "stats_every", "inverse_every", "memory_size", "damped", "p", "sketch_size",
-                "layers")
-CASES += [
-    T.MethodCase(name, functools.partial(factory, alpha=10.0), lrs=(0.5, 1.0), factory=factory,
-                 factory_kwargs=dict(alpha=10.0), static_args=_SKQN_STATIC, steps=60, extra_args=_oracle,
-                 problem=lambda: MLP, compare_steps=5)
-    for name, factory in (("skqn_l", qnopt.skqn_l), ("skqn_b1", qnopt.skqn_b1), ("skqn_b2", qnopt.skqn_b2))
-]
+CASES += [T.MethodCase(f.__name__, f, dict(alpha=10.0), lrs=(0.5, 1.0), compare_steps=5, **_ON_MLP)
+          for f in (qnopt.skqn_l, qnopt.skqn_b1, qnopt.skqn_b2)]
 # One worker runs all the checks of a row (``--dist loadgroup``, scripts/test.sh), so that they
 # share its compiled step and trajectory through RUNS (qnopt.testing.Runs).
 ROWS = [pytest.param(c, id=c.name, marks=pytest.mark.xdist_group(c.name)) for c in CASES]
@@ -171,8 +115,7 @@ RUNS = T.Runs()
 # Aliases whose computation a row above already runs (qnopt.skqn is skqn_b2 by default): only
 # their contract is checked.
 _SKQN_B2 = next(c for c in CASES if c.name == "skqn_b2")
-CONTRACT_ONLY = [dataclasses.replace(_SKQN_B2, name="skqn", make=functools.partial(qnopt.skqn, alpha=10.0),
-                                     factory=qnopt.skqn)]
+CONTRACT_ONLY = [dataclasses.replace(_SKQN_B2, name="skqn", factory=qnopt.skqn)]
 
 _LOGREG = []
 

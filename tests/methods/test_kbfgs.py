@@ -135,7 +135,7 @@ def test_oracle_and_state_must_agree():
 
 
 def test_options_validated():
-    for kwargs, match in ((dict(algorithm="alg5"), "algorithm"), (dict(mu1=1.5), "mu1"),
+    for kwargs, match in ((dict(algorithm="alg5"), "algorithm"), (dict(powell_mu=1.5), "powell_mu"),
                           (dict(damping=0.0), "damping"), (dict(update_every=0), "update_every")):
         with pytest.raises(ValueError, match=match):
             qnopt.kbfgs(0.1, **kwargs)

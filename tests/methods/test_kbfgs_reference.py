@@ -304,14 +304,14 @@ def _ref(step, **kw):
 @pytest.mark.parametrize("loss", ["mse", "softmax_ce"])
 def test_kbfgs_alg4_matches_reference(loss):
     model, params, batches = _mlp_setup(loss)
-    opt = lambda **kw: qnopt.kbfgs(LR, DAMPING, algorithm="alg4", beta=0.9, mu1=0.2, **kw)  # noqa: E731
+    opt = lambda **kw: qnopt.kbfgs(LR, DAMPING, algorithm="alg4", beta=0.9, powell_mu=0.2, **kw)  # noqa: E731
     _compare(model, loss, params, batches, opt, "alg4", _ref(R.alg4_step, bfgs="bfgs"))
 
 
 def test_kbfgs_l_alg4_matches_reference():
     model, params, batches = _mlp_setup("mse", seed=1)
     opt = lambda **kw: qnopt.kbfgs_l(LR, DAMPING, memory_size=MEMORY, algorithm="alg4",  # noqa: E731
-                                     beta=0.9, mu1=0.2, **kw)
+                                     beta=0.9, powell_mu=0.2, **kw)
     _compare(model, "mse", params, batches, opt, "alg4",
              _ref(R.alg4_step, bfgs="lbfgs", memory=MEMORY))
 
@@ -323,6 +323,6 @@ def test_kbfgs_alg9_matches_reference(variant, update_every):
     make = qnopt.kbfgs if variant == "bfgs" else qnopt.kbfgs_l
     extra = {} if variant == "bfgs" else {"memory_size": MEMORY}
     opt = lambda **kw: make(LR, DAMPING, algorithm="alg9", update_every=update_every,  # noqa: E731
-                            beta=0.9, mu1=0.2, **extra, **kw)
+                            beta=0.9, powell_mu=0.2, **extra, **kw)
     ref = _ref(R.alg9_step, update_every=update_every, bfgs=variant, memory=MEMORY)
     _compare(model, "softmax_ce", params, batches, opt, "alg9", ref)

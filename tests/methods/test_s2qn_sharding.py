@@ -2,7 +2,6 @@
 unsharded step. S2QN and S4QN have the same check as common-matrix rows
 (test_sharding_one_step in tests/matrix/test_common_matrix.py)."""
 
-import functools
 
 import pytest
 
@@ -16,7 +15,6 @@ MLP = T.mlp_problem()
     (qnopt.s4qn, dict(alpha=10.0, sub_batch_size=64, cg_iters=10, refine=False)),
 ], ids=["ssn"])
 def test_one_sharded_step_from_a_warm_state(factory, kwargs):
-    case = T.MethodCase("s2qn", functools.partial(factory, **kwargs), lrs=(0.5,), factory=factory,
-                        factory_kwargs=kwargs, extra_args=lambda p, loss: T.oracle_args(p, loss, MLP),
+    case = T.MethodCase("s2qn", factory, kwargs, lrs=(0.5,), extra_args=lambda p, loss: T.oracle_args(p, loss, MLP),
                         problem=lambda: MLP)
     T.check_sharding_one_step(case, MLP, warm_steps=30)

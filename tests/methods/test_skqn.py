@@ -9,7 +9,6 @@ materialised ``kron(Â, G̃) + Λ + λI`` (SKQN-L, ``Λ`` by the dense BFGS recu
 tests/linalg/test_block_bfgs.py).
 """
 
-import functools
 import importlib.util
 import pathlib
 
@@ -315,7 +314,7 @@ def test_block_refinement_stays_spd_with_sketching(refinement, p):
     2 columns < q)."""
     params, batches = make_problem(1)
     params = jax.tree.map(lambda a: a.astype(jnp.float32), params)
-    opt = qnopt.skqn(0.7, refinement=refinement, alpha=3.0, p=p, sketch_size=2)
+    opt = qnopt.skqn(0.7, refinement=refinement, alpha=3.0, block_form=p, sketch_size=2)
     _, state = _run(opt, params, batches, qnopt.capture.linen(MLP(), loss="mse"))
     for ls in state.layers.values():
         R = np.asarray(ls.refinement, np.float64)
@@ -404,8 +403,7 @@ def test_one_sharded_step_from_a_warm_state(name):
     difference of nearby float32 quantities, so neither is compared entry by entry."""
     mlp = qnopt.testing.mlp_problem()
     factory = getattr(qnopt, name)
-    case = qnopt.testing.MethodCase(name, functools.partial(factory, alpha=10.0), lrs=(0.5,), factory=factory,
-                                    factory_kwargs=dict(alpha=10.0),
+    case = qnopt.testing.MethodCase(name, factory, dict(alpha=10.0), lrs=(0.5,),
                                     extra_args=lambda p, loss: qnopt.testing.oracle_args(p, loss, mlp),
                                     problem=lambda: mlp)
     runs = qnopt.testing.Runs()
@@ -436,8 +434,8 @@ def test_errors():
         qnopt.skqn(refinement="bfgs")
     with pytest.raises(ValueError, match="SKQN-B2 needs sketch_size"):
         qnopt.skqn_b2(sketch_size=None)
-    with pytest.raises(ValueError, match="p must be one of"):
-        qnopt.skqn(p="full")
+    with pytest.raises(ValueError, match="block_form must be one of"):
+        qnopt.skqn(block_form="full")
     other = {"Dense_0": params["Dense_0"]}
     with pytest.raises(ValueError, match="Call opt.init"):
         opt.update(g, opt.init(other), params, curvature=object())

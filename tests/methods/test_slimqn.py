@@ -70,7 +70,7 @@ def _quartic_problem(d=6, seed=0):
     return jax.jit(loss), rng.normal(size=d)
 
 
-HP = dict(momentum=0.9, beta1=0.9, beta2=0.8, update_every=3, memory_size=2, damping=0.05,
+HP = dict(momentum=0.9, beta1=0.9, beta2=0.8, update_every=3, memory_size=2, pair_damping=0.05,
           sigma_l=0.01, sigma_h=1.0, weight_decay=1e-2)
 
 
@@ -82,7 +82,7 @@ def test_matches_dense_reference_trajectory(preconditioner):
     with jax.enable_x64():
         ref, pairs, taus = slimqn_reference(lambda w: np.asarray(grad(jnp.asarray(w))), w0, steps, lr,
                                             HP["momentum"], HP["beta1"], HP["beta2"], HP["update_every"],
-                                            HP["memory_size"], HP["damping"], HP["sigma_l"], HP["sigma_h"],
+                                            HP["memory_size"], HP["pair_damping"], HP["sigma_l"], HP["sigma_h"],
                                             HP["weight_decay"])
         opt = qnopt.slimqn(lr, preconditioner=preconditioner, **HP)
         params = jnp.asarray(w0)
@@ -94,7 +94,7 @@ def test_matches_dense_reference_trajectory(preconditioner):
             params = optax.apply_updates(params, u)
             got.append(np.asarray(params))
     assert len(pairs) == steps // HP["update_every"] - 1 and len(pairs) > HP["memory_size"]  # wrap-around exercised
-    assert any(t < 1 - HP["damping"] for t in taus), "the reference never took a damped branch"
+    assert any(t < 1 - HP["pair_damping"] for t in taus), "the reference never took a damped branch"
     np.testing.assert_allclose(np.array(got), ref, rtol=1e-8, atol=1e-10)
     slim_state = state[0]
     assert int(slim_state.memory.num_pushed) == len(pairs)
@@ -127,7 +127,7 @@ def test_stored_pairs_satisfy_lemma1_bounds():
     loss, w0 = _quartic_problem(d=8, seed=2)
     key = jax.random.PRNGKey(0)
     sigma_l, sigma_h = 0.05, 2.0
-    opt = qnopt.scale_by_slimqn(update_every=2, memory_size=6, sigma_l=sigma_l, sigma_h=sigma_h, damping=0.2)
+    opt = qnopt.scale_by_slimqn(update_every=2, memory_size=6, sigma_l=sigma_l, sigma_h=sigma_h, pair_damping=0.2)
     params = jnp.asarray(w0, jnp.float32)
     state = opt.init(params)
     for _ in range(14):

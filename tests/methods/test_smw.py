@@ -108,7 +108,7 @@ def test_direction_equals_dense_damped_solve(x64, kind, kwargs, loss, model):
     key = jax.random.key(3)
     factory = {"ng": qnopt.scale_by_smw_ng, "ng_sampled": qnopt.scale_by_smw_ng,
                "ng_bd": qnopt.scale_by_smw_ng_bd, "gn": qnopt.scale_by_smw_gn}[kind]
-    opt = factory(N2, damping=LAM_LM, tau=TAU, **kwargs)
+    opt = factory(N2, initial_damping=LAM_LM, tau=TAU, **kwargs)
     state = opt.init(params)
 
     @jax.jit
@@ -167,11 +167,11 @@ class _Scripted:
 @pytest.mark.parametrize("kind,eta", [("ng", None), ("ng", 0.15), ("ng_bd", None), ("gn", None)])
 def test_lm_rule_on_scripted_rho_sequence(x64, kind, eta):
     """λ_LM follows the rule for a scripted ρ sequence (a non-finite ρ boosts it); Alg. 23 always
-    steps, Theorem 6's variant (``eta``) only when ρ ≥ η. The ρ values 1e-4 from ε and 1 − ε also
+    steps, Theorem 6's variant (``min_ratio`` = η) only when ρ ≥ η. The ρ values 1e-4 from ε and 1 − ε also
     check the method's model decrease m(0) − m(p) (its pᵀBp) against the dense B."""
     net, capture, params, batch = _problem()
     factory = {"ng": qnopt.scale_by_smw_ng, "ng_bd": qnopt.scale_by_smw_ng_bd, "gn": qnopt.scale_by_smw_gn}[kind]
-    opt = factory(N2, damping=LAM_LM, tau=TAU, eta=eta)
+    opt = factory(N2, initial_damping=LAM_LM, tau=TAU, min_ratio=eta)
     oracle = capture.oracle(params, batch)
     g = ravel_pytree(oracle.grads)[0]
     B, _ = _dense_B(kind, net, capture, params, batch)
@@ -281,7 +281,7 @@ def test_errors_say_what_to_do():
     with pytest.raises(ValueError, match="gn_form"):
         qnopt.smw_gn(0.1, gn_form="sym")
     with pytest.raises(ValueError, match="out of range"):
-        qnopt.smw_ng(0.1, eps=0.5)
+        qnopt.smw_ng(0.1, lm_threshold=0.5)
     gn = qnopt.smw_gn(0.1, N2, gn_form="symmetric")
     with pytest.raises(ValueError, match="singular.*gn_form='general'"):
         gn.update(oracle.grads, gn.init(params), params, curvature=oracle)
@@ -304,7 +304,7 @@ def test_trains_with_make_train_step_and_chain():
     optax.chain with clipping; the loss falls by more than half in 30 steps."""
     net, capture, params, batch = _problem(dtype=jnp.float32)
     for factory in (qnopt.smw_ng, qnopt.smw_ng_bd, qnopt.smw_gn):
-        opt = optax.chain(optax.clip_by_global_norm(10.0), factory(0.3, N2, damping=0.01))
+        opt = optax.chain(optax.clip_by_global_norm(10.0), factory(0.3, N2, initial_damping=0.01))
         step = jax.jit(qnopt.make_train_step(capture, opt, donate=False))
         p, s = params, opt.init(params)
         first = None

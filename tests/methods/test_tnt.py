@@ -132,7 +132,7 @@ def test_matches_dense_reference(method, T1, T2, warm):
             init = {"conv": {"kernel": tuple(warm_stats["conv/kernel"])},
                     "emb": {"embedding": tuple(warm_stats["emb/embedding"])},
                     "b": tuple(warm_stats["b"]), "s": tuple(warm_stats["s"])}
-            hp["initial_statistics"] = init
+            hp["initial_factors"] = init
         if method == "tnt":
             opt = qnopt.tnt(0.1, **hp)
         else:
@@ -188,7 +188,7 @@ def test_conv_kernel_views():
     params = CNN().init(jax.random.key(0), x)["params"]
     for reshape, shapes in (("filter", [(9, 9), (2, 2), (4, 4)]), ("kfac", [(18, 18), (4, 4)]),
                             ("none", [(3, 3), (3, 3), (2, 2), (4, 4)])):
-        state = qnopt.tnt(0.1, reshape=reshape, estimator="empirical").init(params)
+        state = qnopt.tnt(0.1, reshape=reshape, fisher="empirical").init(params)
         assert [s.shape for s in state[0].stats["Conv_0"]["kernel"]] == shapes
 
 
@@ -199,15 +199,15 @@ def test_warm_start_from_estimate_mode_statistics():
     x = jax.random.normal(jax.random.key(0), (32, 12))
     batches = [(x, jnp.arange(32) % 3)]
     stats = estimate_mode_statistics(capture, prob.params, batches, key=jax.random.key(0))
-    opt = qnopt.tnt(0.01, initial_statistics=stats)
+    opt = qnopt.tnt(0.01, initial_factors=stats)
     state = opt.init(prob.params)
     np.testing.assert_allclose(state[0].stats["layers_0"]["kernel"][0],
                                stats["layers_0"]["kernel"][0], rtol=1e-6)
     bad = jax.tree.map(lambda s: s[:1], stats)
     with pytest.raises(ValueError, match="expected"):
-        qnopt.tnt(0.01, initial_statistics=bad).init(prob.params)
-    with pytest.raises(ValueError, match="initial_statistics must be a tree"):
-        qnopt.tnt(0.01, initial_statistics={"x": 1}).init(prob.params)
+        qnopt.tnt(0.01, initial_factors=bad).init(prob.params)
+    with pytest.raises(ValueError, match="initial_factors must be a tree"):
+        qnopt.tnt(0.01, initial_factors={"x": 1}).init(prob.params)
 
 
 def test_nonfinite_sampled_gradient_keeps_statistics():
@@ -236,11 +236,11 @@ def test_errors():
         opt.update({"w": jnp.ones((3, 3)), "b": jnp.zeros(2)}, state, params, curvature=FakeOracle(grads))
     with pytest.raises(ValueError, match="sampled-label gradient"):
         opt.update(grads, state, params, curvature=FakeOracle({"w": jnp.ones((3, 2))}))
-    wd = qnopt.tnt(0.1, estimator="empirical", weight_decay=1e-3)
+    wd = qnopt.tnt(0.1, fisher="empirical", weight_decay=1e-3)
     with pytest.raises(ValueError, match="needs the current parameters"):
         wd.update(grads, wd.init(params))
-    with pytest.raises(ValueError, match="estimator"):
-        qnopt.tnt(0.1, estimator="true")
+    with pytest.raises(ValueError, match="fisher must be"):
+        qnopt.tnt(0.1, fisher="true")
     with pytest.raises(ValueError, match="inverse"):
         qnopt.tnt(0.1, inverse="lu")
     with pytest.raises(ValueError, match="root"):
