@@ -214,11 +214,13 @@ def begin_update(updates: PyTree, state: Any, params: Optional[PyTree], curvatur
 def descent_step(ctx: StepContext, directions: dict, fallback: optax.GradientTransformation,
                  fallback_state: Any) -> tuple[PyTree, Any]:
     """The descent step: the layers' ``directions`` (already ``−α p``) and ``−α`` times the
-    fallback's update for the other parameters, and the fallback's new state (a non-finite
-    step is undone by :func:`qnopt.methods._step.commit`)."""
+    fallback's update for the other parameters — zero on a non-finite step, as the second pass
+    at ``θ + step`` must not see NaN — and the fallback's new state (a non-finite step's state
+    is undone by :func:`qnopt.methods._step.commit`)."""
     fb_upd, fb_state = fallback.update(fallback_leaves(ctx.grads, ctx.specs), fallback_state,
                                        fallback_leaves(ctx.params, ctx.specs))
-    return assemble(ctx.params, ctx.specs, directions, {kk: -ctx.alpha * u for kk, u in fb_upd.items()}), fb_state
+    step = assemble(ctx.params, ctx.specs, directions, {kk: -ctx.alpha * u for kk, u in fb_upd.items()})
+    return jax.tree.map(lambda s: jnp.where(ctx.ok, s, 0), step), fb_state
 
 
 def default_fallback(momentum: Any, scale: Any) -> optax.GradientTransformation:

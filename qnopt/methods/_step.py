@@ -167,7 +167,7 @@ def schedule_value(value: optax.ScalarOrSchedule, count: jax.Array) -> jax.Array
 
 
 def commit(ok: jax.Array, direction: PyTree, updates: PyTree, new_state: Any, old_state: Any,
-           guarded: tuple[str, ...] = ()) -> tuple[PyTree, Any]:
+           guarded: tuple[str, ...] = (), zeroed: bool = False) -> tuple[PyTree, Any]:
     """The end of every update: ``(direction, new_state)`` when ``ok``, else ``(0, old_state)``.
 
     ``direction`` is cast to the dtypes of the incoming ``updates``; the state keeps the dtypes
@@ -176,6 +176,9 @@ def commit(ok: jax.Array, direction: PyTree, updates: PyTree, new_state: Any, ol
     (a NamedTuple) that the method already leaves unchanged on a skipped step where it writes
     them — a pair memory updated in place (``lbfgs_memory_push(..., accept)`` with ``accept``
     implying ``ok``), which a select over the whole memory would make XLA copy every step.
+    ``zeroed=True`` says the direction is already zero on a skipped step (the Kronecker methods
+    zero their descent step before the second pass at ``θ + step``): it is then only cast, as a
+    second select would change how XLA fuses, and rounds, the step.
 
     Example:
       >>> import jax.numpy as jnp
@@ -197,6 +200,6 @@ def commit(ok: jax.Array, direction: PyTree, updates: PyTree, new_state: Any, ol
         state = kept._replace(**{f: getattr(new_state, f) for f in guarded})
     else:
         state = jax.tree.map(keep, new_state, old_state)
-    out = jax.tree.map(lambda d, u: jnp.where(ok, d, jnp.zeros((), jnp.asarray(d).dtype)).astype(jnp.asarray(u).dtype),
-                       direction, updates)
+    zero = (lambda d: d) if zeroed else (lambda d: jnp.where(ok, d, jnp.zeros((), jnp.asarray(d).dtype)))
+    out = jax.tree.map(lambda d, u: zero(d).astype(jnp.asarray(u).dtype), direction, updates)
     return out, state

@@ -267,7 +267,7 @@ def scale_by_kbfgs(
         do_curv = ok & (k % update_every == 0)
         new_states = jax.lax.cond(do_curv, curvature_update, lambda ls: ls, new_states)
         # A skipped (non-finite) step leaves the state as it was (the first-step init included).
-        return commit(ok, step, updates, ScaleByKbfgsState(k, new_states, fb_state), state)
+        return commit(ok, step, updates, ScaleByKbfgsState(k, new_states, fb_state), state, zeroed=True)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -219,7 +219,7 @@ def scale_by_kfac(
                 lambda ls: statistics(ls, curvature.at(optax.apply_updates(params, step)), specs, stats_count),
                 lambda ls: ls, new_states)
             stats_count = stats_count + stats_step.astype(jnp.int32)
-        return commit(ok, step, updates, ScaleByKfacState(k, stats_count, new_states, fb_state), state)
+        return commit(ok, step, updates, ScaleByKfacState(k, stats_count, new_states, fb_state), state, zeroed=True)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

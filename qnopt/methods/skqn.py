@@ -299,7 +299,8 @@ def scale_by_skqn(
                 x = kron_eigen_solve(st.eig_A, st.eig_G, X, lam_l)
             directions[key_l] = -beta_k.astype(X.dtype) * x
             new_ls[key_l] = st
-        ok = ok & tree_all_finite(directions)
+        ctx = ctx._replace(ok=ok & tree_all_finite(directions))
+        ok = ctx.ok
         step, fb_state = K.descent_step(ctx, directions, fb, state.fallback)
 
         # Line 5: the pending pair, on the same samples at θ_k+1.
@@ -326,7 +327,7 @@ def scale_by_skqn(
         gnorm = jnp.sqrt(tree_vdot(ctx.grads, ctx.grads))
         new_state = ScaleBySkqnState(count=k, stats_count=state.stats_count + stats_step.astype(jnp.int32),
                                      key=key, prev_grad_norm=gnorm, lam=lam, layers=new_ls, fallback=fb_state)
-        return commit(ok, step, updates, new_state, state)
+        return commit(ok, step, updates, new_state, state, zeroed=True)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -167,9 +167,15 @@ def scale_by_slimqn(
         cast = lambda tree: jax.tree.map(lambda x, r: x.astype(r.dtype), tree, state.mtheta)
         theta = cast(params)
         g = jax.tree.map(lambda gi, th: gi + weight_decay * th, cast(updates), theta)  # line 4
-        mtheta = jax.tree.map(lambda m, th: beta1 * m + (1 - beta1) * th, state.mtheta, theta)  # line 5
+        # Each per-step state update is also guarded where it is computed (``where(ok, ...)`` in
+        # its one fused pass): XLA then fuses it as it did before commit existed, and the
+        # trajectories are bit for bit those the benchmarks recorded (commit's select after it
+        # is a no-op; without this guard XLA fuses, and rounds, the momenta differently).
+        mtheta = jax.tree.map(  # line 5
+            lambda m, th: jnp.where(ok, beta1 * m + (1 - beta1) * th, m), state.mtheta, theta)
         mgrad = jax.tree.map(  # line 6, Mg_0 = g_first
-            lambda m, gi: jnp.where(state.count == 0, gi, beta2 * m + (1 - beta2) * gi), state.mgrad, g)
+            lambda m, gi: jnp.where(ok, jnp.where(state.count == 0, gi, beta2 * m + (1 - beta2) * gi), m),
+            state.mgrad, g)
 
         # Lines 12-17 (their inputs): every L steps (t > L), a damped pair from the momenta,
         # only on finite steps; formed in a cond whose outputs are parameter-sized.
@@ -196,7 +202,7 @@ def scale_by_slimqn(
         use_qn = (t > n_warm) & (state.memory.num_pushed > 0)
         hg = (lbfgs_compact if preconditioner == "compact" else lbfgs_two_loop)(state.memory, g)
         delta = optax.tree.where(use_qn, hg, g)
-        buf = jax.tree.map(lambda bu, d: momentum * bu + d, state.momentum, delta)
+        buf = jax.tree.map(lambda bu, d: jnp.where(ok, momentum * bu + d, bu), state.momentum, delta)
 
         # Lines 13-17: push the damped pair (one slot written in place), only on finite steps
         # (``pair_step`` implies ``ok``): the memory is left out of commit's select below.
@@ -207,7 +213,7 @@ def scale_by_slimqn(
         accept = keep & tree_all_finite(hg)
         memory = lbfgs_memory_push(state.memory, s, y_hat, accept)
         tau = jnp.where(accept, tau_k, state.tau)
-        snapshot = t % L == 0  # Mθ_{t-L}, Mg_{t-L} for the next pair
+        snapshot = (t % L == 0) & ok  # Mθ_{t-L}, Mg_{t-L} for the next pair
         mtheta_prev = optax.tree.where(snapshot, mtheta, state.mtheta_prev)
         mgrad_prev = optax.tree.where(snapshot, mgrad, state.mgrad_prev)
 
