@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from qnopt.linalg.tree import tree_axpy, tree_lerp, tree_scale, tree_vdot  # noqa: F401
+from qnopt.linalg.tree import tree_axpy
 
 ArrayTree = Any
 """A JAX array or an arbitrary pytree of JAX arrays (e.g. a params dict)."""

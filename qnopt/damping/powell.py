@@ -27,9 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from qnopt.damping._tree import (ArrayTree, Operator, as_matvec,
-                                 tree_add_scaled, tree_lerp, tree_scale,
-                                 tree_vdot, safe_div)
+from qnopt.damping._tree import ArrayTree, Operator, as_matvec, safe_div, tree_add_scaled
+from qnopt.linalg.tree import tree_lerp, tree_scale, tree_vdot
 
 __all__ = [
     "powell_h",

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from qnopt.damping._tree import ArrayTree, safe_div, tree_lerp, tree_vdot
+from qnopt.damping._tree import ArrayTree, safe_div
+from qnopt.linalg.tree import tree_lerp, tree_vdot
 
 __all__ = ["slimqn_tau", "slimqn_damp"]
 

@@ -14,7 +14,7 @@ from jax.flatten_util import ravel_pytree
 
 import qnopt
 from qnopt.capture import get_loss
-from qnopt.curvature import (layer_gram, layer_jacobian_gram, layer_jvp, layer_key, layer_vjp,
+from qnopt.curvature import (layer_gram, layer_jacobian_gram, layer_jvp, layer_vjp,
                              output_hessian_blocks)
 from qnopt.damping import lm_model_decrease
 from qnopt.linalg import smw_gram_matrix, smw_gram_weights

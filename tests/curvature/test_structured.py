@@ -6,7 +6,6 @@ and Powell's damping on Λ⁰ = γI (uᵀṽ ≥ μγ‖u‖²)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from hypothesis import given, settings, strategies as st
 from jax.flatten_util import ravel_pytree
 

@@ -6,7 +6,6 @@ test_mb_lsr1_reference.py)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import qnopt

@@ -9,13 +9,11 @@ The pair of step ``k−1`` is formed at step ``k`` with ``H_k``: ``v = v̂ − H
 """
 
 import importlib.util
-import math
 import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import qnopt

@@ -7,7 +7,6 @@ import optax
 import pytest
 
 import qnopt
-from qnopt import testing as T
 
 
 def _tau_ref(s, y, sigma_l, sigma_h, tau0):
