@@ -14,7 +14,12 @@ __all__ = ["make_train_step"]
 
 def make_train_step(capture: Any, opt: optax.GradientTransformation, *, donate: bool = True,
                     jit: bool = True) -> Callable:
-    """Build ``step(params, opt_state, batch, key=None) -> (params, opt_state, loss)``.
+    """Build ``step(params, opt_state, batch, key=None, model_state=None) -> (params, opt_state, loss)``.
+
+    With ``model_state`` (the model's state besides its parameters: Linen collections such as
+    ``{"batch_stats": ...}`` for ``qnopt.capture.linen(..., mutable=[...])``, the ``nnx.State``
+    of an NNX module in train mode) the step also returns it, as it is after this step's forward
+    pass at ``params`` (``oracle.model_state``): ``(params, opt_state, loss, model_state)``.
 
     The step builds the curvature oracle once (``capture.oracle(params, batch, key)``: one
     forward/backward; everything else it offers is computed only if the optimizer asks),
@@ -46,10 +51,13 @@ def make_train_step(capture: Any, opt: optax.GradientTransformation, *, donate: 
                         "e.g. qnopt.capture.linen(model, loss='softmax_cross_entropy').")
     opt = optax.with_extra_args_support(opt)
 
-    def step(params: PyTree, opt_state: PyTree, batch: Any, key: Optional[jax.Array] = None):
-        oracle = capture.oracle(params, batch, key)
+    def step(params: PyTree, opt_state: PyTree, batch: Any, key: Optional[jax.Array] = None,
+             model_state: Optional[dict] = None):
+        oracle = (capture.oracle(params, batch, key) if model_state is None
+                  else capture.oracle(params, batch, key, model_state=model_state))
         updates, opt_state = opt.update(oracle.grads, opt_state, params, curvature=oracle)
-        return optax.apply_updates(params, updates), opt_state, oracle.loss
+        new = (optax.apply_updates(params, updates), opt_state, oracle.loss)
+        return new if model_state is None else new + (oracle.model_state,)
 
     if not jit:
         return step

@@ -50,12 +50,13 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Iterable, Optional, Union
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from qnopt.losses import Loss
-from qnopt.capture.oracle import (CaptureEngine, Discovery, LayerInfo, _abstract, _get,
+from qnopt.capture.oracle import (CaptureEngine, Discovery, LayerInfo, ModelCall, _abstract, _get, split_arguments,
                                   _signature, check_flax_conv, conv_layer_info,
                                   check_single_call, dense_layer_info, path_name, to_tuple)
 
@@ -129,13 +130,57 @@ class LinenCapture(CaptureEngine):
                  layers: Union[None, Iterable[str], Callable[[str], bool]] = None,
                  input_key: Any = 0, target_key: Any = 1,
                  apply_kwargs: Optional[dict] = None,
-                 penalty: Optional[Callable[[Any], Any]] = None):
+                 penalty: Optional[Callable[[Any], Any]] = None,
+                 mutable: Iterable[str] = (), rngs: Iterable[str] = (),
+                 inputs: Optional[Callable[[Any], Any]] = None,
+                 targets: Optional[Callable[[Any], Any]] = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"linen_capture expects a flax.linen.Module, got "
                             f"{type(model).__name__}.")
         self.model = model
         self._setup(loss, layers, input_key, target_key, penalty)
         self.apply_kwargs = dict(apply_kwargs or {})
+        self.mutable = _names(mutable, "mutable")
+        self.rngs = _names(rngs, "rngs")
+        for what, fn in (("inputs", inputs), ("targets", targets)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{what}= must be a function of the batch, got {type(fn).__name__}.")
+        self._inputs, self._targets = inputs, targets
+
+    # -- batches, model state and RNG streams -------------------------------------------------
+
+    def rngs_for(self, key: Optional[jax.Array]) -> dict:
+        """The model's RNG streams for one oracle: ``{name: jax.random.fold_in(key, i)}`` for the
+        ``i``-th name of ``rngs=`` (every pass of the oracle uses the same streams: the same
+        dropout mask at ``at(θ⁺)``, ``value`` and the products as in the gradient)."""
+        if not self.rngs:
+            return {}
+        if key is None:
+            raise ValueError(f"qnopt.capture.linen(..., rngs={list(self.rngs)}) needs a PRNG key: "
+                             f"capture.oracle(params, batch, key) (each step a new key, e.g. "
+                             f"jax.random.fold_in(key, step)).")
+        return {name: jax.random.fold_in(key, i) for i, name in enumerate(self.rngs)}
+
+    def split_batch(self, batch, key: Optional[jax.Array] = None, model_state: Optional[dict] = None) -> tuple:
+        """``(ModelCall, targets)``: the model's arguments from ``inputs(batch)`` (or
+        ``batch[input_key]``), its other variable collections and RNG streams; the targets from
+        ``targets(batch)`` (or ``batch[target_key]``)."""
+        raw = self._inputs(batch) if self._inputs is not None else batch[self.input_key]
+        args, arrays, static = split_arguments(raw)
+        if self.mutable and model_state is None:
+            raise ValueError(f"qnopt.capture.linen(..., mutable={list(self.mutable)}) needs the model's "
+                             f"collections: capture.oracle(params, batch, key, model_state={{...}}) with what "
+                             f"model.init returned besides 'params' (model_state={{}} starts them afresh).")
+        variables = dict(model_state or {})
+        if "params" in variables:
+            raise ValueError("model_state= holds the collections besides 'params' (e.g. "
+                             "{'batch_stats': ...}); pass the parameters as params.")
+        t = self._targets(batch) if self._targets is not None else batch[self.target_key]
+        return ModelCall(args, arrays, static, variables, self.rngs_for(key)), t
+
+    def model_state_after(self, model_state: Optional[dict], aux: Any) -> dict:
+        """``model_state`` with the collections the pass updated (``mutable=``) replaced."""
+        return {**(model_state or {}), **aux[1]}
 
     # -- interception -------------------------------------------------------------------------
 
@@ -164,25 +209,43 @@ class LinenCapture(CaptureEngine):
 
         return interceptor
 
-    def _apply(self, variables, x, *, mutable, record=None):
+    def _apply(self, params, extra: dict, x: ModelCall, *, mutable: list, record=None):
+        """``model.apply`` of one call with ``extra`` collections added to the variables;
+        returns ``(outputs, the mutable collections)``."""
+        variables = {"params": params, **x.variables, **extra}
+        kwargs = {**x.kwargs, **dict(x.static), **self.apply_kwargs}
         with nn.intercept_methods(self._interceptor(record)):
-            return self.model.apply(variables, x, mutable=mutable, **self.apply_kwargs)
+            try:
+                out = self.model.apply(variables, *x.args, mutable=mutable or False,
+                                       rngs=x.rngs or None, **kwargs)
+            except flax.errors.ScopeCollectionNotFound as err:
+                raise ValueError(f"{err}\nThe model reads a variable collection it was not given: pass the "
+                                 f"collections model.init returned besides 'params' as "
+                                 f"capture.oracle(params, batch, key, model_state={{...}}), and name those "
+                                 f"a training step updates in qnopt.capture.linen(..., mutable=[...]).") from None
+            except flax.errors.InvalidRngError as err:
+                raise ValueError(f"{err}\nName the model's RNG streams in qnopt.capture.linen(..., "
+                                 f"rngs=['dropout', ...]) and pass a key to capture.oracle(params, batch, key)."
+                                 ) from None
+        return out if mutable else (out, {})
 
     # -- the engine protocol of qnopt.capture.oracle -----------------------------------------
 
     def forward(self, params, x):
-        """Plain forward pass (no interception)."""
-        return self.model.apply({"params": params}, x, **self.apply_kwargs)
+        """Plain forward pass (no interception; updated collections discarded)."""
+        return self._apply(params, {}, x, mutable=list(self.mutable))[0]
 
     def run_captured(self, params, perts, x):
-        """Forward pass with layer inputs/outputs sown and ``perts`` added to the outputs."""
-        out, state = self._apply({"params": params, PERTURB_COLLECTION: perts}, x,
-                                 mutable=[SOW_COLLECTION])
-        return out, state.get(SOW_COLLECTION, {})
+        """Forward pass with layer inputs/outputs sown and ``perts`` added to the outputs;
+        the auxiliary output is ``(sown, updated collections)``."""
+        out, state = self._apply(params, {PERTURB_COLLECTION: perts}, x,
+                                 mutable=[SOW_COLLECTION, *self.mutable])
+        state = dict(state)
+        return out, (state.pop(SOW_COLLECTION, {}), state)
 
-    def layer_values(self, sown, perts_grad, info: LayerInfo):
+    def layer_values(self, aux, perts_grad, info: LayerInfo):
         """``(a, h, dh)`` of one captured layer from :meth:`run_captured`'s record."""
-        s = _get(sown, info.path)
+        s = _get(aux[0], info.path)
         return s[_A][0], s[_H][0], _get(perts_grad, info.path)[_DH]
 
     def _discover(self, params, x, targets=None) -> Discovery:
@@ -192,8 +255,8 @@ class LinenCapture(CaptureEngine):
         record = {"modules": {}, "excluded": {}, "calls": {}}
 
         def f(p, x_, t):
-            out, state = self._apply({"params": p}, x_, mutable=[PERTURB_COLLECTION,
-                                                                 SOW_COLLECTION], record=record)
+            out, state = self._apply(p, {}, x_, mutable=[PERTURB_COLLECTION, SOW_COLLECTION, *self.mutable],
+                                     record=record)
             if t is not None:
                 self.loss.per_example(out, t)  # shape checks: the loss's ValueError
             return out, state.get(PERTURB_COLLECTION, {})
@@ -209,29 +272,54 @@ class LinenCapture(CaptureEngine):
         self._cache[key] = d
         return d
 
+
+def _names(names: Any, what: str) -> tuple:
+    if isinstance(names, str):
+        return (names,)
+    if names is True or names is False:
+        raise TypeError(f"{what}= takes collection/stream names, e.g. {what}=['batch_stats'], got {names}.")
+    return tuple(names)
+
+
 def linen_capture(model: nn.Module, loss: Union[str, Loss], *,
                   layers: Union[None, Iterable[str], Callable[[str], bool]] = None,
                   input_key: Any = 0, target_key: Any = 1,
                   apply_kwargs: Optional[dict] = None,
-                  penalty: Optional[Callable[[Any], Any]] = None) -> LinenCapture:
+                  penalty: Optional[Callable[[Any], Any]] = None,
+                  mutable: Iterable[str] = (), rngs: Iterable[str] = (),
+                  inputs: Optional[Callable[[Any], Any]] = None,
+                  targets: Optional[Callable[[Any], Any]] = None) -> LinenCapture:
     """Captures the Dense/DenseGeneral/Conv layers of a Flax Linen model for curvature methods.
 
+    The capture runs the model as a training step does: ``model.apply(variables, *args,
+    mutable=mutable, rngs=..., **kwargs)`` with ``variables = {"params": params, **model_state}``.
+
     Args:
-      model: a ``flax.linen.Module``; ``model.apply({"params": params}, x, **apply_kwargs)``
-        must give the outputs.
+      model: a ``flax.linen.Module``.
       loss: a registered loss name or a :class:`qnopt.capture.Loss` (unknown names raise the
         registry's ``KeyError``).
       layers: which capturable layers to capture: ``None`` (all), an iterable of layer names
         (module paths joined with ``/``, e.g. ``"Dense_0"``), or a predicate on the name.
         Layers left out are handled by the fallback like any non-captured parameter.
       input_key, target_key: ``batch[input_key]`` is the model input, ``batch[target_key]``
-        the targets (defaults: a tuple ``(x, targets)``).
-      apply_kwargs: extra static keyword arguments of ``model.apply`` (e.g. ``train=False``).
+        the targets (defaults: a tuple ``(x, targets)``); see ``inputs`` / ``targets``.
+      apply_kwargs: extra static keyword arguments of ``model.apply`` (e.g. ``train=True``).
       penalty: ``None`` or ``R(params) -> scalar`` on the ``"params"`` tree, added to the mean
         loss (e.g. an L2 penalty; see :class:`qnopt.capture.Oracle` for what includes it).
+      mutable: the variable collections a training step updates (``["batch_stats"]``): they
+        are passed in with ``capture.oracle(..., model_state={...})`` and the updated ones are
+        ``oracle.model_state``.
+      rngs: the model's RNG streams (``["dropout"]``), derived for every oracle from its key
+        (:meth:`LinenCapture.rngs_for`); every pass of one oracle sees the same streams.
+      inputs: ``batch -> arguments`` of the model: an array (one positional argument), a tuple
+        (positional arguments), a dict (keyword arguments) or ``((positional...), {keyword:
+        ...})``. Array arguments have the examples on their leading axis; other keyword values
+        (``train=True``) are static. Default ``batch[input_key]``.
+      targets: ``batch -> targets`` of the loss (default ``batch[target_key]``).
 
     Returns:
-      A :class:`LinenCapture`; ``capture.oracle(params, batch, key)`` builds an :class:`Oracle`.
+      A :class:`LinenCapture`; ``capture.oracle(params, batch, key, model_state=None)`` builds an
+      :class:`Oracle`.
 
     Example:
       >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -242,10 +330,22 @@ def linen_capture(model: nn.Module, loss: Union[str, Loss], *,
       >>> oracle = linen_capture(model, "mse").oracle(params, (x, y))
       >>> sorted(oracle.layers), oracle.layers["layers_0"].dh.shape
       (['layers_0', 'layers_2'], (3, 4))
+
+      A train-mode step of a model with BatchNorm and dropout:
+
+      >>> class Net(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x, train):
+      ...         x = nn.BatchNorm(use_running_average=not train)(nn.Dense(4)(x))
+      ...         return nn.Dense(2)(nn.Dropout(0.5, deterministic=not train)(x))
+      >>> variables = Net().init(jax.random.key(0), x, train=False)
+      >>> capture = linen_capture(Net(), "mse", mutable=["batch_stats"], rngs=["dropout"],
+      ...                         inputs=lambda b: ((b[0],), {"train": True}))
+      >>> oracle = capture.oracle(variables["params"], (x, y), jax.random.key(1),
+      ...                         model_state={"batch_stats": variables["batch_stats"]})
+      >>> sorted(oracle.model_state["batch_stats"]["BatchNorm_0"])
+      ['mean', 'var']
     """
     return LinenCapture(model, loss, layers=layers, input_key=input_key, target_key=target_key,
-                        apply_kwargs=apply_kwargs, penalty=penalty)
-
-
-
-
+                        apply_kwargs=apply_kwargs, penalty=penalty, mutable=mutable, rngs=rngs,
+                        inputs=inputs, targets=targets)

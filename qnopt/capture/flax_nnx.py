@@ -12,9 +12,14 @@ returns); :meth:`NnxCapture.forward` and :meth:`NnxCapture.run_captured` rebuild
 module with ``nnx.merge(graphdef, params, rest)`` on every call, so they are pure functions of
 the params state (usable under :func:`jax.jit`, :func:`jax.grad`, :func:`jax.vmap`) and
 :attr:`Oracle.grads` is a state of the same structure as ``params``. The non-parameter state
-``rest`` (batch statistics, RNG counters, ...) is a snapshot taken by :func:`nnx_capture`;
-changes a forward pass makes to it are discarded. Put the model in the mode you want (e.g.
-``model.eval()`` for BatchNorm/Dropout) *before* calling :func:`nnx_capture`.
+``rest`` (batch statistics, RNG counters, ...) is an input of every oracle
+(``capture.oracle(params, batch, key, model_state=rest)``, default the snapshot taken by
+:func:`nnx_capture`), and the state after the oracle's own forward pass is
+``oracle.model_state``: in train mode (``model.train()``) BatchNorm statistics and dropout RNG
+counters advance exactly as in a plain ``nnx.value_and_grad`` step. The extra passes a method
+takes start from the same state and their changes are discarded (docs/your_model.md). The
+model's mode (``model.train()`` / ``model.eval()``) is part of ``graphdef``: set it *before*
+calling :func:`nnx_capture`.
 
 How it captures (no model change needed). Only public NNX API is used, and no jaxpr
 inspection:
@@ -68,7 +73,7 @@ import jax.numpy as jnp
 
 from qnopt.losses import Loss
 from qnopt.linalg.tree import key_name
-from qnopt.capture.oracle import (CaptureEngine, Discovery, LayerInfo, _abstract, _get,
+from qnopt.capture.oracle import (CaptureEngine, Discovery, LayerInfo, ModelCall, _abstract, _get, split_arguments,
                                   _signature, check_flax_conv, conv_layer_info,
                                   check_single_call, dense_layer_info, path_name, to_tuple)
 
@@ -88,6 +93,18 @@ class QnoptRecord(nnx.Intermediate):
 
 class QnoptPerturbation(nnx.Perturbation):
     """Variable type of the output perturbations (kept apart from user ``perturb`` calls)."""
+
+
+def _fresh(state: Any) -> Any:
+    """``state`` with new variable objects made in the current trace: a train-mode pass writes
+    its BatchNorm statistics and RNG counters, and NNX refuses writes to variables made in an
+    outer trace (those of an oracle's input state, inside the gradient's ``jax.vjp``)."""
+    return jax.tree.map(lambda v: v, state)
+
+
+def _rest_of(model: nnx.Module) -> Any:
+    """The module's state besides its parameters and the capture's own variables."""
+    return nnx.split(model, nnx.Param, (QnoptRecord, QnoptPerturbation), ...)[3]
 
 
 # id(module) -> (path, record-or-None) for the captured layers of the pass running in this thread.
@@ -180,12 +197,31 @@ class NnxCapture(CaptureEngine):
     def __init__(self, model: nnx.Module, loss: Union[str, Loss], *,
                  layers: Union[None, Iterable[str], Callable[[str], bool]] = None,
                  input_key: Any = 0, target_key: Any = 1,
-                 penalty: Optional[Callable[[Any], Any]] = None):
+                 penalty: Optional[Callable[[Any], Any]] = None,
+                 inputs: Optional[Callable[[Any], Any]] = None,
+                 targets: Optional[Callable[[Any], Any]] = None):
         if not isinstance(model, nnx.Module):
             raise TypeError(f"nnx_capture expects a flax.nnx.Module, got {type(model).__name__}.")
         self.model_class = type(model).__name__
         self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
         self._setup(loss, layers, input_key, target_key, penalty)
+        self._inputs, self._targets = inputs, targets
+
+    def split_batch(self, batch, key: Optional[jax.Array] = None, model_state: Any = None) -> tuple:
+        """``(ModelCall, targets)``: the model's arguments (``inputs(batch)`` or
+        ``batch[input_key]``, as for :func:`qnopt.capture.linen`) and its non-parameter state
+        ``model_state`` (an ``nnx.State``: batch statistics, RNG counters; default the snapshot
+        taken when the capture was built)."""
+        raw = self._inputs(batch) if self._inputs is not None else batch[self.input_key]
+        args, arrays, static = split_arguments(raw)
+        rest = self.rest if model_state is None else model_state
+        t = self._targets(batch) if self._targets is not None else batch[self.target_key]
+        return ModelCall(args, arrays, static, {"rest": rest}), t
+
+    def model_state_after(self, model_state: Any, aux: Any) -> Any:
+        """The module's non-parameter state after the pass (batch statistics and RNG counters
+        advanced as in a plain ``nnx`` training step)."""
+        return aux[1]
 
     # -- the captured pass --------------------------------------------------------------------
 
@@ -195,7 +231,7 @@ class NnxCapture(CaptureEngine):
         ``perts=None``: ``(out, perturbation zeros, records)``; else ``(out, records)`` with the
         perturbations added to the layer outputs.
         """
-        model = nnx.merge(self.graphdef, params, self.rest)
+        model = nnx.merge(self.graphdef, params, _fresh(x.variables["rest"]))
         table, swapped = {}, []
         for path, module in nnx.iter_modules(model):
             path = tuple(path)
@@ -216,9 +252,11 @@ class NnxCapture(CaptureEngine):
             for module, cls in swapped:
                 module.__class__ = _capturing_class(cls)
             _LOCAL.table = table
+            call = lambda m: m(*x.args, **x.kwargs, **dict(x.static))
             if perts is None:
-                return nnx.capture(model, QnoptPerturbation, QnoptRecord)(x)
-            return nnx.capture(model, QnoptRecord, init=perts)(x)
+                return nnx.capture(call, QnoptPerturbation, QnoptRecord)(model)
+            out, records = nnx.capture(call, QnoptRecord, init=perts)(model)
+            return out, (records, _rest_of(model))
         finally:
             _LOCAL.table = previous
             for module, cls in swapped:
@@ -227,16 +265,17 @@ class NnxCapture(CaptureEngine):
     # -- the engine protocol of qnopt.capture.oracle -----------------------------------------
 
     def forward(self, params, x):
-        """Plain forward pass (no capture): ``nnx.merge(graphdef, params, rest)(x)``."""
-        return nnx.merge(self.graphdef, params, self.rest)(x)
+        """Plain forward pass (no capture): ``nnx.merge(graphdef, params, rest)(*args)``; the
+        state it changes is discarded."""
+        return nnx.merge(self.graphdef, params, _fresh(x.variables["rest"]))(*x.args, **x.kwargs, **dict(x.static))
 
     def run_captured(self, params, perts, x):
         """Forward pass with layer inputs/outputs sown and ``perts`` added to the outputs."""
         return self._captured(params, x, perts, None)
 
-    def layer_values(self, sown, perts_grad, info: LayerInfo):
+    def layer_values(self, aux, perts_grad, info: LayerInfo):
         """``(a, h, dh)`` of one captured layer from :meth:`run_captured`'s record."""
-        s = _get(sown, info.path)
+        s = _get(aux[0], info.path)
         return (_value(s[_A])[0], _value(s[_H])[0],
                 _value(_get(perts_grad, info.path)[_DH]))
 
@@ -277,7 +316,9 @@ class NnxCapture(CaptureEngine):
 def nnx_capture(model: nnx.Module, loss: Union[str, Loss], *,
                 layers: Union[None, Iterable[str], Callable[[str], bool]] = None,
                 input_key: Any = 0, target_key: Any = 1,
-                penalty: Optional[Callable[[Any], Any]] = None) -> NnxCapture:
+                penalty: Optional[Callable[[Any], Any]] = None,
+                inputs: Optional[Callable[[Any], Any]] = None,
+                targets: Optional[Callable[[Any], Any]] = None) -> NnxCapture:
     """Captures the ``nnx.Linear`` / ``nnx.Conv`` layers of a Flax NNX model for curvature
     methods (no model change needed; see the module documentation for the mechanism).
 
@@ -293,10 +334,16 @@ def nnx_capture(model: nnx.Module, loss: Union[str, Loss], *,
         the targets (defaults: a tuple ``(x, targets)``).
       penalty: ``None`` or ``R(params) -> scalar`` on the ``nnx.State`` of parameters, added
         to the mean loss (see :class:`qnopt.capture.Oracle` for what includes it).
+      inputs, targets: ``batch -> arguments`` / ``batch -> targets`` as for
+        :func:`qnopt.capture.linen` (defaults ``batch[input_key]``, ``batch[target_key]``).
 
     Returns:
-      An :class:`NnxCapture`; ``capture.oracle(params, batch, key)`` builds an :class:`Oracle`
-      where ``params = nnx.state(model, nnx.Param)`` (or ``capture.params``).
+      An :class:`NnxCapture`; ``capture.oracle(params, batch, key, model_state=rest)`` builds an
+      :class:`Oracle` where ``params = nnx.state(model, nnx.Param)`` (or ``capture.params``) and
+      ``rest`` the module's other state (``nnx.split(model, nnx.Param, ...)[2]``; default the
+      snapshot ``capture.rest``). In train mode (``model.train()``) the state after the step's
+      forward pass — BatchNorm statistics, dropout RNG counters — is ``oracle.model_state``;
+      ``nnx.update(model, params, oracle.model_state)`` brings the module up to date.
 
     Example:
       >>> import jax.numpy as jnp, flax.nnx as nnx
@@ -310,4 +357,4 @@ def nnx_capture(model: nnx.Module, loss: Union[str, Loss], *,
       (['layers/0', 'layers/2'], (3, 4))
     """
     return NnxCapture(model, loss, layers=layers, input_key=input_key, target_key=target_key,
-                      penalty=penalty)
+                      penalty=penalty, inputs=inputs, targets=targets)

@@ -3,14 +3,19 @@
 :class:`Oracle` is model-agnostic. A *capture engine* (``qnopt.capture.linen`` for Flax Linen;
 NNX and pure-JAX engines follow the same protocol) supplies:
 
-* ``loss`` (a :class:`qnopt.capture.Loss`), ``target_key`` and ``split_batch(batch) -> (x, t)``;
-* ``oracle(params, batch, key) -> Oracle`` (used by :meth:`Oracle.at` and :meth:`Oracle.fisher`);
+* ``loss`` (a :class:`qnopt.capture.Loss`) and ``split_batch(batch, key, model_state) -> (x, t)``:
+  the model's inputs (for Flax a :class:`ModelCall`: arguments, other variable collections, RNG
+  streams) and the loss's targets;
+* ``oracle(params, batch, key, model_state=None) -> Oracle`` (used by :meth:`Oracle.first`);
 * ``_discover(params, x, t) -> Discovery``: the captured layers (static :class:`LayerInfo`) and
   the zero perturbations whose gradients are the pre-activation gradients;
-* ``run_captured(params, perts, x) -> (outputs, sown)``: the forward pass with the layer inputs
-  and outputs recorded and the perturbations added to the outputs;
-* ``layer_values(sown, perts_grad, info) -> (a, h, dh)`` for one layer;
+* ``run_captured(params, perts, x) -> (outputs, aux)``: the forward pass with the layer inputs
+  and outputs recorded (in ``aux``) and the perturbations added to the outputs;
+* ``layer_values(aux, perts_grad, info) -> (a, h, dh)`` for one layer;
+* ``model_state_after(model_state, aux)``: the model's state after that pass (train mode);
 * ``forward(params, x) -> outputs``: the plain forward pass;
+* ``example_axes(x)`` / ``with_batch_axis(x)``: ``vmap`` axes of the inputs, and one example
+  as a batch (per-example gradients);
 * ``penalty``: ``None`` or ``R(params) -> scalar``, a term on the parameters added to the loss
   (see :class:`Oracle`: the oracle's objective is ``(1/N) Σ_n ℓ_n + R(θ)``).
 """
@@ -24,6 +29,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qnopt.curvature.kronecker import append_ones
 from qnopt.curvature.patches import conv_patches
@@ -31,9 +37,8 @@ from qnopt.curvature.products import ggn_vp, hvp, layer_gram
 from qnopt.linalg.tree import key_name, path_key
 from qnopt.losses import get_loss
 
-__all__ = ["CaptureEngine", "Discovery", "LayerInfo", "LayerStats", "Oracle", "check_flax_conv",
-           "conv_layer_info",
-           "dense_layer_info", "path_name"]
+__all__ = ["CaptureEngine", "Discovery", "LayerInfo", "LayerStats", "ModelCall", "Oracle", "check_flax_conv",
+           "conv_layer_info", "dense_layer_info", "path_name", "split_arguments"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,8 +206,12 @@ class LayerStats:
 
     def dh_rows(self) -> jax.Array:
         """``dh`` as ``(N, T, d_out)`` (row ``(n, t)`` pairs with row ``(n, t)`` of
-        :meth:`a_rows`)."""
+        :meth:`a_rows`; several output axes, e.g. attention heads, are flattened)."""
         return self.dh.reshape(self.dh.shape[0], self.spatial_size, self.info.d_out)
+
+    def h_rows(self) -> jax.Array:
+        """``h`` as ``(N, T, d_out)``, like :meth:`dh_rows`."""
+        return self.h.reshape(self.h.shape[0], self.spatial_size, self.info.d_out)
 
     def kernel_grad(self) -> jax.Array:
         """``Σ_{n,t} a_{n,t}ᵀ dh_{n,t}`` reshaped to the kernel's shape (equals the gradient of
@@ -214,16 +223,6 @@ class LayerStats:
     def bias_grad(self) -> jax.Array:
         """``Σ_{n,t} dh_{n,t}`` in the bias's shape (the gradient of the mean loss w.r.t. it)."""
         return jnp.sum(self.dh_rows(), axis=(0, 1)).reshape(self.info.bias_shape)
-
-
-def _replace(batch, key, value):
-    """``batch`` with ``batch[key]`` replaced (tuples, lists and dicts)."""
-    if isinstance(batch, dict):
-        return {**batch, key: value}
-    items = list(batch)
-    items[key] = value
-    return type(batch)(items) if isinstance(batch, tuple) and not hasattr(batch, "_fields") else (
-        type(batch)(*items) if hasattr(batch, "_fields") else items)
 
 
 def _get(tree, path):
@@ -247,6 +246,60 @@ def _abstract(tree):
 def _signature(*trees):
     leaves, treedef = jax.tree.flatten(trees)
     return treedef, tuple((tuple(jnp.shape(l)), str(jnp.result_type(l))) for l in leaves)
+
+
+@jax.tree_util.register_pytree_node_class
+class ModelCall:
+    """One call of a model as a pytree: positional and keyword array arguments (a leading example
+    axis on every leaf), static keyword arguments (Python values, part of the tree structure),
+    the variable collections besides ``params`` (``batch_stats``, ...) and the RNG streams
+    (``{"dropout": key}``), the last two shared by every example."""
+
+    def __init__(self, args: tuple = (), kwargs: Optional[dict] = None, static: tuple = (),
+                 variables: Optional[dict] = None, rngs: Optional[dict] = None):
+        self.args, self.kwargs, self.static = tuple(args), dict(kwargs or {}), tuple(static)
+        self.variables, self.rngs = dict(variables or {}), dict(rngs or {})
+
+    def tree_flatten(self):
+        return (self.args, self.kwargs, self.variables, self.rngs), self.static
+
+    @classmethod
+    def tree_unflatten(cls, static, children):
+        args, kwargs, variables, rngs = children
+        obj = cls.__new__(cls)
+        obj.args, obj.kwargs, obj.static, obj.variables, obj.rngs = args, kwargs, static, variables, rngs
+        return obj
+
+    def example_axes(self) -> "ModelCall":
+        """``vmap`` axes: 0 for the arguments, ``None`` for the variables and RNG streams."""
+        return ModelCall.tree_unflatten(self.static, (0, 0, None, None))
+
+    def with_batch_axis(self) -> "ModelCall":
+        """The call with a leading axis of 1 on the arguments (one example as a batch)."""
+        add = lambda z: jax.tree.map(lambda u: u[None], z)
+        return ModelCall.tree_unflatten(self.static, (add(self.args), add(self.kwargs), self.variables,
+                                                      self.rngs))
+
+
+def split_arguments(raw: Any) -> tuple[tuple, dict, tuple]:
+    """``(args, array kwargs, static kwargs)`` of a model's arguments given as one array (one
+    positional argument), a tuple (positional), a dict (keyword) or ``((positional...),
+    {keyword: ...})``; keyword values that are not arrays (``train=True``) are static."""
+    if isinstance(raw, tuple) and len(raw) == 2 and isinstance(raw[0], tuple) and isinstance(raw[1], dict):
+        args, kwargs = raw
+    elif isinstance(raw, tuple):
+        args, kwargs = raw, {}
+    elif isinstance(raw, dict):
+        args, kwargs = (), raw
+    else:
+        args, kwargs = (raw,), {}
+
+    def is_array_tree(v):
+        leaves = jax.tree.leaves(v)
+        return bool(leaves) and all(isinstance(leaf, (jax.Array, np.ndarray)) for leaf in leaves)
+
+    arrays = {k: v for k, v in kwargs.items() if is_array_tree(v)}
+    return tuple(args), arrays, tuple(sorted((k, v) for k, v in kwargs.items() if k not in arrays))
 
 
 @dataclasses.dataclass
@@ -290,14 +343,17 @@ class Oracle:
     """
 
     def __init__(self, capture: Any, params, batch, key, discovery: Discovery,
-                 forward_of: Optional["Oracle"] = None, penalised: bool = True):
+                 forward_of: Optional["Oracle"] = None, penalised: bool = True,
+                 model_state: Optional[dict] = None, targets: Any = None):
         self.capture = capture
         self.params = params
         self.batch = batch
         self.key = key
         self._disc = discovery
         self._forward_of = forward_of
-        self.inputs, self.targets = capture.split_batch(batch)
+        self._model_state = model_state
+        self.inputs, batch_targets = capture.split_batch(batch, key=key, model_state=model_state)
+        self.targets = batch_targets if targets is None else targets
         #: ``R(params) -> scalar`` added to the loss, or ``None`` (see the class docstring).
         self.penalty = getattr(capture, "penalty", None) if penalised else None
 
@@ -369,12 +425,28 @@ class Oracle:
             stats[name] = LayerStats(a=a, h=h, dh=dh, spatial_size=info.spatial_size, info=info)
         return stats
 
+    @property
+    def model_state(self) -> dict:
+        """The model's variable collections after this oracle's pass at ``params`` (what
+        ``model.apply(..., mutable=...)`` returns, e.g. updated BatchNorm statistics), over the
+        ``model_state`` it was built with. Only this user-visible pass's state is returned: the
+        extra passes a method takes (``at``, ``value``, ``fisher``, products) run the model in
+        the same mode from the same input state and their updates are discarded, as a plain
+        training step updates the statistics once per minibatch."""
+        return self.capture.model_state_after(self._model_state, self._forward[2])
+
     def at(self, new_params) -> "Oracle":
-        """A new oracle for the same batch (and key) at ``new_params``."""
+        """A new oracle for the same batch (and key, model state and RNG streams) at ``new_params``."""
         x, t = self.inputs, self.targets
         disc = self.capture._discover(new_params, x, t)
         return Oracle(self.capture, new_params, self.batch, self.key, disc,
-                      penalised=self.penalty is not None)
+                      penalised=self.penalty is not None, model_state=self._model_state)
+
+    def first(self, n: int) -> "Oracle":
+        """The oracle of the first ``n`` examples of the batch at the same parameters, with the same
+        key and model state (S2QN's ``N_H``, SMW's ``N₂``)."""
+        batch = jax.tree.map(lambda x: x[:n], self.batch)
+        return self.capture.oracle(self.params, batch, self.key, model_state=self._model_state)
 
     def value(self, params) -> jax.Array:
         """The objective at ``params`` on this batch, mean loss ``+ R(params)`` (forward pass only)."""
@@ -429,9 +501,8 @@ class Oracle:
                              "its sampled Fisher does not match its curvature. Use ggn_vp, or a "
                              "sum-reduced loss.")
         sampled = jax.lax.stop_gradient(loss.sample(key, jax.lax.stop_gradient(self.outputs)))
-        batch = _replace(self.batch, self.capture.target_key, sampled)
-        return Oracle(self.capture, self.params, batch, key, self._disc, forward_of=self,
-                      penalised=False)
+        return Oracle(self.capture, self.params, self.batch, self.key, self._disc, forward_of=self,
+                      penalised=False, model_state=self._model_state, targets=sampled)
 
     def fisher_grads(self, key: Optional[jax.Array] = None):
         """Gradient of the mean loss under labels sampled from the model (see :meth:`fisher`);
@@ -482,12 +553,11 @@ class Oracle:
         cap = self.capture
 
         def single(p, xi, ti):
-            add = lambda z: jax.tree.map(lambda u: u[None], z)
-            out = cap.forward(p, add(xi))
-            return cap.loss.per_example(out, add(ti))[0]
+            out = cap.forward(p, cap.with_batch_axis(xi))
+            return cap.loss.per_example(out, jax.tree.map(lambda u: u[None], ti))[0]
 
-        per_example = jax.vmap(jax.grad(single), in_axes=(None, 0, 0))(self.params, self.inputs,
-                                                                       self.targets)
+        per_example = jax.vmap(jax.grad(single), in_axes=(None, cap.example_axes(self.inputs), 0))(
+            self.params, self.inputs, self.targets)
         return self._add_penalty_grad(per_example, leading_axis=True)
 
 
@@ -521,22 +591,43 @@ class CaptureEngine:
         self.target_key = target_key
         self._cache: dict = {}
 
-    def split_batch(self, batch) -> tuple:
-        """``(inputs, targets)`` of a batch (``batch[input_key]``, ``batch[target_key]``)."""
+    def split_batch(self, batch, key: Optional[jax.Array] = None, model_state: Optional[dict] = None) -> tuple:
+        """``(inputs, targets)`` of a batch (``batch[input_key]``, ``batch[target_key]``). Engines
+        whose models carry other variable collections or RNG streams (``qnopt.capture.linen``)
+        fold ``model_state`` and ``key`` into the inputs; here a model state is an error."""
+        if model_state:
+            raise ValueError(f"{type(self).__name__} has no variable collections besides the parameters: "
+                             f"model_state= is for qnopt.capture.linen(..., mutable=...) captures.")
         return batch[self.input_key], batch[self.target_key]
 
-    def oracle(self, params, batch, key: Optional[jax.Array] = None) -> Oracle:
+    #: The engine's inputs for one example and back (``ModelCall`` inputs override them).
+    def example_axes(self, x: Any) -> Any:
+        return x.example_axes() if isinstance(x, ModelCall) else 0
+
+    def with_batch_axis(self, xi: Any) -> Any:
+        return xi.with_batch_axis() if isinstance(xi, ModelCall) else jax.tree.map(lambda u: u[None], xi)
+
+    def model_state_after(self, model_state: Any, aux: Any) -> Any:
+        """The model state after a captured pass from ``model_state`` (``aux``: the pass's
+        auxiliary output); engines without one return it unchanged (``{}`` for none)."""
+        return {} if model_state is None else model_state
+
+    def oracle(self, params, batch, key: Optional[jax.Array] = None,
+               model_state: Optional[dict] = None) -> Oracle:
         """The curvature oracle at ``params`` on ``batch``.
 
+        ``key`` seeds the sampled labels (``fisher``) and, for captures with ``rngs=``, the
+        model's RNG streams; ``model_state`` holds the model's variable collections besides
+        ``params`` (e.g. ``{"batch_stats": ...}``; see ``oracle.model_state`` for the updated ones).
         Shapes are checked now (trace time): mismatched targets raise the loss's ``ValueError``.
         The forward/backward pass runs when a result is first asked for.
         """
-        x, t = self.split_batch(batch)
-        return Oracle(self, params, batch, key, self._discover(params, x, t))
+        x, t = self.split_batch(batch, key=key, model_state=model_state)
+        return Oracle(self, params, batch, key, self._discover(params, x, t), model_state=model_state)
 
-    def layer_info(self, params, batch) -> dict:
+    def layer_info(self, params, batch, model_state: Optional[dict] = None) -> dict:
         """``{name: LayerInfo}`` of the captured layers for this batch's input shape."""
-        x, t = self.split_batch(batch)
+        x, t = self.split_batch(batch, key=jax.random.key(0), model_state=model_state)
         disc = self._discover(params, x, t)
         if disc.no_layers:
             raise ValueError(disc.no_layers)
@@ -604,7 +695,7 @@ class CaptureEngine:
         return [(tuple(key_name(k) for k in kp), tuple(jnp.shape(leaf)))
                 for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]]
 
-    def table(self, params, batch=None) -> str:
+    def table(self, params, batch=None, model_state: Optional[dict] = None) -> str:
         """A printable table: every parameter leaf with its treatment.
 
         ``"dense layer X kernel"``, ``"conv layer Y bias"`` or ``"fallback (not captured:
@@ -613,7 +704,7 @@ class CaptureEngine:
         trace is reused (the most recent one).
         """
         if batch is not None:
-            x, t = self.split_batch(batch)
+            x, t = self.split_batch(batch, key=jax.random.key(0), model_state=model_state)
             disc = self._discover(params, x, t)
         elif self._cache:
             disc = next(reversed(self._cache.values()))

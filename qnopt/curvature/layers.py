@@ -145,17 +145,15 @@ def output_pair(before: Any, after: Any) -> tuple[jax.Array, jax.Array]:
     Example:
       >>> import jax.numpy as jnp
       >>> from types import SimpleNamespace as NS
-      >>> before = NS(h=jnp.array([[1.], [3.]]), dh=jnp.array([[0.5], [0.5]]))
-      >>> after = NS(h=jnp.array([[2.], [5.]]), dh=jnp.array([[1.0], [1.5]]))
+      >>> rows = lambda h, dh: NS(h_rows=lambda: h[:, None], dh_rows=lambda: dh[:, None])
+      >>> before = rows(jnp.array([[1.], [3.]]), jnp.array([[0.5], [0.5]]))
+      >>> after = rows(jnp.array([[2.], [5.]]), jnp.array([[1.0], [1.5]]))
       >>> [v.tolist() for v in output_pair(before, after)]   # s = mean Δh, y = mean N·Δdh
       [[1.5], [1.5]]
     """
-    def rows(x):
-        x = jnp.asarray(x)
-        return x.reshape(x.shape[0], -1, x.shape[-1]).astype(accumulation_dtype(x.dtype))
-
-    h0, h1 = rows(before.h), rows(after.h)
-    d0, d1 = rows(before.dh), rows(after.dh)
+    acc = lambda x: x.astype(accumulation_dtype(x.dtype))
+    h0, h1 = acc(before.h_rows()), acc(after.h_rows())      # (N, T, d_out): all output axes flattened
+    d0, d1 = acc(before.dh_rows()), acc(after.dh_rows())
     s = jnp.mean(h1 - h0, axis=(0, 1))
     y = jnp.sum(jnp.mean(d1 - d0, axis=1), axis=0)
     return s, y
@@ -183,17 +181,18 @@ def preactivation_blocks(before: Any, after: Any) -> tuple[jax.Array, jax.Array]
     Example:
       >>> import jax.numpy as jnp
       >>> from types import SimpleNamespace as NS
-      >>> before = NS(h=jnp.array([[1.], [3.]]), dh=jnp.array([[0.5], [0.5]]))
-      >>> after = NS(h=jnp.array([[2.], [5.]]), dh=jnp.array([[1.0], [1.5]]))
+      >>> rows = lambda h, dh: NS(h_rows=lambda: h[:, None], dh_rows=lambda: dh[:, None])
+      >>> before = rows(jnp.array([[1.], [3.]]), jnp.array([[0.5], [0.5]]))
+      >>> after = rows(jnp.array([[2.], [5.]]), jnp.array([[1.0], [1.5]]))
       >>> [v.tolist() for v in preactivation_blocks(before, after)]   # Δh, N·Δdh per example
       [[[1.0, 2.0]], [[1.0, 2.0]]]
     """
-    def cols(x):
-        x = jnp.asarray(x)
+    def cols(x):    # (N, T, d_out) -> (d_out, N·T)
         return x.reshape(-1, x.shape[-1]).T.astype(accumulation_dtype(x.dtype))
 
-    n = jnp.shape(before.h)[0]
-    return cols(after.h) - cols(before.h), n * (cols(after.dh) - cols(before.dh))
+    n = before.dh_rows().shape[0]
+    return (cols(after.h_rows()) - cols(before.h_rows()),
+            n * (cols(after.dh_rows()) - cols(before.dh_rows())))
 
 
 def hessian_action_pair(H_A: ArrayLike, a_mean: ArrayLike, A_matvec: Callable[[jax.Array], jax.Array],

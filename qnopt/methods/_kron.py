@@ -5,10 +5,15 @@ descent update.
 
 A *layer* is a kernel (and its bias) that the curvature oracle captures. The optimizer's state
 must be created by ``init(params)`` before any oracle is seen, so the layers are found from the
-parameters: by default every dict node holding a ``"kernel"`` array of rank ≥ 2 (and a
-``"bias"`` of shape ``(kernel.shape[-1],)``, if present) — the Flax Linen / NNX layout —
-or exactly those of ``layers=capture.layer_info(params, batch)``. On every update the oracle's
-captured layers are checked against these; a mismatch raises a ``ValueError`` saying what to do.
+parameters: by default every dict node holding a ``"kernel"`` array of rank ≥ 2 (and its
+``"bias"``, if present) — the Flax Linen / NNX layout —, or exactly those of
+``layers=capture.layer_info(params, batch)``. By default a layer's outputs are the kernel's
+trailing axes that its bias has (``(d, heads, head_dim)`` with a ``(heads, head_dim)`` bias:
+``d_out = heads·head_dim``), else its last axis; with ``layers=capture.layer_info(...)`` the
+geometry is the capture's, whatever the kernel's shape (a bias-less attention kernel, an
+``Einsum``). On every update the oracle's captured layers are checked against these; a mismatch
+raises a ``ValueError`` that says to pass ``layers=capture.layer_info(params, batch)``, which
+then works.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ class LayerSpec:
     d_in: int
     d_out: int
     conv: bool
+    bias_shape: tuple = ()
 
     @property
     def has_bias(self) -> bool:
@@ -67,8 +73,15 @@ def find_layers(params: PyTree, layers: Any = None) -> dict:
                 continue
             shape = tuple(jnp.shape(leaf))
             bias = path[:-1] + ("bias",)
-            has_bias = bias in leaves and tuple(jnp.shape(leaves[bias])) == (shape[-1],)
-            specs[path_key(path)] = _spec(path, bias if has_bias else None, shape, conv=len(shape) > 2)
+            b_shape = tuple(jnp.shape(leaves[bias])) if bias in leaves else None
+            k = 1 if b_shape is None else len(b_shape)
+            if b_shape is not None and (k == 0 or k >= len(shape) or shape[-k:] != b_shape):
+                b_shape, k = None, 1     # not this kernel's bias
+            # A bias over several trailing axes (DenseGeneral, attention q/k/v (d, heads, head_dim))
+            # makes those axes the outputs; otherwise the last axis is (dense, conv).
+            specs[path_key(path)] = _spec(path, None if b_shape is None else bias, shape,
+                                          conv=len(shape) > 2 and k == 1, d_out=math.prod(shape[-k:]),
+                                          bias_shape=b_shape or ())
         if not specs:
             raise ValueError(
                 "Found no layer in params: no dict node holds a 'kernel' array of rank >= 2 (the "
@@ -77,23 +90,31 @@ def find_layers(params: PyTree, layers: Any = None) -> dict:
     items = layers.values() if isinstance(layers, dict) else layers
     flat = dict(named_leaves(params))
     for item in items:
-        if hasattr(item, "params"):  # LayerInfo
-            kp, bp = item.params["kernel"], item.params.get("bias")
-            conv = item.kind == "conv"
-        else:
-            kp, bp = item
-            conv = None
+        kp, bp, info = (item.params["kernel"], item.params.get("bias"), item) if hasattr(item, "params") \
+            else (*item, None)   # a LayerInfo, or (kernel_path, bias_path)
         kp = tuple(kp)
         bp = None if bp is None else tuple(bp)
         if kp not in flat or (bp is not None and bp not in flat):
             raise ValueError(f"layers=: kernel path {'/'.join(map(str, kp))} (or its bias) is not in params.")
         shape = tuple(jnp.shape(flat[kp]))
-        specs[path_key(kp)] = _spec(kp, bp, shape, conv=len(shape) > 2 if conv is None else conv)
+        b_shape = () if bp is None else tuple(jnp.shape(flat[bp]))
+        if info is None:   # the geometry the kernel's shape implies (outputs: the bias's axes, else the last)
+            k = len(b_shape) if b_shape and shape[-len(b_shape):] == b_shape else 1
+            specs[path_key(kp)] = _spec(kp, bp, shape, conv=len(shape) > 2 and k == 1,
+                                        d_out=math.prod(shape[-k:]), bias_shape=b_shape)
+        else:              # the capture's geometry, whatever the kernel's shape
+            specs[path_key(kp)] = _spec(kp, bp, shape, conv=info.kind == "conv", d_out=info.d_out,
+                                        bias_shape=b_shape)
+            if specs[path_key(kp)].d_in != info.d_in:
+                raise ValueError(f"layers=: layer {info.name!r} is (d_in={info.d_in}, d_out={info.d_out}) in "
+                                 f"the capture but its kernel has shape {shape} in params.")
     return specs
 
 
-def _spec(kp, bp, shape, conv) -> LayerSpec:
-    return LayerSpec(path_key(kp), kp, bp, shape, math.prod(shape[:-1]), shape[-1], conv)
+def _spec(kp, bp, shape, conv, d_out, bias_shape=()) -> LayerSpec:
+    if math.prod(shape) % d_out:
+        raise ValueError(f"kernel {path_key(kp)} of shape {shape} has no {d_out} outputs.")
+    return LayerSpec(path_key(kp), kp, bp, shape, math.prod(shape) // d_out, d_out, conv, tuple(bias_shape))
 
 
 def fallback_leaves(tree: PyTree, specs: dict) -> dict:
@@ -107,7 +128,7 @@ def layer_grads(grads: PyTree, specs: dict) -> dict:
     flat = dict(named_leaves(grads))
     out = {}
     for key, spec in specs.items():
-        x = layer_matrix(flat[spec.kernel_path], flat[spec.bias_path] if spec.has_bias else None)
+        x = layer_matrix(flat[spec.kernel_path], flat[spec.bias_path] if spec.has_bias else None, spec.d_out)
         out[key] = x.astype(accumulation_dtype(x.dtype))
     return out
 
@@ -116,7 +137,7 @@ def assemble(like: PyTree, specs: dict, layer_updates: dict, fallback_updates: d
     """A tree like ``like`` from per-layer matrices and the fallback's ``{path: leaf}``."""
     flat = dict(fallback_updates)
     for key, spec in specs.items():
-        k, b = split_layer_matrix(layer_updates[key], spec.kernel_shape, spec.has_bias)
+        k, b = split_layer_matrix(layer_updates[key], spec.kernel_shape, spec.has_bias, spec.bias_shape)
         flat[path_key(spec.kernel_path)] = k
         if spec.has_bias:
             flat[path_key(spec.bias_path)] = b

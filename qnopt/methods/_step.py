@@ -82,13 +82,13 @@ class TrialValues(Protocol):
 
 
 class SubBatches(Protocol):
-    """The capture, parameters, minibatch and key the oracle was made from, to build the
-    oracle of a sub-batch (S2QN's ``N_H`` examples, SMW's ``n₂``)."""
+    """The minibatch's targets (their leading axis counts the examples) and the oracle of its
+    first ``n`` examples at the same parameters, key and model state (S2QN's ``N_H``, SMW's ``n₂``)."""
 
-    capture: Any
-    params: PyTree
-    batch: Any
-    key: Any
+    @property
+    def targets(self) -> Any: ...
+
+    def first(self, n: int) -> Any: ...
 
 
 class ModelOutputs(Protocol):

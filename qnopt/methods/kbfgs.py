@@ -255,7 +255,7 @@ def scale_by_kbfgs(
                 s_t, y_t = damp(s_G, y_G, Hop, powell_mu, lam_g)
                 accept = jnp.vdot(s_t, y_t) > 0
                 if skip_rule:
-                    gbar = jnp.sum(jnp.mean(s0.dh.reshape(s0.dh.shape[0], -1, sp.d_out), axis=1), axis=0)
+                    gbar = jnp.sum(jnp.mean(s0.dh_rows(), axis=1), axis=0)
                     accept &= jnp.vdot(s_G, y_G) > 1e-4 * jnp.vdot(s_G, s_G) * jnp.linalg.norm(gbar)
                 if memory_size is None:
                     H_G = _bfgs_if(st.H_G, s_t, y_t, accept)

@@ -108,10 +108,6 @@ class ScaleByS2qnState(NamedTuple):
     gamma: jax.Array
 
 
-def _first(tree: PyTree, n: int) -> PyTree:
-    return jax.tree.map(lambda x: x[:n], tree)
-
-
 class _Blocks(NamedTuple):
     """The static partition of a parameter tree: per leaf (flatten order) its path key and block."""
 
@@ -307,10 +303,9 @@ def scale_by_s2qn(
         cast = lambda tree: jax.tree.map(lambda x, p: x.astype(jnp.asarray(p).dtype), tree, params)
 
         # Line 2: the base H_k on S_H (the first N_H examples of the minibatch).
-        n = jax.tree.leaves(curvature.batch)[0].shape[0]
+        n = jax.tree.leaves(curvature.targets)[0].shape[0]
         n_h = (min(32, n) if base == "empirical_fisher" else n) if sub_batch_size is None else min(sub_batch_size, n)
-        sub = curvature if n_h == n else curvature.capture.oracle(params, _first(curvature.batch, n_h),
-                                                                  curvature.key)
+        sub = curvature if n_h == n else curvature.first(n_h)
         if base == "empirical_fisher":
             q = jax.tree.map(lambda x, r: x.astype(r.dtype) / math.sqrt(n_h), sub.per_example_grads(), state.step)
             h_mv = lambda x: tree_stack_combine(q, tree_stack_dot(q, x))

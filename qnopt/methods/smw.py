@@ -104,7 +104,7 @@ def _ng_sub_batch(curvature: Any, stats: dict, specs: dict, n2: int, fisher: str
     if fisher == "empirical":
         n1 = next(iter(stats.values())).a.shape[0]
         return _SubBatch(a, {k: st.dh_rows()[:n2] * n1 for k, st in stats.items()})
-    sub = curvature.capture.oracle(curvature.params, _first(curvature.batch, n2), curvature.key)
+    sub = curvature.first(n2)
     sampled = K.check_oracle(sub.fisher(), specs, method)
     return _SubBatch(a, {k: st.dh_rows() * n2 for k, st in sampled.items()})
 
@@ -117,7 +117,7 @@ def _gn_sub_batch(curvature: Any, stats: dict, n2: int, max_rows: int, method: s
     if m * n2 > max_rows:
         raise ValueError(f"{method}: D would be (m_L·N₂)² = ({m}·{n2})² > max_rows² = {max_rows}²; "
                          f"lower sub_batch_size, raise max_rows, or use qnopt.smw_ng (D is N₂×N₂).")
-    sub = curvature.capture.oracle(curvature.params, _first(curvature.batch, n2), curvature.key)
+    sub = curvature.first(n2)
     cot = jnp.broadcast_to(jnp.eye(m, dtype=outputs.dtype)[:, None, :], (m, n2, m))
     hat = sub.backprop(cot.reshape((m,) + outputs.shape))
     dh = {}

@@ -48,30 +48,37 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 Operator = Union[jax.Array, Callable[[jax.Array], jax.Array]]
 
 
-def layer_matrix(kernel: ArrayLike, bias: Optional[ArrayLike] = None) -> jax.Array:
+def layer_matrix(kernel: ArrayLike, bias: Optional[ArrayLike] = None, d_out: Optional[int] = None) -> jax.Array:
     """The layer matrix ``X = [kernel.reshape(d_in, d_out)ᵀ, bias]`` of shape ``(d_out, d_in[+1])``.
 
     Args:
       kernel: a Flax-layout kernel, ``(..., d_out)`` (dense ``(d_in, d_out)``, conv
-        ``(*kernel_size, c_in, c_out)``).
-      bias: ``(d_out,)`` or ``None``.
+        ``(*kernel_size, c_in, c_out)``), or any kernel whose trailing axes are the outputs
+        (``DenseGeneral`` / attention q, k, v ``(d, heads, head_dim)``: ``d_out = heads·head_dim``).
+      bias: the bias, of ``d_out`` entries in any shape (``(heads, head_dim)``), or ``None``.
+      d_out: the number of outputs (the product of the kernel's trailing output axes); default
+        the last axis. Take it from the capture (:class:`qnopt.capture.LayerInfo`), not the shape.
 
     Example:
       >>> import jax.numpy as jnp
       >>> layer_matrix(jnp.array([[1., 2.], [3., 4.], [5., 6.]]), jnp.array([7., 8.]))
       Array([[1., 3., 5., 7.],
              [2., 4., 6., 8.]], dtype=float32)
+      >>> layer_matrix(jnp.ones((4, 2, 3)), jnp.zeros((2, 3)), d_out=6).shape   # q of 2 heads
+      (6, 5)
     """
     kernel = jnp.asarray(kernel)
-    d_out = kernel.shape[-1]
+    d_out = kernel.shape[-1] if d_out is None else d_out
     x = kernel.reshape(-1, d_out).T
     if bias is None:
         return x
     return jnp.concatenate([x, jnp.asarray(bias, x.dtype).reshape(d_out, 1)], axis=1)
 
 
-def split_layer_matrix(X: ArrayLike, kernel_shape: tuple, has_bias: bool) -> tuple:
-    """Inverse of :func:`layer_matrix`: ``(kernel, bias)`` (``bias`` is ``None`` without one).
+def split_layer_matrix(X: ArrayLike, kernel_shape: tuple, has_bias: bool,
+                       bias_shape: Optional[tuple] = None) -> tuple:
+    """Inverse of :func:`layer_matrix`: ``(kernel, bias)`` (``bias`` is ``None`` without one;
+    ``bias_shape`` default ``(d_out,)``).
 
     Example:
       >>> import jax.numpy as jnp
@@ -81,7 +88,8 @@ def split_layer_matrix(X: ArrayLike, kernel_shape: tuple, has_bias: bool) -> tup
     """
     X = jnp.asarray(X)
     if has_bias:
-        return X[:, :-1].T.reshape(kernel_shape), X[:, -1]
+        bias = X[:, -1]
+        return X[:, :-1].T.reshape(kernel_shape), bias if bias_shape is None else bias.reshape(bias_shape)
     return X.T.reshape(kernel_shape), None
 
 

@@ -1,0 +1,233 @@
+"""Models as people train them (Flax Linen and NNX): BatchNorm in train mode (``mutable=["batch_stats"]``,
+dropout (``rngs=["dropout"]``), several inputs and keyword-only arguments (``inputs=``,
+``targets=``), attention. For each: the oracle's gradient is ``jax.grad`` of the same train-mode
+loss (same dropout mask), its ``model_state`` is what ``model.apply(..., mutable=...)`` returns,
+each captured layer's statistics reconstruct its gradient, and the curvature methods train it."""
+
+import flax.linen as nn
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import qnopt
+
+N = 16
+
+
+class ResBlock(nn.Module):
+    ch: int
+
+    @nn.compact
+    def __call__(self, x, train):
+        y = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Conv(self.ch, (3, 3))(x)))
+        y = nn.BatchNorm(use_running_average=not train)(nn.Conv(self.ch, (3, 3))(y))
+        return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+    """A small BatchNorm ResNet with dropout before the classifier."""
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        x = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Conv(4, (3, 3))(x)))
+        x = ResBlock(4)(x, train)
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(3)(nn.Dropout(0.2, deterministic=not train)(x))
+
+
+class EncDec(nn.Module):
+    """An encoder-decoder taking two token inputs: self-attention on the source, cross-attention
+    from the target, dropout, keyword-only ``train``; classifies the target sequence."""
+
+    vocab: int = 11
+    dim: int = 8
+
+    @nn.compact
+    def __call__(self, src, tgt, *, train: bool):
+        embed = nn.Embed(self.vocab, self.dim)
+        enc = embed(src)
+        enc = enc + nn.MultiHeadDotProductAttention(num_heads=2, deterministic=not train, dropout_rate=0.1)(enc)
+        dec = embed(tgt)
+        dec = dec + nn.MultiHeadDotProductAttention(num_heads=2)(dec, enc)
+        h = nn.Dropout(0.1, deterministic=not train)(nn.gelu(nn.Dense(16)(dec)))
+        return nn.Dense(3)(jnp.mean(h, axis=1))
+
+
+def _resnet():
+    model = ResNet()
+    x = jax.random.normal(jax.random.key(0), (N, 6, 6, 2))
+    y = jax.random.randint(jax.random.key(1), (N,), 0, 3)
+    variables = model.init(jax.random.key(2), x, train=False)
+    capture = qnopt.capture.linen(model, "softmax_cross_entropy", mutable=["batch_stats"], rngs=["dropout"],
+                                  apply_kwargs={"train": True})
+    apply = lambda v, b, rngs: model.apply(v, b[0], train=True, rngs=rngs, mutable=["batch_stats"])
+    return capture, variables["params"], {"batch_stats": variables["batch_stats"]}, (x, y), apply
+
+
+def _encdec():
+    model = EncDec()
+    src = jax.random.randint(jax.random.key(0), (N, 7), 0, 11)
+    tgt = jax.random.randint(jax.random.key(1), (N, 5), 0, 11)
+    y = jax.random.randint(jax.random.key(2), (N,), 0, 3)
+    batch = {"src": src, "tgt": tgt, "label": y}
+    params = model.init(jax.random.key(3), src, tgt, train=False)["params"]
+    capture = qnopt.capture.linen(model, "softmax_cross_entropy", rngs=["dropout"],
+                                  inputs=lambda b: ((b["src"], b["tgt"]), {"train": True}),
+                                  targets=lambda b: b["label"])
+    apply = lambda v, b, rngs: (model.apply(v, b["src"], b["tgt"], train=True, rngs=rngs), {})
+    return capture, params, None, batch, apply
+
+
+MODELS = {"resnet_bn_dropout": _resnet, "encoder_decoder": _encdec}
+
+
+def _targets(batch):
+    return batch[1] if isinstance(batch, tuple) else batch["label"]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_oracle_is_the_train_mode_step(name):
+    with jax.enable_x64():
+        capture, params, state, batch, apply = MODELS[name]()
+        params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+        key = jax.random.key(7)
+        oracle = capture.oracle(params, batch, key, model_state=state)
+        rngs = capture.rngs_for(key)
+
+        def loss(p):
+            out, new_state = apply({"params": p, **(state or {})}, batch, rngs)
+            ce = optax.softmax_cross_entropy_with_integer_labels(out, _targets(batch))
+            return jnp.mean(ce), new_state
+
+        (value, new_state), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        np.testing.assert_allclose(oracle.loss, value, rtol=1e-12)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-13), oracle.grads, grads)
+        # The model state is what apply(..., mutable=...) returned, bit for bit.
+        expect = {**(state or {}), **new_state}
+        assert jax.tree.structure(oracle.model_state) == jax.tree.structure(expect)
+        jax.tree.map(np.testing.assert_array_equal, oracle.model_state, expect)
+        if state:
+            changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), oracle.model_state, state)
+            assert all(jax.tree.leaves(changed)), "train mode did not update the running statistics"
+        # Every captured layer's statistics reconstruct its gradient (no silently wrong statistics).
+        for st in oracle.layers.values():
+            kernel = st.info.params["kernel"]
+            want = grads
+            for k in kernel:
+                want = want[k]
+            np.testing.assert_allclose(st.kernel_grad(), want, rtol=1e-9, atol=1e-13)
+        # A second pass at other weights runs the same mode, state and dropout mask.
+        moved = jax.tree.map(lambda p: p * 1.01, params)
+        np.testing.assert_allclose(oracle.at(moved).loss, loss(moved)[0], rtol=1e-12)
+        np.testing.assert_allclose(oracle.value(moved), loss(moved)[0], rtol=1e-12)
+
+
+def test_the_errors_say_what_to_pass():
+    capture, params, state, batch, _ = _resnet()
+    with pytest.raises(ValueError, match=r"needs a PRNG key"):
+        capture.oracle(params, batch, model_state=state)
+    with pytest.raises(ValueError, match=r"model_state=\{\.\.\.\}"):
+        capture.oracle(params, batch, jax.random.key(0)).loss
+    plain = qnopt.capture.linen(ResNet(), "softmax_cross_entropy", mutable=["batch_stats"],
+                                apply_kwargs={"train": True})
+    with pytest.raises(ValueError, match=r"rngs=\['dropout'"):
+        plain.oracle(params, batch, jax.random.key(0), model_state=state).loss
+    with pytest.raises(ValueError, match="besides 'params'"):
+        capture.oracle(params, batch, jax.random.key(0), model_state={"params": params})
+
+
+METHODS = {
+    "kfac": lambda: qnopt.kfac(0.05, damping=0.1, inverse_every=5),
+    "kbfgs_l": lambda: qnopt.kbfgs_l(0.1, damping=0.3, memory_size=5),
+    "tnt": lambda: qnopt.tnt(0.01, damping=0.1, inverse_every=5),
+    "shampoo": lambda: qnopt.shampoo(0.01, damping=1e-3, inverse_every=5),
+    "smw_ng": lambda: qnopt.smw_ng(0.3, sub_batch_size=8, initial_damping=0.1),
+    "skqn_b2": lambda: qnopt.skqn_b2(0.5, alpha=10.0),
+    "slimqn": lambda: qnopt.slimqn(0.05, update_every=3, memory_size=3),
+    "adam": lambda: optax.adam(1e-3),
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_methods_train_the_batchnorm_resnet(method):
+    """20 jitted train-mode steps on a fixed batch: finite and decreasing loss, running statistics
+    threaded through the step; the curvature methods end below Adam(1e-3)."""
+    capture, params, state, batch, _ = _resnet()
+    losses = {}
+    for name in (method, "adam"):
+        opt = METHODS[name]()
+        step = qnopt.make_train_step(capture, opt, donate=False)
+        p, s, ms = params, opt.init(params), state
+        trace = []
+        for i in range(20):
+            p, s, loss, ms = step(p, s, batch, jax.random.key(i), model_state=ms)
+            trace.append(float(loss))
+        losses[name] = np.array(trace)
+    ours = losses[method]
+    assert np.all(np.isfinite(ours)) and ours[-1] < ours[0], ours
+    assert jax.tree.structure(ms) == jax.tree.structure(state)
+    if method != "adam":
+        assert ours[-5:].mean() < losses["adam"][-5:].mean(), (ours[-5:], losses["adam"][-5:])
+
+
+class NnxCNN(nnx.Module):
+    """An NNX CNN with BatchNorm and Dropout (nnx.Rngs), as in the NNX tutorials."""
+
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(2, 4, (3, 3), rngs=rngs)
+        self.bn = nnx.BatchNorm(4, rngs=rngs)
+        self.drop = nnx.Dropout(0.2, rngs=rngs)
+        self.fc = nnx.Linear(4, 3, rngs=rngs)
+
+    def __call__(self, x):
+        x = jnp.mean(nnx.relu(self.bn(self.conv(x))), axis=(1, 2))
+        return self.fc(self.drop(x))
+
+
+def test_nnx_train_mode_is_the_plain_nnx_step():
+    """BatchNorm statistics and the dropout RNG counter advance exactly as in a plain
+    ``nnx.value_and_grad`` step; the gradient is that step's (same dropout mask)."""
+    with jax.enable_x64():
+        model = NnxCNN(nnx.Rngs(0, dropout=1))
+        model.train()
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+        rest = jax.tree.map(lambda v: v.astype(jnp.float64) if jnp.issubdtype(v.dtype, jnp.floating) else v, rest)
+        x = jax.random.normal(jax.random.key(0), (N, 6, 6, 2))
+        y = jax.random.randint(jax.random.key(1), (N,), 0, 3)
+        capture = qnopt.capture.nnx(model, "softmax_cross_entropy")
+        o = capture.oracle(params, (x, y), model_state=rest)      # eager, as the reference step
+        oracle = (o.loss, o.grads, o.model_state)
+
+        ref = nnx.merge(graphdef, params, jax.tree.map(lambda v: v, rest))   # copies: the step writes them
+        loss_fn = lambda m: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(m(x), y))
+        value, grads = nnx.value_and_grad(loss_fn)(ref)
+        _, ref_params, ref_rest = nnx.split(ref, nnx.Param, ...)
+        np.testing.assert_allclose(oracle[0], value, rtol=1e-12)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-13), oracle[1], grads)
+        assert jax.tree.structure(oracle[2]) == jax.tree.structure(ref_rest)
+        raw = lambda v: jax.random.key_data(v) if jnp.issubdtype(v.dtype, jax.dtypes.prng_key) else v
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(raw(a), raw(b)), oracle[2], ref_rest)
+        moved = jax.tree.map(lambda a, b: bool(jnp.any(raw(a) != raw(b))), oracle[2], rest)
+        assert any(jax.tree.leaves(moved)), "train mode did not advance the BatchNorm statistics / RNG counter"
+
+
+def test_methods_train_the_nnx_cnn_in_train_mode():
+    model = NnxCNN(nnx.Rngs(0, dropout=1))
+    model.train()
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    x = jax.random.normal(jax.random.key(0), (N, 6, 6, 2))
+    y = jax.random.randint(jax.random.key(1), (N,), 0, 3)
+    capture = qnopt.capture.nnx(model, "softmax_cross_entropy")
+    for name in ("kfac", "kbfgs_l", "tnt", "adam"):
+        opt = METHODS[name]()
+        step = qnopt.make_train_step(capture, opt, donate=False)
+        p, s, r, trace = params, opt.init(params), rest, []
+        for i in range(20):
+            p, s, loss, r = step(p, s, (x, y), jax.random.key(i), model_state=r)
+            trace.append(float(loss))
+        assert np.all(np.isfinite(trace)) and trace[-1] < trace[0], (name, trace)
+        assert jax.tree.structure(r) == jax.tree.structure(rest)
