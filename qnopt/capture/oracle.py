@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from typing import Any, Optional
 
 import jax
@@ -281,6 +282,27 @@ class ModelCall:
                                                       self.rngs))
 
 
+def _stand_in(tree: Any, rng: np.random.Generator, kind: str) -> Any:
+    """Values of ``tree``'s shapes and dtypes for a check (NumPy, so that making them compiles
+    nothing): floats ``"normal"``, ``"unit"`` (uniform in [0, 1): probabilities, regression
+    targets) or ``"positive"`` (in [0.5, 1.5): variances), integers and booleans zero, PRNG keys
+    a fixed key."""
+    leaves, treedef = jax.tree.flatten(tree)
+    out = []
+    for leaf in leaves:
+        shape, dtype = tuple(jnp.shape(leaf)), jnp.result_type(leaf)
+        if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+            key = jax.random.key(0)
+            out.append(jnp.broadcast_to(key, shape) if shape else key)
+        elif jnp.issubdtype(dtype, jnp.floating):
+            draw = {"normal": lambda: rng.standard_normal(shape), "unit": lambda: rng.random(shape),
+                    "positive": lambda: 0.5 + rng.random(shape)}[kind]
+            out.append(np.asarray(draw(), dtype))
+        else:
+            out.append(np.zeros(shape, dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
 def split_arguments(raw: Any) -> tuple[tuple, dict, tuple]:
     """``(args, array kwargs, static kwargs)`` of a model's arguments given as one array (one
     positional argument), a tuple (positional), a dict (keyword) or ``((positional...),
@@ -312,6 +334,7 @@ class Discovery:
     perturbations: Any   # abstract perturbation tree
     outputs: Any         # abstract outputs
     no_layers: str = ""  # why nothing was captured (raised when layer statistics are asked for)
+    verified: bool = False  # the layers' gradient reconstruction was checked (CaptureEngine.layer_info)
 
 
 class Oracle:
@@ -626,12 +649,17 @@ class CaptureEngine:
         return Oracle(self, params, batch, key, self._discover(params, x, t), model_state=model_state)
 
     def layer_info(self, params, batch, model_state: Optional[dict] = None) -> dict:
-        """``{name: LayerInfo}`` of the captured layers for this batch's input shape."""
+        """``{name: LayerInfo}`` of the captured layers for this batch's input shape, after
+        checking once per shapes that each layer's statistics reconstruct its kernel's gradient
+        (a layer that does not is left out, with a warning: see :meth:`table`)."""
         x, t = self.split_batch(batch, key=jax.random.key(0), model_state=model_state)
-        disc = self._discover(params, x, t)
+        disc = self._verified(self._discover(params, x, t), params, x, t, self._model_name())
         if disc.no_layers:
             raise ValueError(disc.no_layers)
         return dict(disc.infos)
+
+    def _model_name(self) -> str:
+        return getattr(self, "model_class", None) or type(getattr(self, "model", self)).__name__
 
     #: How the engine names the layer classes it captures (for messages), and the message
     #: for a parameter that belongs to no called module.
@@ -677,6 +705,72 @@ class CaptureEngine:
                                  f"the model; capturable: {sorted(capturable)}.")
         return infos
 
+    #: A captured layer whose ``Σ aᵀ dh`` is farther than this (relative) from its kernel's
+    #: gradient is left to the fallback (float32 reconstruction is good to ~1e-6).
+    reconstruction_tol: float = 1e-2
+
+    def _verified(self, disc: Discovery, params, x, targets, model_name: str) -> Discovery:
+        """``disc`` without the captured layers whose statistics do not reconstruct their
+        kernel's gradient — a module that transforms its kernel before using it (weight
+        standardisation), or reads it elsewhere too — checked once per model and shapes (by
+        :meth:`layer_info` and :meth:`table`: the check traces and compiles one pass of its
+        own, which the jitted step does not pay), on stand-in values of those shapes, each
+        dropped layer named in a warning and in :meth:`table`. The discovery is cached, so the
+        oracles built afterwards leave those layers out too."""
+        if disc.verified or not disc.infos or targets is None:
+            return disc
+        disc.verified = True
+        errors = self._reconstruction_errors(disc, params, x, targets)
+        bad = {name: e for name, e in errors.items() if e > self.reconstruction_tol}
+        for name, err in bad.items():
+            info = disc.infos.pop(name)
+            reason = (f"does not reconstruct its kernel's gradient from its captured input and output "
+                      f"gradient (relative error {err:.2g} on stand-in values): the module transforms "
+                      f"its kernel before using it (e.g. weight standardisation) or uses it elsewhere "
+                      f"too; its parameters are left to the fallback")
+            disc.excluded[info.path] = reason
+            warnings.warn(f"{type(self).__name__}: layer {name!r} ({info.module_class}) {reason}. Build the "
+                          f"optimizer with layers=capture.layer_info(params, batch).", stacklevel=4)
+        if bad:
+            disc.no_layers = self._no_layer_message(disc.infos, disc.excluded, model_name)
+        return disc
+
+    def _reconstruction_errors(self, disc: Discovery, params, x, targets) -> dict:
+        """``{layer: ‖Σ aᵀ dh − ∂L/∂kernel‖ / max(‖·‖)}`` of one pass on stand-in values (random
+        parameters and inputs of the given shapes, positive model state), run eagerly even
+        inside a trace (``jax.ensure_compile_time_eval``). NaN (e.g. an input the stand-ins
+        make invalid) counts as 0: the check only drops a layer it can show is wrong."""
+        names = list(disc.infos)
+
+        def relative_errors(p, xs, t):
+            perts0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), disc.perturbations)
+            out, vjp_fn, aux = jax.vjp(lambda a, b: self.run_captured(a, b, xs), p, perts0, has_aux=True)
+            d_out = jax.grad(lambda o: jnp.mean(self.loss.per_example(o, t)))(out)
+            g_params, g_perts = vjp_fn(d_out)
+            grads = {tuple(key_name(k) for k in kp): (v.get_value() if hasattr(v, "get_value") else v)
+                     for kp, v in jax.tree_util.tree_flatten_with_path(
+                         g_params, is_leaf=lambda v: hasattr(v, "get_value"))[0]}
+            errors = []
+            for name in names:
+                info = disc.infos[name]
+                a, h, dh = self.layer_values(aux, g_perts, info)
+                got = LayerStats(a=a, h=h, dh=dh, spatial_size=info.spatial_size, info=info).kernel_grad()
+                want = grads[tuple(info.params["kernel"])]
+                scale = jnp.maximum(jnp.linalg.norm(want), jnp.linalg.norm(got))
+                errors.append(jnp.where(scale > 0, jnp.linalg.norm(got - want) / jnp.where(scale > 0, scale, 1), 0.0))
+            return jnp.stack(errors)
+
+        with jax.ensure_compile_time_eval():   # concrete stand-ins, one compiled pass, even inside a trace
+            rng = np.random.default_rng(20261207)
+            p, t = _stand_in(params, rng, "normal"), _stand_in(targets, rng, "unit")
+            xs = (ModelCall.tree_unflatten(x.static, (_stand_in(x.args, rng, "normal"),
+                                                      _stand_in(x.kwargs, rng, "normal"),
+                                                      _stand_in(x.variables, rng, "positive"),
+                                                      _stand_in(x.rngs, rng, "normal")))
+                  if isinstance(x, ModelCall) else _stand_in(x, rng, "normal"))
+            values = jax.device_get(jax.jit(relative_errors)(p, xs, t))
+        return {name: 0.0 if math.isnan(float(e)) else float(e) for name, e in zip(names, values)}
+
     def _no_layer_message(self, infos: dict, excluded: dict, model_name: str,
                           n_excluded: Optional[int] = None) -> str:
         """Empty when layers were captured; else why none was (raised only when a method asks
@@ -705,7 +799,7 @@ class CaptureEngine:
         """
         if batch is not None:
             x, t = self.split_batch(batch, key=jax.random.key(0), model_state=model_state)
-            disc = self._discover(params, x, t)
+            disc = self._verified(self._discover(params, x, t), params, x, t, self._model_name())
         elif self._cache:
             disc = next(reversed(self._cache.values()))
         else:

@@ -181,11 +181,10 @@ def preactivation_blocks(before: Any, after: Any) -> tuple[jax.Array, jax.Array]
     Example:
       >>> import jax.numpy as jnp
       >>> from types import SimpleNamespace as NS
-      >>> rows = lambda h, dh: NS(h_rows=lambda: h[:, None], dh_rows=lambda: dh[:, None])
-      >>> before = rows(jnp.array([[1.], [3.]]), jnp.array([[0.5], [0.5]]))
-      >>> after = rows(jnp.array([[2.], [5.]]), jnp.array([[1.0], [1.5]]))
-      >>> [v.tolist() for v in preactivation_blocks(before, after)]   # Δh, N·Δdh per example
-      [[[1.0, 2.0]], [[1.0, 2.0]]]
+      >>> st = lambda h, dh: NS(h_rows=lambda: jnp.array(h)[:, None], dh_rows=lambda: jnp.array(dh)[:, None])
+      >>> U, V = preactivation_blocks(st([[1.], [3.]], [[.5], [.5]]), st([[2.], [5.]], [[1.], [1.5]]))
+      >>> U.tolist(), V.tolist()   # Δh, N·Δdh: one column per example
+      ([[1.0, 2.0]], [[1.0, 2.0]])
     """
     def cols(x):    # (N, T, d_out) -> (d_out, N·T)
         return x.reshape(-1, x.shape[-1]).T.astype(accumulation_dtype(x.dtype))

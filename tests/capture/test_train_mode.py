@@ -151,26 +151,31 @@ METHODS = {
 }
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+def _train_resnet(name):
+    capture, params, state, batch, _ = _resnet()
+    opt = METHODS[name]()
+    step = qnopt.make_train_step(capture, opt, donate=False)
+    p, s, ms, trace = params, opt.init(params), state, []
+    for i in range(20):
+        p, s, loss, ms = step(p, s, batch, jax.random.key(i), model_state=ms)
+        trace.append(float(loss))
+    assert jax.tree.structure(ms) == jax.tree.structure(state)
+    return np.array(trace)
+
+
+_ADAM = []
+
+
+@pytest.mark.parametrize("method", sorted(set(METHODS) - {"adam"}))
 def test_methods_train_the_batchnorm_resnet(method):
     """20 jitted train-mode steps on a fixed batch: finite and decreasing loss, running statistics
-    threaded through the step; the curvature methods end below Adam(1e-3)."""
-    capture, params, state, batch, _ = _resnet()
-    losses = {}
-    for name in (method, "adam"):
-        opt = METHODS[name]()
-        step = qnopt.make_train_step(capture, opt, donate=False)
-        p, s, ms = params, opt.init(params), state
-        trace = []
-        for i in range(20):
-            p, s, loss, ms = step(p, s, batch, jax.random.key(i), model_state=ms)
-            trace.append(float(loss))
-        losses[name] = np.array(trace)
-    ours = losses[method]
+    threaded through the step, the last five losses below Adam(1e-3)'s (one Adam run shared)."""
+    if not _ADAM:
+        _ADAM.append(_train_resnet("adam"))
+    ours, adam = _train_resnet(method), _ADAM[0]
     assert np.all(np.isfinite(ours)) and ours[-1] < ours[0], ours
-    assert jax.tree.structure(ms) == jax.tree.structure(state)
-    if method != "adam":
-        assert ours[-5:].mean() < losses["adam"][-5:].mean(), (ours[-5:], losses["adam"][-5:])
+    assert adam[-1] < adam[0]
+    assert ours[-5:].mean() < adam[-5:].mean(), (ours[-5:], adam[-5:])
 
 
 class NnxCNN(nnx.Module):
@@ -231,3 +236,73 @@ def test_methods_train_the_nnx_cnn_in_train_mode():
             trace.append(float(loss))
         assert np.all(np.isfinite(trace)) and trace[-1] < trace[0], (name, trace)
         assert jax.tree.structure(r) == jax.tree.structure(rest)
+
+
+class StdConv(nn.Conv):
+    """Weight-standardised convolution (BiT / hybrid ViT): the kernel is standardised before use,
+    so Σ aᵀ dh is the gradient of the standardised kernel, not of the parameter."""
+
+    def param(self, name, *args, **kwargs):
+        p = super().param(name, *args, **kwargs)
+        if name == "kernel":
+            p = (p - jnp.mean(p, axis=(0, 1, 2))) / jnp.sqrt(jnp.var(p, axis=(0, 1, 2)) + 1e-5)
+        return p
+
+
+class WSNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(StdConv(4, (3, 3))(x))
+        return nn.Dense(3)(jnp.mean(nn.relu(nn.Conv(4, (3, 3))(x)), axis=(1, 2)))
+
+
+def test_a_transformed_kernel_is_left_to_the_fallback_not_captured_wrong():
+    model = WSNet()
+    x = jax.random.normal(jax.random.key(0), (N, 6, 6, 2))
+    y = jax.random.randint(jax.random.key(1), (N,), 0, 3)
+    params = model.init(jax.random.key(2), x)["params"]
+    capture = qnopt.capture.linen(model, "softmax_cross_entropy")
+    with pytest.warns(UserWarning, match=r"layer 'StdConv_0' \(StdConv\) does not reconstruct its kernel's gradient"):
+        infos = capture.layer_info(params, (x, y))
+    assert sorted(infos) == ["Conv_0", "Dense_0"]
+    assert "weight standardisation" in capture.table(params, (x, y))
+    # Under jit the discovery (and its check) is the cached one; the layers kept are exact.
+    got = jax.jit(lambda p: {n: st.kernel_grad() for n, st in capture.oracle(p, (x, y)).layers.items()})(params)
+    grads = jax.grad(lambda p: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+        model.apply({"params": p}, x), y)))(params)
+    assert sorted(got) == ["Conv_0", "Dense_0"]
+    for name, kg in got.items():
+        np.testing.assert_allclose(kg, grads[name]["kernel"], rtol=1e-4, atol=1e-6)
+    # The optimizer built from the capture's layers trains the model (StdConv through the fallback).
+    opt = qnopt.kfac(0.05, damping=0.1, inverse_every=5, layers=infos)
+    step = qnopt.make_train_step(capture, opt, donate=False)
+    p, s, trace = params, opt.init(params), []
+    for i in range(10):
+        p, s, loss = step(p, s, (x, y), jax.random.key(i))
+        trace.append(float(loss))
+    assert np.all(np.isfinite(trace)) and trace[-1] < trace[0]
+
+
+@pytest.mark.parametrize("method", ["kfac", "tnt", "smw_ng"])
+def test_data_parallel_equals_unsharded_in_train_mode(method):
+    """The ResNet's train-mode step with the batch sharded over 4 devices (parameters, state and
+    BatchNorm statistics replicated) gives the unsharded step's numbers: GSPMD reduces the batch
+    statistics and the curvature statistics over the devices. (An ``Auto`` mesh axis, as
+    ``jit`` + ``NamedSharding`` data parallelism uses; under ``Explicit`` axes a conv layer's
+    patch reshape needs an ``out_sharding``: not supported yet.)"""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    capture, params, state, batch, _ = _resnet()
+    opt = METHODS[method]()
+    step = qnopt.make_train_step(capture, opt, donate=False)
+    mesh = jax.make_mesh((4,), ("data",), (jax.sharding.AxisType.Auto,), devices=jax.devices()[:4])
+    sharded_batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
+    replicate = lambda t: jax.device_put(t, NamedSharding(mesh, P()))
+    runs = []
+    for b, p, s, ms in ((batch, params, opt.init(params), state),
+                        (sharded_batch, replicate(params), replicate(opt.init(params)), replicate(state))):
+        for i in range(3):
+            p, s, loss, ms = step(p, s, b, jax.random.key(i), model_state=ms)
+        runs.append((p, ms))
+    for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(runs[1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)

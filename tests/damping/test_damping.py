@@ -19,7 +19,7 @@ from qnopt.damping import (double_damping, dp_dlm, dpi_dlm,
                            gradient_norm_lambda, levenberg_marquardt, lm_rho,
                            lm_total_damping, powell_b, powell_h,
                            powell_identity, slimqn_damp, slimqn_tau)
-from qnopt.damping._tree import tree_vdot
+from qnopt.linalg.tree import tree_vdot
 
 HSET = settings(max_examples=50, deadline=None)
 x64 = jax.enable_x64  # context manager: jax.enable_x64(True)
