@@ -306,3 +306,42 @@ def test_data_parallel_equals_unsharded_in_train_mode(method):
         runs.append((p, ms))
     for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(runs[1])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+
+
+class TiedLM(nn.Module):
+    """A causal language model whose output layer is the token embedding (``Embed.attend``)."""
+
+    vocab: int = 13
+    dim: int = 8
+
+    @nn.compact
+    def __call__(self, tokens, *, train: bool):
+        embed = nn.Embed(self.vocab, self.dim)
+        h = embed(tokens)
+        mask = nn.make_causal_mask(tokens)
+        h = h + nn.MultiHeadDotProductAttention(num_heads=2, deterministic=not train, dropout_rate=0.1)(h, mask=mask)
+        h = h + nn.Dense(self.dim)(nn.gelu(nn.Dense(16)(nn.LayerNorm()(h))))
+        return embed.attend(h)                                   # tied output layer
+
+
+def test_tied_embeddings_fall_back_cleanly():
+    """The tied embedding is read twice (lookup and ``attend``) and is no captured layer: its
+    parameter runs through the fallback, the other layers are captured and reconstruct their
+    gradients, and K-FAC built from the capture's layers trains the model."""
+    model = TiedLM()
+    tokens = jax.random.randint(jax.random.key(0), (N, 6), 0, 13)
+    params = model.init(jax.random.key(1), tokens, train=False)["params"]
+    capture = qnopt.capture.linen(model, "softmax_cross_entropy", rngs=["dropout"],
+                                  inputs=lambda b: ((b[0][:, :-1],), {"train": True}), targets=lambda b: b[0][:, 1:])
+    batch = (tokens,)
+    infos = capture.layer_info(params, batch)
+    table = capture.table(params, batch)
+    assert "Embed_0/embedding" in table and "fallback (not captured: Embed Embed_0" in table
+    assert not any("Embed" in name for name in infos) and len(infos) == 6   # q, k, v, out, two Dense
+    opt = qnopt.kfac(0.05, damping=0.1, inverse_every=5, layers=infos)
+    step = qnopt.make_train_step(capture, opt, donate=False)
+    p, s, trace = params, opt.init(params), []
+    for i in range(15):
+        p, s, loss = step(p, s, batch, jax.random.key(i))
+        trace.append(float(loss))
+    assert np.all(np.isfinite(trace)) and trace[-1] < trace[0], trace
