@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 
 from qnopt.losses import Loss
-from qnopt.capture.oracle import (CaptureEngine, Discovery, LayerInfo, ModelCall, _abstract, _get, split_arguments,
+from qnopt.capture.oracle import (CaptureEngine, Discovery, LayerInfo, ModelCall, _abstract, _get,
                                   _signature, check_flax_conv, conv_layer_info,
                                   check_single_call, dense_layer_info, path_name, to_tuple)
 
@@ -138,14 +138,10 @@ class LinenCapture(CaptureEngine):
             raise TypeError(f"linen_capture expects a flax.linen.Module, got "
                             f"{type(model).__name__}.")
         self.model = model
-        self._setup(loss, layers, input_key, target_key, penalty)
+        self._setup(loss, layers, input_key, target_key, penalty, inputs, targets)
         self.apply_kwargs = dict(apply_kwargs or {})
         self.mutable = _names(mutable, "mutable")
         self.rngs = _names(rngs, "rngs")
-        for what, fn in (("inputs", inputs), ("targets", targets)):
-            if fn is not None and not callable(fn):
-                raise TypeError(f"{what}= must be a function of the batch, got {type(fn).__name__}.")
-        self._inputs, self._targets = inputs, targets
 
     # -- batches, model state and RNG streams -------------------------------------------------
 
@@ -165,8 +161,7 @@ class LinenCapture(CaptureEngine):
         """``(ModelCall, targets)``: the model's arguments from ``inputs(batch)`` (or
         ``batch[input_key]``), its other variable collections and RNG streams; the targets from
         ``targets(batch)`` (or ``batch[target_key]``)."""
-        raw = self._inputs(batch) if self._inputs is not None else batch[self.input_key]
-        args, arrays, static = split_arguments(raw)
+        args, arrays, static = self._model_arguments(batch)
         if self.mutable and model_state is None:
             raise ValueError(f"qnopt.capture.linen(..., mutable={list(self.mutable)}) needs the model's "
                              f"collections: capture.oracle(params, batch, key, model_state={{...}}) with what "
@@ -175,8 +170,7 @@ class LinenCapture(CaptureEngine):
         if "params" in variables:
             raise ValueError("model_state= holds the collections besides 'params' (e.g. "
                              "{'batch_stats': ...}); pass the parameters as params.")
-        t = self._targets(batch) if self._targets is not None else batch[self.target_key]
-        return ModelCall(args, arrays, static, variables, self.rngs_for(key)), t
+        return ModelCall(args, arrays, static, variables, self.rngs_for(key)), self._batch_targets(batch)
 
     def model_state_after(self, model_state: Optional[dict], aux: Any) -> dict:
         """``model_state`` with the collections the pass updated (``mutable=``) replaced."""

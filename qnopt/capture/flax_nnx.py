@@ -73,7 +73,7 @@ import jax.numpy as jnp
 
 from qnopt.losses import Loss
 from qnopt.linalg.tree import key_name
-from qnopt.capture.oracle import (CaptureEngine, Discovery, LayerInfo, ModelCall, _abstract, _get, split_arguments,
+from qnopt.capture.oracle import (CaptureEngine, Discovery, LayerInfo, ModelCall, _abstract, _get,
                                   _signature, check_flax_conv, conv_layer_info,
                                   check_single_call, dense_layer_info, path_name, to_tuple)
 
@@ -204,19 +204,16 @@ class NnxCapture(CaptureEngine):
             raise TypeError(f"nnx_capture expects a flax.nnx.Module, got {type(model).__name__}.")
         self.model_class = type(model).__name__
         self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
-        self._setup(loss, layers, input_key, target_key, penalty)
-        self._inputs, self._targets = inputs, targets
+        self._setup(loss, layers, input_key, target_key, penalty, inputs, targets)
 
     def split_batch(self, batch, key: Optional[jax.Array] = None, model_state: Any = None) -> tuple:
         """``(ModelCall, targets)``: the model's arguments (``inputs(batch)`` or
         ``batch[input_key]``, as for :func:`qnopt.capture.linen`) and its non-parameter state
         ``model_state`` (an ``nnx.State``: batch statistics, RNG counters; default the snapshot
         taken when the capture was built)."""
-        raw = self._inputs(batch) if self._inputs is not None else batch[self.input_key]
-        args, arrays, static = split_arguments(raw)
+        args, arrays, static = self._model_arguments(batch)
         rest = self.rest if model_state is None else model_state
-        t = self._targets(batch) if self._targets is not None else batch[self.target_key]
-        return ModelCall(args, arrays, static, {"rest": rest}), t
+        return ModelCall(args, arrays, static, {"rest": rest}), self._batch_targets(batch)
 
     def model_state_after(self, model_state: Any, aux: Any) -> Any:
         """The module's non-parameter state after the pass (batch statistics and RNG counters

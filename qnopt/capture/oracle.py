@@ -26,7 +26,7 @@ import dataclasses
 import functools
 import math
 import warnings
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +35,7 @@ import numpy as np
 from qnopt.curvature.kronecker import append_ones
 from qnopt.curvature.patches import conv_patches
 from qnopt.curvature.products import ggn_vp, hvp, layer_gram
-from qnopt.linalg.tree import key_name, path_key
+from qnopt.linalg.tree import key_name, named_leaves, path_key
 from qnopt.losses import get_loss
 
 __all__ = ["CaptureEngine", "Discovery", "LayerInfo", "LayerStats", "ModelCall", "Oracle", "check_flax_conv",
@@ -337,6 +337,26 @@ class Discovery:
     verified: bool = False  # the layers' gradient reconstruction was checked (CaptureEngine.layer_info)
 
 
+def _captured_forward(capture: Any, params, disc: "Discovery", x) -> tuple:
+    """The captured forward pass at ``params`` and its VJP, ``(outputs, vjp_fn, aux)``: one pass
+    for the gradients of the parameters and of the layers' output perturbations."""
+    perts0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), disc.perturbations)
+    return jax.vjp(lambda p, q: capture.run_captured(p, q, x), params, perts0, has_aux=True)
+
+
+def _backward(capture: Any, forward: tuple, targets) -> tuple:
+    """``(mean loss, ∂/∂params, ∂/∂perturbations)`` of a :func:`_captured_forward` pass."""
+    out, vjp_fn, _ = forward
+    value, d_out = jax.value_and_grad(lambda o: jnp.mean(capture.loss.per_example(o, targets)))(out)
+    return (value, *vjp_fn(d_out))
+
+
+def _layer_stats(capture: Any, disc: "Discovery", aux, g_perts) -> dict:
+    """``{name: LayerStats}`` of the captured layers from a pass's record and perturbation gradients."""
+    return {name: LayerStats(*capture.layer_values(aux, g_perts, info), spatial_size=info.spatial_size, info=info)
+            for name, info in disc.infos.items()}
+
+
 class Oracle:
     r"""Curvature oracle for one minibatch at one parameter point (lazy; use inside ``jit``).
 
@@ -411,18 +431,12 @@ class Oracle:
         the gradient under the batch's labels and under sampled labels."""
         if self._forward_of is not None:
             return self._forward_of._forward
-        cap = self.capture
-        perts0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._disc.perturbations)
-        f = lambda params, perts: cap.run_captured(params, perts, self.inputs)
-        return jax.vjp(f, self.params, perts0, has_aux=True)
+        return _captured_forward(self.capture, self.params, self._disc, self.inputs)
 
     @functools.cached_property
     def _pass(self):
-        out, vjp_fn, sown = self._forward
-        per_example = self.capture.loss.per_example
-        value, d_out = jax.value_and_grad(lambda o: jnp.mean(per_example(o, self.targets)))(out)
-        g_params, g_perts = vjp_fn(d_out)
-        return value, out, sown, g_params, g_perts
+        value, g_params, g_perts = _backward(self.capture, self._forward, self.targets)
+        return value, self._forward[0], self._forward[2], g_params, g_perts
 
     @functools.cached_property
     def loss(self) -> jax.Array:
@@ -441,12 +455,8 @@ class Oracle:
     @functools.cached_property
     def layers(self) -> dict:
         self._require_layers()
-        _, _, sown, _, g_perts = self._pass
-        stats = {}
-        for name, info in self._disc.infos.items():
-            a, h, dh = self.capture.layer_values(sown, g_perts, info)
-            stats[name] = LayerStats(a=a, h=h, dh=dh, spatial_size=info.spatial_size, info=info)
-        return stats
+        _, _, aux, _, g_perts = self._pass
+        return _layer_stats(self.capture, self._disc, aux, g_perts)
 
     @property
     def model_state(self) -> dict:
@@ -596,13 +606,19 @@ class CaptureEngine:
     ``run_captured``, ``layer_values`` and :meth:`_fallback_reason`."""
 
     def _setup(self, loss: Any, layers: Any, input_key: Any, target_key: Any,
-               penalty: Optional[Any] = None) -> None:
+               penalty: Optional[Any] = None, inputs: Optional[Callable] = None,
+               targets: Optional[Callable] = None) -> None:
         """Common constructor state: the loss, the ``layers=`` selection (``None``, names or a
-        predicate on the layer name), the batch keys, the parameter penalty (``None`` or a
-        callable ``R(params) -> scalar``, see :class:`Oracle`) and the discovery cache."""
+        predicate on the layer name), the batch keys or the ``inputs=`` / ``targets=`` maps of a
+        batch, the parameter penalty (``None`` or a callable ``R(params) -> scalar``, see
+        :class:`Oracle`) and the discovery cache."""
         if penalty is not None and not callable(penalty):
             raise TypeError(f"penalty must be None or a function params -> scalar, got "
                             f"{type(penalty).__name__}.")
+        for what, fn in (("inputs", inputs), ("targets", targets)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{what}= must be a function of the batch, got {type(fn).__name__}.")
+        self._inputs, self._targets = inputs, targets
         self.loss = get_loss(loss)
         self.penalty = penalty
         if layers is None or callable(layers):
@@ -621,7 +637,16 @@ class CaptureEngine:
         if model_state:
             raise ValueError(f"{type(self).__name__} has no variable collections besides the parameters: "
                              f"model_state= is for qnopt.capture.linen(..., mutable=...) captures.")
-        return batch[self.input_key], batch[self.target_key]
+        return batch[self.input_key], self._batch_targets(batch)
+
+    def _model_arguments(self, batch) -> tuple[tuple, dict, tuple]:
+        """``(args, array kwargs, static kwargs)`` of the model from ``inputs(batch)`` (or
+        ``batch[input_key]``), see :func:`split_arguments`."""
+        return split_arguments(self._inputs(batch) if self._inputs is not None else batch[self.input_key])
+
+    def _batch_targets(self, batch) -> Any:
+        """The loss's targets: ``targets(batch)`` or ``batch[target_key]``."""
+        return self._targets(batch) if self._targets is not None else batch[self.target_key]
 
     #: The engine's inputs for one example and back (``ModelCall`` inputs override them).
     def example_axes(self, x: Any) -> Any:
@@ -743,19 +768,12 @@ class CaptureEngine:
         names = list(disc.infos)
 
         def relative_errors(p, xs, t):
-            perts0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), disc.perturbations)
-            out, vjp_fn, aux = jax.vjp(lambda a, b: self.run_captured(a, b, xs), p, perts0, has_aux=True)
-            d_out = jax.grad(lambda o: jnp.mean(self.loss.per_example(o, t)))(out)
-            g_params, g_perts = vjp_fn(d_out)
-            grads = {tuple(key_name(k) for k in kp): (v.get_value() if hasattr(v, "get_value") else v)
-                     for kp, v in jax.tree_util.tree_flatten_with_path(
-                         g_params, is_leaf=lambda v: hasattr(v, "get_value"))[0]}
+            forward = _captured_forward(self, p, disc, xs)
+            _, g_params, g_perts = _backward(self, forward, t)
+            grads = dict(named_leaves(g_params))
             errors = []
-            for name in names:
-                info = disc.infos[name]
-                a, h, dh = self.layer_values(aux, g_perts, info)
-                got = LayerStats(a=a, h=h, dh=dh, spatial_size=info.spatial_size, info=info).kernel_grad()
-                want = grads[tuple(info.params["kernel"])]
+            for name, st in _layer_stats(self, disc, forward[2], g_perts).items():
+                got, want = st.kernel_grad(), grads[tuple(st.info.params["kernel"])]
                 scale = jnp.maximum(jnp.linalg.norm(want), jnp.linalg.norm(got))
                 errors.append(jnp.where(scale > 0, jnp.linalg.norm(got - want) / jnp.where(scale > 0, scale, 1), 0.0))
             return jnp.stack(errors)

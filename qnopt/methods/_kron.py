@@ -73,15 +73,10 @@ def find_layers(params: PyTree, layers: Any = None) -> dict:
                 continue
             shape = tuple(jnp.shape(leaf))
             bias = path[:-1] + ("bias",)
-            b_shape = tuple(jnp.shape(leaves[bias])) if bias in leaves else None
-            k = 1 if b_shape is None else len(b_shape)
-            if b_shape is not None and (k == 0 or k >= len(shape) or shape[-k:] != b_shape):
-                b_shape, k = None, 1     # not this kernel's bias
-            # A bias over several trailing axes (DenseGeneral, attention q/k/v (d, heads, head_dim))
-            # makes those axes the outputs; otherwise the last axis is (dense, conv).
-            specs[path_key(path)] = _spec(path, None if b_shape is None else bias, shape,
-                                          conv=len(shape) > 2 and k == 1, d_out=math.prod(shape[-k:]),
-                                          bias_shape=b_shape or ())
+            b_shape = tuple(jnp.shape(leaves[bias])) if bias in leaves else ()
+            if not _output_axes(shape, b_shape):
+                bias, b_shape = None, ()     # no bias, or not this kernel's
+            specs[path_key(path)] = _implied_spec(path, bias, shape, b_shape)
         if not specs:
             raise ValueError(
                 "Found no layer in params: no dict node holds a 'kernel' array of rank >= 2 (the "
@@ -98,10 +93,8 @@ def find_layers(params: PyTree, layers: Any = None) -> dict:
             raise ValueError(f"layers=: kernel path {'/'.join(map(str, kp))} (or its bias) is not in params.")
         shape = tuple(jnp.shape(flat[kp]))
         b_shape = () if bp is None else tuple(jnp.shape(flat[bp]))
-        if info is None:   # the geometry the kernel's shape implies (outputs: the bias's axes, else the last)
-            k = len(b_shape) if b_shape and shape[-len(b_shape):] == b_shape else 1
-            specs[path_key(kp)] = _spec(kp, bp, shape, conv=len(shape) > 2 and k == 1,
-                                        d_out=math.prod(shape[-k:]), bias_shape=b_shape)
+        if info is None:
+            specs[path_key(kp)] = _implied_spec(kp, bp, shape, b_shape)
         else:              # the capture's geometry, whatever the kernel's shape
             specs[path_key(kp)] = _spec(kp, bp, shape, conv=info.kind == "conv", d_out=info.d_out,
                                         bias_shape=b_shape)
@@ -109,6 +102,20 @@ def find_layers(params: PyTree, layers: Any = None) -> dict:
                 raise ValueError(f"layers=: layer {info.name!r} is (d_in={info.d_in}, d_out={info.d_out}) in "
                                  f"the capture but its kernel has shape {shape} in params.")
     return specs
+
+
+def _output_axes(shape: tuple, b_shape: tuple) -> int:
+    """How many trailing axes of a kernel of ``shape`` a bias of ``b_shape`` spans (0: none)."""
+    k = len(b_shape)
+    return k if 0 < k < len(shape) and shape[-k:] == b_shape else 0
+
+
+def _implied_spec(kp, bp, shape, b_shape) -> LayerSpec:
+    """The geometry a kernel's and its bias's shapes imply: the outputs are the trailing axes the
+    bias spans (DenseGeneral, attention q/k/v ``(d, heads, head_dim)``), else the last axis
+    (dense, conv)."""
+    k = _output_axes(shape, b_shape) or 1
+    return _spec(kp, bp, shape, conv=len(shape) > 2 and k == 1, d_out=math.prod(shape[-k:]), bias_shape=b_shape)
 
 
 def _spec(kp, bp, shape, conv, d_out, bias_shape=()) -> LayerSpec:
@@ -145,9 +152,11 @@ def assemble(like: PyTree, specs: dict, layer_updates: dict, fallback_updates: d
     return jax.tree.unflatten(jax.tree.structure(like), leaves)
 
 
-def check_oracle(curvature: Any, specs: dict, method: str) -> dict:
-    """The oracle's layer statistics keyed like ``specs``, after checking they match."""
-    require_oracle(curvature, method, LayerStatistics)
+def check_oracle(curvature: Any, specs: dict, method: str, needs: tuple = ()) -> dict:
+    """The oracle's layer statistics keyed like ``specs``, after checking that the oracle has
+    them (and the members of the protocols ``needs`` the method reads besides) and that they
+    match."""
+    require_oracle(curvature, method, LayerStatistics, *needs)
     stats = {layer_key(st.info): st for st in curvature.layers.values()}
     missing = sorted(set(specs) - set(stats))
     extra = sorted(set(stats) - set(specs))
@@ -225,8 +234,7 @@ def begin_update(updates: PyTree, state: Any, params: Optional[PyTree], curvatur
     params = check_update_args(updates, params, None, method)
     specs = find_layers(params, layers)
     check_state(state.layers, specs, method, shape_of)
-    require_oracle(curvature, method, LayerStatistics, *needs)
-    stats = check_oracle(curvature, specs, method)
+    stats = check_oracle(curvature, specs, method, needs)
     grads = jax.tree.map(lambda g, p: g + weight_decay * p.astype(g.dtype), updates, params)
     return StepContext(params, specs, stats, tree_all_finite(updates), state.count + 1,
                        schedule_value(learning_rate, state.count), grads)

@@ -62,7 +62,7 @@ from qnopt.damping.lm import levenberg_marquardt, lm_model_decrease, lm_rho, lm_
 from qnopt.linalg.smw import smw_gram_weights
 from qnopt.linalg.tree import accumulation_dtype, tree_all_finite, tree_vdot
 from qnopt.methods import _kron as K
-from qnopt.methods._step import LayerStatistics, ModelOutputs, SubBatches, TrialValues, commit, require_oracle
+from qnopt.methods._step import ModelOutputs, SubBatches, TrialValues, commit
 
 PyTree = Any
 
@@ -176,9 +176,8 @@ def _smw(kind: str, sub_batch_size: Optional[int], initial_damping: float, tau: 
         del extra_args
         params = check_update_args(updates, params, None, method)
         specs = K.find_layers(params, layers)
-        require_oracle(curvature, method, LayerStatistics, TrialValues, SubBatches,
-                       *((ModelOutputs,) if kind == "gn" else ()))
-        stats = K.check_oracle(curvature, specs, method)
+        stats = K.check_oracle(curvature, specs, method,
+                               (TrialValues, SubBatches) + ((ModelOutputs,) if kind == "gn" else ()))
         n2 = _sub_batch_size(next(iter(stats.values())).a.shape[0], sub_batch_size)
         if kind == "gn":
             sb = _gn_sub_batch(curvature, stats, n2, max_rows, method)
