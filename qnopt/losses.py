@@ -26,6 +26,10 @@ Built-ins (registered by name, see :func:`get_loss`):
 * ``"sigmoid_binary_cross_entropy_mean"``: as above, averaged over output dims (``H`` scaled by
   ``1/D``); not an NLL (``is_nll=False``).
 
+Sequences (and any outputs with position axes: tokens, patches, pixels): :func:`per_token` turns
+a loss into its per-token mean with optional per-token weights (a padding mask), the loss of a
+language model; :func:`token_targets` builds its targets from labels and a mask.
+
 Shapes are checked statically (at trace time): mismatched targets raise ``ValueError`` under
 ``jax.jit`` too. Values, gradients and HVPs are computed in at least float32; gradients and HVPs
 are returned in the outputs' dtype, values in the computation dtype.
@@ -37,8 +41,9 @@ output gradient and HVP by automatic differentiation when only ``per_example`` i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Callable, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -47,12 +52,15 @@ Array = jax.Array
 
 __all__ = [
     "Loss",
+    "TokenTargets",
     "get_loss",
     "make_loss",
     "mean_loss",
+    "per_token",
     "register_loss",
     "registered_losses",
     "sigmoid_binary_cross_entropy",
+    "token_targets",
 ]
 
 
@@ -74,6 +82,8 @@ class Loss:
         in a format ``per_example`` accepts.
       is_nll: ``True`` when ``ℓ(o, t) = -log p(t | o) + const`` for the distribution ``sample``
         draws from; then ``E_t[∇ₒℓ ∇ₒℓᵀ] = ∇²ₒℓ`` (Fisher = GGN).
+      resample: optional ``(key, outputs, targets) -> targets``: sampled targets in the structure
+        of the batch's ``targets`` (see :meth:`sample_like`); ``None`` uses ``sample``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -91,6 +101,18 @@ class Loss:
     output_hvp: Callable[[Array, Array, Array], Array]
     sample: Callable[[Array, Array], Array]
     is_nll: bool
+    resample: Optional[Callable] = None
+
+    def sample_like(self, key: Array, outputs: Array, targets):
+        """Targets for the sampled Fisher: ``t̂ ~ p(t | o)`` in the structure of ``targets``.
+
+        A plain loss returns ``sample(key, outputs)``. A loss whose targets carry more than labels
+        (the per-token weights of :func:`per_token`) keeps that information, chosen so that the
+        sampled-gradient outer products still estimate the loss's GGN when ``is_nll`` holds.
+        """
+        if self.resample is None:
+            return self.sample(key, outputs)
+        return self.resample(key, outputs, targets)
 
 
 # ----------------------------------------------------------------------------
@@ -415,6 +437,174 @@ def sigmoid_binary_cross_entropy(reduction: str = "sum") -> Loss:
     if reduction not in _BCE_BUILTINS:
         raise ValueError(f"reduction must be 'sum' or 'mean'; got {reduction!r}.")
     return _BCE_BUILTINS[reduction]
+
+
+# ----------------------------------------------------------------------------
+# Per-token losses: sequences and other position axes
+# ----------------------------------------------------------------------------
+
+class TokenTargets(NamedTuple):
+    """Targets of a :func:`per_token` loss: the base loss's ``labels`` and per-token ``weights``.
+
+    ``weights`` has shape ``(N, *positions)`` and is normalised by :func:`token_targets` so that the
+    mean over the batch of ``Σ_t w_nt ℓ_nt`` is the weighted per-token mean; ``None`` weighs every
+    position ``1/|positions|``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> TokenTargets(jnp.zeros((2, 3), jnp.int32)).weights is None
+      True
+    """
+
+    labels: Array
+    weights: Optional[Array] = None
+
+
+def token_targets(labels, mask=None) -> TokenTargets:
+    r"""Targets for a :func:`per_token` loss: labels and a padding mask, normalised over the batch.
+
+    With ``m_nt`` the mask (1 for a real token, 0 for padding; any non-negative weights work) the
+    weights are ``w_nt = N m_nt / Σ_{n',t'} m_{n't'}``, so that the per-token loss
+    ``(1/N) Σ_n Σ_t w_nt ℓ_nt = Σ m ℓ / Σ m`` is the mean over the batch's real tokens (what
+    ``(optax.softmax_cross_entropy_with_integer_labels(o, y) * m).sum() / m.sum()`` computes).
+    The normalisation is over the batch this is called on: a sub-batch (``oracle.first(n)``)
+    builds its own. A batch with no real token has zero loss.
+
+    Args:
+      labels: the base loss's targets, with the batch axis and the position axes first (integer
+        labels ``(N, T)`` for softmax cross-entropy).
+      mask: ``(N, *positions)`` weights, or ``None`` (every position counts, weight
+        ``1/|positions|``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> t = token_targets(jnp.zeros((2, 3), jnp.int32), jnp.array([[1, 1, 1], [1, 0, 0]]))
+      >>> t.weights.tolist()   # N = 2 sequences, 4 real tokens
+      [[0.5, 0.5, 0.5], [0.5, 0.0, 0.0]]
+    """
+    if mask is None:
+        return TokenTargets(labels, None)
+    m = jnp.asarray(mask)
+    if m.ndim < 2:
+        raise ValueError(f"token_targets: the mask needs a batch axis and position axes, shape "
+                         f"(N, T, ...); got shape {m.shape}.")
+    m = m.astype(jnp.promote_types(m.dtype, jnp.float32) if jnp.issubdtype(m.dtype, jnp.floating)
+                 else jnp.float32)
+    total = jnp.sum(m)
+    scale = jnp.where(total > 0, m.shape[0] / jnp.where(total > 0, total, 1), 0)
+    return TokenTargets(labels, m * scale)
+
+
+@functools.lru_cache(maxsize=None)
+def _per_token(base: Loss, event_ndim: int) -> Loss:
+    name = f"per_token({base.name})"
+
+    def positions(outputs) -> tuple:
+        outputs = _as_outputs(name, outputs, min_ndim=1 + event_ndim)
+        return outputs.shape[1:outputs.ndim - event_ndim]
+
+    def split(outputs, targets):
+        """``(outputs (N·P, *event), labels (N·P, ...), weights (N, *P), P)``."""
+        pos = positions(outputs)
+        t = targets if isinstance(targets, TokenTargets) else TokenTargets(targets)
+        labels = jnp.asarray(t.labels)
+        lead = outputs.shape[:1 + len(pos)]
+        if labels.shape[:len(lead)] != lead:
+            raise ValueError(f"{name}: labels must start with the batch and position axes "
+                             f"{lead} of outputs {outputs.shape}; got shape {labels.shape}.")
+        if t.weights is None:
+            w = jnp.full(lead, 1.0 / max(1, math.prod(pos)), jnp.float32)
+        else:
+            w = jnp.asarray(t.weights)
+            if w.shape != lead:
+                raise ValueError(f"{name}: weights must have shape {lead} (batch and position "
+                                 f"axes of outputs {outputs.shape}); got {w.shape}. Build them "
+                                 f"with qnopt.capture.token_targets(labels, mask).")
+        flat_o = outputs.reshape((-1,) + outputs.shape[1 + len(pos):])
+        flat_t = labels.reshape((-1,) + labels.shape[len(lead):])
+        return flat_o, flat_t, w
+
+    def per_example(outputs, targets):
+        o, t, w = split(outputs, targets)
+        per_position = base.per_example(o, t).reshape(w.shape)
+        return jnp.sum((w.astype(per_position.dtype) * per_position).reshape(w.shape[0], -1), axis=-1)
+
+    def weighted(values, w, like):
+        w = w.reshape(w.shape + (1,) * (like.ndim - w.ndim)).astype(_compute_dtype(like))
+        return (values.reshape(like.shape).astype(w.dtype) * w).astype(like.dtype)
+
+    def output_grad(outputs, targets):
+        o, t, w = split(outputs, targets)
+        return weighted(base.output_grad(o, t), w, outputs)
+
+    def output_hvp(outputs, targets, v):
+        o, t, w = split(outputs, targets)
+        v = _check_same_shape(name, "v", outputs, v)
+        return weighted(base.output_hvp(o, t, v.reshape(o.shape)), w, outputs)
+
+    def sample(key, outputs):
+        pos = positions(outputs)
+        flat = outputs.reshape((-1,) + outputs.shape[1 + len(pos):])
+        drawn = base.sample(key, flat)
+        return drawn.reshape(outputs.shape[:1 + len(pos)] + drawn.shape[1:])
+
+    def resample(key, outputs, targets):
+        # ℓ̂_n = Σ_t √w_nt ℓ_nt(t̂): E[∇ℓ̂_n ∇ℓ̂_nᵀ] = Σ_t w_nt H_nt, the GGN of Σ_t w_nt ℓ_nt
+        # (labels drawn independently per position: the cross terms have mean zero).
+        _, _, w = split(outputs, targets)
+        return TokenTargets(sample(key, outputs), jnp.sqrt(w))
+
+    return Loss(name=name, per_example=per_example, output_grad=output_grad,
+                output_hvp=output_hvp, sample=sample, is_nll=base.is_nll, resample=resample)
+
+
+def per_token(loss: Union[str, Loss] = "softmax_cross_entropy", *, event_ndim: int = 1) -> Loss:
+    r"""The per-token mean of a loss, with per-token weights (a padding mask): a sequence loss.
+
+    The outputs ``o`` have shape ``(N, *P, *E)``: ``N`` examples, position axes ``P`` (tokens of a
+    sequence, patches, pixels) and ``event_ndim`` trailing axes ``E`` per position (the logits of
+    one token). With ``ℓ_nt`` the base loss of position ``t`` of example ``n`` (the base loss
+    applied with every position as an example) and the weights ``w`` of :class:`TokenTargets`::
+
+        ℓ_n = Σ_t w_nt ℓ_nt,     ∂ℓ_n/∂o_nt = w_nt ∇ℓ_nt,     H_n = ⊕_t w_nt H_nt,
+
+    and the oracle's objective ``(1/N) Σ_n ℓ_n`` is the weighted per-token mean ``Σ m ℓ / Σ m``
+    for :func:`token_targets`' weights (``1/|P|`` each without a mask: the mean over all tokens).
+    The built-in losses sum over positions instead (``|P|`` times this with no mask, and no way
+    to leave padding out).
+
+    *Sampled Fisher.* Labels are drawn independently per position from the base loss's
+    predictive distribution; the sampled-label loss weighs position ``t`` by ``√w_nt``, so that
+    ``E[∇ℓ̂_n ∇ℓ̂_nᵀ] = Σ_t w_nt J_ntᵀ H_nt J_nt`` is the GGN of ``ℓ_n`` (with ``w`` in place of
+    ``√w`` it would be ``Σ w² …``, off by the weights). ``is_nll`` is the base loss's.
+
+    Targets: a :class:`TokenTargets` (from :func:`token_targets`) or the base loss's labels alone
+    (uniform weights). Build the capture with
+    ``qnopt.capture.linen(model, loss=per_token(), targets=lambda b: token_targets(b["y"], b["mask"]))``.
+
+    Args:
+      loss: the base loss (a registered name or a :class:`Loss`) of one position; it must treat
+        its leading axis as examples and reduce the ``event_ndim`` trailing axes (the built-ins
+        do).
+      event_ndim: number of trailing output axes of one position (1: a vector of logits).
+
+    Returns:
+      The per-token :class:`Loss` (the same object for the same arguments).
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from qnopt.capture import per_token, token_targets
+      >>> logits = jnp.arange(24.).reshape(2, 3, 4) / 10
+      >>> labels, mask = jnp.array([[1, 2, 3], [0, 1, 0]]), jnp.array([[1, 1, 1], [1, 1, 0]])
+      >>> lm = per_token("softmax_cross_entropy")
+      >>> mine = lm.per_example(logits, token_targets(labels, mask)).mean()
+      >>> ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+      >>> bool(jnp.allclose(mine, (ce * mask).sum() / mask.sum()))
+      True
+    """
+    if not isinstance(event_ndim, int) or event_ndim < 0:
+        raise ValueError(f"per_token: event_ndim must be a non-negative int; got {event_ndim!r}.")
+    return _per_token(get_loss(loss), event_ndim)
 
 
 # ----------------------------------------------------------------------------

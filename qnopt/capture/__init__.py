@@ -1,7 +1,8 @@
 """Capture: the bridge from models to curvature.
 
 * Loss registry (:func:`get_loss`, :func:`register_loss`): value, output gradient, output
-  Hessian-vector product and sampling from the predictive distribution.
+  Hessian-vector product and sampling from the predictive distribution; :func:`per_token`
+  makes a sequence loss (per-token mean, padding weights via :func:`token_targets`).
 * Flax Linen capture (:func:`linen`, no model change: ``nn.intercept_methods`` + ``sow`` +
   ``perturb``) and its lazy curvature :class:`Oracle` (``loss``, ``grads``, ``layers``, ``at``,
   ``value``, ``fisher``/``fisher_grads``, ``gram``, ``ggn_vp``, ``hvp``, ``jvp``/``vjp``,
@@ -18,8 +19,8 @@ from typing import Any
 
 from qnopt.capture.oracle import LayerInfo, LayerStats, Oracle
 from qnopt.capture.pure_jax import PureJaxCapture, jax_capture, tag_conv, tag_dense
-from qnopt.losses import (Loss, get_loss, make_loss, mean_loss, register_loss, registered_losses,
-                          sigmoid_binary_cross_entropy)
+from qnopt.losses import (Loss, TokenTargets, get_loss, make_loss, mean_loss, per_token, register_loss,
+                          registered_losses, sigmoid_binary_cross_entropy, token_targets)
 
 # The Flax captures are imported on first use, so that the pure-JAX path does not need Flax.
 _FLAX = {"LinenCapture": ("flax_linen", "LinenCapture"), "linen_capture": ("flax_linen", "linen_capture"),
@@ -57,7 +58,10 @@ __all__ = [
     "get_loss",
     "make_loss",
     "mean_loss",
+    "per_token",
     "register_loss",
     "registered_losses",
     "sigmoid_binary_cross_entropy",
+    "TokenTargets",
+    "token_targets",
 ]

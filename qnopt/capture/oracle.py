@@ -533,7 +533,8 @@ class Oracle:
             raise ValueError(f"Loss {loss.name!r} is not a negative log-likelihood (is_nll=False); "
                              "its sampled Fisher does not match its curvature. Use ggn_vp, or a "
                              "sum-reduced loss.")
-        sampled = jax.lax.stop_gradient(loss.sample(key, jax.lax.stop_gradient(self.outputs)))
+        sampled = jax.lax.stop_gradient(
+            loss.sample_like(key, jax.lax.stop_gradient(self.outputs), self.targets))
         return Oracle(self.capture, self.params, self.batch, self.key, self._disc, forward_of=self,
                       penalised=False, model_state=self._model_state, targets=sampled)
 

@@ -8,7 +8,8 @@ layers alike: rows ``(n, t)`` are examples × positions (``|T| = 1`` for a plain
 and ``dh`` is the gradient of the *mean* loss (per-example gradients are ``N·dh``).
 
 * :func:`layer_key`: the name K-BFGS / K-FAC state uses for a layer (its kernel's path).
-* :func:`layer_A`, :func:`layer_G`, :func:`layer_A_matvec`, :func:`layer_mean_input`.
+* :func:`layer_A`, :func:`layer_G` (K-FAC-expand or K-FAC-reduce for a layer applied at several
+  positions), :func:`layer_A_matvec`, :func:`layer_mean_input`.
 * :func:`output_pair`: K-BFGS's ``(s_G, y_G)`` from two passes on the same minibatch.
 * :func:`hessian_action_pair`: K-BFGS's ``(s_A, y_A)`` for ``H_A`` (§2.4, eq. 3.14).
 * :func:`preactivation_blocks`: SKQN-B2's secant blocks ``(Ũ, Ṽ)`` (S2QN §4.1, eq. 20).
@@ -67,8 +68,31 @@ def layer_key(info: Any) -> str:
     return path_key(info.params["kernel"])
 
 
-def layer_A(stats: Any) -> jax.Array:
-    r"""``A = E_n[Σ_t ā_t(n) ā_t(n)ᵀ]`` of one layer on the minibatch (eq. 3.9; dense: ``E[ā āᵀ]``).
+POSITIONS = ("expand", "reduce")
+
+
+def _check_positions(positions: str) -> None:
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be 'expand' or 'reduce' (Eschenhagen et al., NeurIPS 2023); "
+                         f"got {positions!r}.")
+
+
+def layer_A(stats: Any, positions: str = "expand") -> jax.Array:
+    r"""Input factor ``A`` of one layer on the minibatch; ``positions`` names the convention for
+    a layer applied at ``|T|`` positions per example (tokens, patches, conv outputs).
+
+    * ``"expand"`` (default): ``A = E_n[Σ_t ā_t(n) ā_t(n)ᵀ]``, thesis eq. 3.9 (dense:
+      ``E[ā āᵀ]``) — K-FAC-expand of Eschenhagen et al., "Kronecker-Factored Approximate Curvature
+      for Modern Neural Network Architectures" (NeurIPS 2023, arXiv:2311.00636), which treats the
+      positions like extra examples; the right one when the loss has a term per position (a
+      language model, a per-pixel loss).
+    * ``"reduce"``: ``A = E_n[ā(n) ā(n)ᵀ]`` with ``ā(n) = (1/|T|) Σ_t ā_t(n)`` — K-FAC-reduce
+      (same paper), positions averaged before the outer product; exact for a linear
+      layer whose positions are pooled before the loss (a ViT's classification head sees the
+      mean of its tokens) and ``|T|`` times cheaper in the statistics.
+
+    Pair it with :func:`layer_G` of the same convention. Eschenhagen et al. put ``1/|T|`` on
+    ``A`` for expand; here, as in the thesis, ``A`` sums and ``G`` averages: ``A ⊗ G`` is the same.
 
     Example:
       >>> import jax.numpy as jnp
@@ -78,15 +102,26 @@ def layer_A(stats: Any) -> jax.Array:
       Array([[ 5.,  7.,  2.],
              [ 7., 10.,  3.],
              [ 2.,  3.,  1.]], dtype=float32)
+      >>> two = NS(a_rows=lambda: jnp.array([[[1.], [3.]]]), info=NS(has_bias=False))  # |T| = 2
+      >>> layer_A(two).tolist(), layer_A(two, "reduce").tolist()
+      ([[10.0]], [[4.0]])
     """
-    return conv_A(stats.a_rows(), bias=stats.info.has_bias, spatial="sum")
+    _check_positions(positions)
+    a = stats.a_rows()
+    if positions == "reduce":
+        a = jnp.mean(a.astype(accumulation_dtype(a.dtype)), axis=1, keepdims=True)
+    return conv_A(a, bias=stats.info.has_bias, spatial="sum")
 
 
-def layer_G(stats: Any) -> jax.Array:
-    r"""``G = E_n[(1/|T|) Σ_t g_t(n) g_t(n)ᵀ]`` with per-example ``g = N·dh`` (eq. 3.9; K-FAC's Γ).
+def layer_G(stats: Any, positions: str = "expand") -> jax.Array:
+    r"""Output factor ``G`` of one layer, per-example gradients ``g = N·dh`` (K-FAC's Γ).
 
-    Empirical Fisher for an oracle with the true labels, the sampled Fisher for
-    ``oracle.fisher(key)``'s layers.
+    * ``"expand"``: ``G = E_n[(1/|T|) Σ_t g_t(n) g_t(n)ᵀ]`` (thesis eq. 3.9);
+    * ``"reduce"``: ``G = E_n[g(n) g(n)ᵀ]`` with ``g(n) = Σ_t g_t(n)`` (K-FAC-reduce of
+      Eschenhagen et al., NeurIPS 2023),
+
+    as :func:`layer_A` explains. Empirical Fisher for an oracle with the true labels, the
+    sampled Fisher for ``oracle.fisher(key)``'s layers.
 
     Example:
       >>> import jax.numpy as jnp
@@ -95,7 +130,11 @@ def layer_G(stats: Any) -> jax.Array:
       >>> layer_G(NS(dh_rows=lambda: dh))                  # per-example g = ±1
       Array([[1.]], dtype=float32)
     """
-    return conv_G(stats.dh_rows(), batch_mean=True, spatial="mean")
+    _check_positions(positions)
+    dh = stats.dh_rows()
+    if positions == "reduce":
+        dh = jnp.sum(dh.astype(accumulation_dtype(dh.dtype)), axis=1, keepdims=True)
+    return conv_G(dh, batch_mean=True, spatial="mean")
 
 
 def layer_A_matvec(stats: Any, s: ArrayLike) -> jax.Array:

@@ -23,6 +23,11 @@ Options select the conventions the thesis varies or kfac-jax uses (``docs/kfac_j
   (``δ = −α p + m δ``, kfac-jax).
 * ``inverse``: ``"eigh"``, ``"cholesky"`` (explicit inverses) or ``"cholesky_solve"``
   (Cholesky factors, triangular solves every step).
+* ``positions``: for a layer applied at several positions per example (tokens, patches, conv
+  outputs), ``"expand"`` (the sums above: K-FAC-expand) or ``"reduce"`` (positions averaged
+  before the outer products: K-FAC-reduce), Eschenhagen et al., "Kronecker-Factored Approximate
+  Curvature for Modern Neural Network Architectures" (NeurIPS 2023);
+  :func:`qnopt.curvature.layer_A` says which suits which model.
 * ``initial_factors`` (:func:`qnopt.curvature.estimate_factors`, the warm start of Alg. 12
   line 2): then plain EMAs. Without it, the factors start at zero with a debiased EMA
   (:func:`qnopt.curvature.debiased_decay`), and with ``stats_at="new"`` the inverses are also
@@ -79,7 +84,8 @@ class ScaleByKfacState(NamedTuple):
 
 
 _CHOICES = {"fisher": ("sampled", "empirical"), "stats_at": ("new", "current"),
-            "momentum_on": ("gradient", "update"), "inverse": ("eigh", "cholesky", "cholesky_solve")}
+            "momentum_on": ("gradient", "update"), "inverse": ("eigh", "cholesky", "cholesky_solve"),
+            "positions": ("expand", "reduce")}
 
 
 def scale_by_kfac(
@@ -94,6 +100,7 @@ def scale_by_kfac(
     stats_at: str = "new",
     momentum_on: str = "gradient",
     inverse: str = "eigh",
+    positions: str = "expand",
     initial_factors: Optional[dict] = None,
     weight_decay: float = 0.0,
     layers: Any = None,
@@ -111,7 +118,7 @@ def scale_by_kfac(
       momentum: ``m`` (0.9).
       beta: EMA decay of the factors (0.9).
       stats_every: ``T1``.  inverse_every: ``T2``.
-      fisher, stats_at, momentum_on, inverse: conventions (module docstring).
+      fisher, stats_at, momentum_on, inverse, positions: conventions (module docstring).
       initial_factors: warm-start factors ``{layer key: KronFactors(A, G)}``.
       weight_decay: L2 coefficient added to the gradient.
       layers: which parameters form layers (see :func:`qnopt.scale_by_kbfgs`).
@@ -134,7 +141,7 @@ def scale_by_kfac(
       True
     """
     for name, value in (("fisher", fisher), ("stats_at", stats_at), ("momentum_on", momentum_on),
-                        ("inverse", inverse)):
+                        ("inverse", inverse), ("positions", positions)):
         if value not in _CHOICES[name]:
             raise ValueError(f"{name} must be one of {_CHOICES[name]}, got {value!r}.")
     check_statistics_hyperparams(damping=damping, momentum=momentum, beta=beta, stats_every=stats_every,
@@ -160,8 +167,8 @@ def scale_by_kfac(
         a_src = K.check_oracle(oracle, specs, method)
         g_src = a_src if fisher == "empirical" else K.check_oracle(oracle.fisher(), specs, method)
         decay = statistics_decay(stats_count + 1, beta, warm=warm)
-        return {key: st._replace(A=ema_update(st.A, layer_A(a_src[key]), decay),
-                                 G=ema_update(st.G, layer_G(g_src[key]), decay))
+        return {key: st._replace(A=ema_update(st.A, layer_A(a_src[key], positions), decay),
+                                 G=ema_update(st.G, layer_G(g_src[key], positions), decay))
                 for key, st in layer_states.items()}
 
     def refresh(layer_states: dict) -> dict:
@@ -225,8 +232,8 @@ def scale_by_kfac(
 
 
 #: Arguments fixed when the transformation is built (``static_args`` of ``optax.inject_hyperparams``).
-STATIC = ("inverse_every", "fisher", "stats_at", "momentum_on", "inverse", "initial_factors", "layers",
-          "fallback")
+STATIC = ("inverse_every", "fisher", "stats_at", "momentum_on", "inverse", "positions", "initial_factors",
+          "layers", "fallback")
 
 
 @alias(Composition(scale_by_kfac, "step", static=STATIC))
