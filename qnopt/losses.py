@@ -489,7 +489,7 @@ def token_targets(labels, mask=None) -> TokenTargets:
         raise ValueError(f"token_targets: the mask needs a batch axis and position axes, shape "
                          f"(N, T, ...); got shape {m.shape}.")
     m = m.astype(jnp.promote_types(m.dtype, jnp.float32) if jnp.issubdtype(m.dtype, jnp.floating)
-                 else jnp.float32)
+                 else jnp.result_type(float))        # the default float: float64 under x64
     total = jnp.sum(m)
     scale = jnp.where(total > 0, m.shape[0] / jnp.where(total > 0, total, 1), 0)
     return TokenTargets(labels, m * scale)
@@ -513,7 +513,7 @@ def _per_token(base: Loss, event_ndim: int) -> Loss:
             raise ValueError(f"{name}: labels must start with the batch and position axes "
                              f"{lead} of outputs {outputs.shape}; got shape {labels.shape}.")
         if t.weights is None:
-            w = jnp.full(lead, 1.0 / max(1, math.prod(pos)), jnp.float32)
+            w = jnp.full(lead, 1.0 / max(1, math.prod(pos)), jnp.result_type(float))
         else:
             w = jnp.asarray(t.weights)
             if w.shape != lead:

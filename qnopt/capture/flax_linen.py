@@ -12,7 +12,8 @@ on a minibatch and exposes, lazily, what curvature methods need:
 
 How it captures. Only Flax's public API is used, no jaxpr matching: an interceptor registered
 with :func:`flax.linen.intercept_methods` acts on ``__call__`` of :class:`flax.linen.Dense`,
-:class:`flax.linen.DenseGeneral` and :class:`flax.linen.Conv` (subclasses included) and passes
+:class:`flax.linen.DenseGeneral`, :class:`flax.linen.Einsum` and :class:`flax.linen.Conv`
+(subclasses included) and passes
 every other call through untouched. For a captured call it
 
 1. records the layer input ``a`` with ``module.sow`` into the collection ``"qnopt_capture"``
@@ -35,7 +36,11 @@ naming the layer; exclude it with ``layers=`` to leave it to the fallback):
 
 * ``Dense``: inputs ``(N, ..., d_in)``; extra middle axes are treated like spatial positions.
 * ``DenseGeneral``: ``batch_dims=()`` and ``axis`` a set of *trailing* axes (default ``-1``);
-  it is the dense map from the flattened contracted axes to the flattened ``features``.
+  it is the dense map from the flattened contracted axes to the flattened ``features``
+  (attention's q/k/v ``(d,) -> (heads, head_dim)`` and output ``(heads, head_dim) -> (d,)``).
+* ``Einsum``: an equation that is such a dense map — the input's last axes contracted with the
+  kernel's first ones, output = the input's other axes then the kernel's others
+  (``"btd,dhk->bthk"``; :func:`qnopt.capture.oracle.einsum_axes`).
 * ``Conv``: 1-, 2- or 3-D, one leading batch axis, any strides / padding / kernel dilation /
   input dilation, ``feature_group_count=1``, no ``mask``.
 * A module called more than once per apply (weight sharing) is not supported.
@@ -47,7 +52,6 @@ gradients are still in :attr:`Oracle.grads`, and :meth:`LinenCapture.table` repo
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Iterable, Optional, Union
 
 import flax
@@ -57,8 +61,8 @@ import jax.numpy as jnp
 
 from qnopt.losses import Loss
 from qnopt.capture.oracle import (CaptureEngine, Discovery, LayerInfo, ModelCall, _abstract, _get,
-                                  _signature, check_flax_conv, conv_layer_info,
-                                  check_single_call, dense_layer_info, path_name, to_tuple)
+                                  _signature, check_flax_conv, check_single_call, contracted_axes,
+                                  conv_layer_info, dense_layer_info, einsum_axes, path_name, to_tuple)
 
 __all__ = ["LinenCapture", "linen_capture"]
 
@@ -68,18 +72,19 @@ _A = "qnopt_a"
 _H = "qnopt_h"
 _DH = "qnopt_dh"
 
-CAPTURED_CLASSES = (nn.Dense, nn.DenseGeneral, nn.Conv)
-_CAPTURED_NAMES = "flax.linen.Dense, flax.linen.DenseGeneral and flax.linen.Conv"
+CAPTURED_CLASSES = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv)
+_CAPTURED_NAMES = "flax.linen.Dense, flax.linen.DenseGeneral, flax.linen.Einsum and flax.linen.Conv"
+_ENGINE = "qnopt.capture.linen"
 
 
-def _layer_info(module, path: tuple, a_shape: tuple, h_shape: tuple) -> LayerInfo:
+def _layer_info(module, path: tuple, a_shape: tuple, h_shape: tuple, call_kwargs: dict) -> LayerInfo:
     """Static geometry of a captured call; raises NotImplementedError for unsupported configs."""
     name = path_name(path)
     cls = type(module).__name__
     use_bias = bool(getattr(module, "use_bias", True))
     roles = (("kernel", path + ("kernel",)),) + ((("bias", path + ("bias",)),) if use_bias else ())
     if isinstance(module, nn.Conv):
-        kernel_size = check_flax_conv(module, name, "qnopt.capture.linen", a_shape)
+        kernel_size = check_flax_conv(module, name, _ENGINE, a_shape)
         n = len(kernel_size)
         return conv_layer_info(
             name, path, cls, roles, a_shape, h_shape, use_bias, kernel_size=kernel_size,
@@ -94,24 +99,13 @@ def _layer_info(module, path: tuple, a_shape: tuple, h_shape: tuple) -> LayerInf
             raise NotImplementedError(
                 f"Layer {name!r} (DenseGeneral): batch_dims={module.batch_dims} is not supported "
                 f"by qnopt.capture.linen (only batch_dims=()).")
-        axis = (module.axis,) if isinstance(module.axis, int) else tuple(module.axis)
-        nd = len(a_shape)
-        axis = tuple(sorted(ax % nd for ax in axis))
-        k = len(axis)
-        if axis != tuple(range(nd - k, nd)) or k >= nd:
-            raise NotImplementedError(
-                f"Layer {name!r} (DenseGeneral): axis={module.axis} on inputs of shape {a_shape} "
-                f"is not supported by qnopt.capture.linen (only trailing axes, e.g. -1 or "
-                f"(-2, -1), and never the batch axis 0).")
-        features = ((module.features,) if isinstance(module.features, int)
-                    else tuple(module.features))
-        in_feat = tuple(a_shape[nd - k:])
-        t = math.prod(a_shape[1:nd - k])
-        return LayerInfo(
-            name=name, path=path, kind="dense", module_class=cls, param_paths=roles,
-            kernel_shape=in_feat + features, has_bias=use_bias, d_in=math.prod(in_feat),
-            d_out=math.prod(features), spatial_size=t, in_shape=tuple(a_shape),
-            out_shape=tuple(h_shape), bias_shape=features)
+        k = contracted_axes(module.axis, a_shape, name, cls, _ENGINE)
+        return dense_layer_info(name, path, cls, roles, a_shape, h_shape, use_bias, in_axes=k,
+                                out_axes=len(to_tuple(module.features, 1)))
+    if isinstance(module, nn.Einsum):
+        equation = module.einsum_str if module.einsum_str is not None else call_kwargs.get("einsum_str")
+        k, f = einsum_axes(str(equation), a_shape, len(module.shape), name, cls, _ENGINE)
+        return dense_layer_info(name, path, cls, roles, a_shape, h_shape, use_bias, in_axes=k, out_axes=f)
     # nn.Dense
     return dense_layer_info(name, path, cls, roles, a_shape, h_shape, use_bias)
 
@@ -196,8 +190,9 @@ class LinenCapture(CaptureEngine):
             module.sow(SOW_COLLECTION, _A, a)
             h = next_fun(*args, **kwargs)
             if record is not None:
+                call_kwargs = {**kwargs, **({"einsum_str": args[1]} if len(args) > 1 else {})}
                 record["calls"][path] = _layer_info(module, path, tuple(jnp.shape(a)),
-                                                    tuple(jnp.shape(h)))
+                                                    tuple(jnp.shape(h)), call_kwargs)
             module.sow(SOW_COLLECTION, _H, h)
             return module.perturb(_DH, h, collection=PERTURB_COLLECTION)
 

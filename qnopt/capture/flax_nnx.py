@@ -51,12 +51,17 @@ saying to exclude it with ``layers=``, which leaves its parameters to the fallba
 
 * ``nnx.Linear`` (and subclasses): inputs ``(N, ..., d_in)``; extra middle axes are treated
   like spatial positions; kernel ``(d_in, d_out)``.
+* ``nnx.LinearGeneral`` (so ``nnx.MultiHeadAttention``'s projections): ``batch_axis={}`` and
+  ``axis`` trailing input axes; the dense map from the flattened contracted axes to the
+  flattened ``out_features``.
+* ``nnx.Einsum``: an equation that is such a dense map (see
+  :func:`qnopt.capture.oracle.einsum_axes`), a bias, if any, of the output features' shape.
 * ``nnx.Conv`` (and subclasses): 1-D or 2-D, exactly one leading batch axis, channels last
   (``NHWC``), any strides / padding / kernel dilation / input dilation,
   ``feature_group_count=1``, no ``mask``; kernel ``(*kernel_size, c_in, c_out)``.
 * A layer called more than once per forward pass (weight sharing) is not supported.
 
-Other parameters (``nnx.LayerNorm`` scale/bias, embeddings, ``LinearGeneral``, LoRA factors, ...)
+Other parameters (``nnx.LayerNorm`` scale/bias, embeddings, LoRA factors, ...)
 are not captured; their gradients are in :attr:`Oracle.grads` and :meth:`NnxCapture.table`
 reports them as ``fallback``. Conventions (``dh`` carries ``1/N``, ``a`` has no homogeneous 1)
 are those of :mod:`qnopt.capture.flax_linen`.
@@ -74,8 +79,8 @@ import jax.numpy as jnp
 from qnopt.losses import Loss
 from qnopt.linalg.tree import key_name
 from qnopt.capture.oracle import (CaptureEngine, Discovery, LayerInfo, ModelCall, _abstract, _get,
-                                  _signature, check_flax_conv, conv_layer_info,
-                                  check_single_call, dense_layer_info, path_name, to_tuple)
+                                  _signature, check_flax_conv, check_single_call, contracted_axes,
+                                  conv_layer_info, dense_layer_info, einsum_axes, path_name, to_tuple)
 
 __all__ = ["NnxCapture", "nnx_capture"]
 
@@ -83,8 +88,9 @@ _A = "qnopt_a"
 _H = "qnopt_h"
 _DH = "qnopt_dh"
 
-CAPTURED_CLASSES = (nnx.Linear, nnx.Conv)
-_CAPTURED_NAMES = "flax.nnx.Linear and flax.nnx.Conv"
+CAPTURED_CLASSES = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv)
+_CAPTURED_NAMES = "flax.nnx.Linear, flax.nnx.LinearGeneral, flax.nnx.Einsum and flax.nnx.Conv"
+_ENGINE = "qnopt.capture.flax_nnx"
 
 
 class QnoptRecord(nnx.Intermediate):
@@ -124,7 +130,7 @@ def _layer_info(module, path: tuple, a_shape: tuple, h_shape: tuple) -> LayerInf
     """Static geometry of a captured call; raises NotImplementedError for unsupported configs."""
     name = path_name(path)
     cls = type(module).__name__
-    use_bias = bool(getattr(module, "use_bias", True))
+    use_bias = bool(getattr(module, "use_bias", getattr(module, "bias", None) is not None))
     roles = (("kernel", path + ("kernel",)),) + ((("bias", path + ("bias",)),) if use_bias else ())
     hint = "Exclude it with layers=... to leave its parameters to the fallback."
     if len(a_shape) < 2:
@@ -144,7 +150,37 @@ def _layer_info(module, path: tuple, a_shape: tuple, h_shape: tuple) -> LayerInf
                      else module.padding),
             dilation=to_tuple(module.kernel_dilation, n),
             input_dilation=to_tuple(module.input_dilation, n))
+    if isinstance(module, nnx.LinearGeneral):
+        if dict(module.batch_axis):
+            raise NotImplementedError(f"Layer {name!r} (LinearGeneral): batch_axis={dict(module.batch_axis)} is not "
+                                      f"supported by {_ENGINE} (only batch_axis={{}}). {hint}")
+        k = contracted_axes(module.axis, a_shape, name, cls, _ENGINE)
+        return dense_layer_info(name, path, cls, roles, a_shape, h_shape, use_bias, in_axes=k,
+                                out_axes=len(module.out_features))
+    if isinstance(module, nnx.Einsum):
+        kernel_shape = tuple(module.kernel_shape)
+        k, f = einsum_axes(module.einsum_str, a_shape, len(kernel_shape), name, cls, _ENGINE)
+        if use_bias and tuple(module.bias_shape) != kernel_shape[k:]:
+            raise NotImplementedError(f"Layer {name!r} (Einsum): bias_shape={module.bias_shape} is not the "
+                                      f"output features {kernel_shape[k:]}. {hint}")
+        return dense_layer_info(name, path, cls, roles, a_shape, h_shape, use_bias, in_axes=k, out_axes=f)
     return dense_layer_info(name, path, cls, roles, a_shape, h_shape, use_bias)
+
+
+def _stacked(module) -> bool:
+    """Whether a layer's kernel has more axes than its configuration gives one layer: a stack of
+    layers made by ``nnx.scan`` / ``nnx.vmap`` over layers (``nnx.Linear``: ``(L, d_in, d_out)``)."""
+    kernel = getattr(module, "kernel", None)
+    if kernel is None:
+        return False
+    single = {nnx.Linear: 2, nnx.Conv: len(to_tuple(getattr(module, "kernel_size", ()), 1)) + 2,
+              nnx.LinearGeneral: len(to_tuple(getattr(module, "in_features", ()), 1))
+              + len(to_tuple(getattr(module, "out_features", ()), 1)),
+              nnx.Einsum: len(tuple(getattr(module, "kernel_shape", ())))}
+    for cls, ndim in single.items():
+        if isinstance(module, cls):
+            return len(jnp.shape(_value(kernel))) > ndim
+    return False
 
 
 def _captured_call(module, original, args, kwargs):
@@ -238,6 +274,8 @@ class NnxCapture(CaptureEngine):
                 continue
             if record is not None:
                 record["capturable"].add(path)
+                if _stacked(module):
+                    record["stacked"][path] = tuple(jnp.shape(_value(module.kernel)))
             if self._select is not None and not self._select(path_name(path)):
                 if record is not None:
                     record["excluded"][path] = "excluded by layers="
@@ -280,7 +318,7 @@ class NnxCapture(CaptureEngine):
         key = _signature(params, x, targets)
         if key in self._cache:
             return self._cache[key]
-        record = {"modules": {}, "excluded": {}, "calls": {}, "capturable": set()}
+        record = {"modules": {}, "excluded": {}, "calls": {}, "capturable": set(), "stacked": {}}
 
         def f(p, x_, t):
             out, perts, _ = self._captured(p, x_, None, record)
@@ -292,7 +330,12 @@ class NnxCapture(CaptureEngine):
                                         None if targets is None else _abstract(targets))
         n_excluded = len(record["excluded"])
         for path in record["capturable"] - set(record["calls"]) - set(record["excluded"]):
-            record["excluded"][path] = "was not called in the forward pass"
+            if path in record["stacked"]:
+                record["excluded"][path] = (
+                    f"is a stack of layers (kernel {record['stacked'][path]}: nnx.scan / nnx.vmap over "
+                    f"layers), not captured per layer yet; unroll the layers in Python to capture them")
+            else:
+                record["excluded"][path] = "was not called in the forward pass"
         infos = self._collect_layers(params, record["calls"], record["excluded"], self._names,
                                      self.model_class, n_excluded=n_excluded)
         d = Discovery(infos=infos, modules=dict(record["modules"]),

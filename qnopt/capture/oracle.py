@@ -91,15 +91,66 @@ class LayerInfo:
 
 
 def dense_layer_info(name: str, path: tuple, module_class: str, param_paths: tuple,
-                     a_shape: tuple, h_shape: tuple, has_bias: bool) -> "LayerInfo":
-    """:class:`LayerInfo` of a dense map ``(N, ..., d_in) -> (N, ..., d_out)`` with kernel
-    ``(d_in, d_out)``; middle axes are positions (``spatial_size``)."""
-    d_in, d_out = a_shape[-1], h_shape[-1]
+                     a_shape: tuple, h_shape: tuple, has_bias: bool, in_axes: int = 1,
+                     out_axes: int = 1) -> "LayerInfo":
+    """:class:`LayerInfo` of a dense map contracting the last ``in_axes`` input axes into the last
+    ``out_axes`` output axes: ``(N, ..., *in_feat) -> (N, ..., *features)`` with kernel
+    ``(*in_feat, *features)`` and bias ``features`` (``Dense``: one of each; attention's q/k/v
+    projections ``(d,) -> (heads, head_dim)``). ``d_in = prod(in_feat)``, ``d_out =
+    prod(features)``; the axes between the batch axis and ``in_feat`` are positions."""
+    in_feat = tuple(a_shape[len(a_shape) - in_axes:])
+    features = tuple(h_shape[len(h_shape) - out_axes:])
     return LayerInfo(
         name=name, path=path, kind="dense", module_class=module_class, param_paths=param_paths,
-        kernel_shape=(d_in, d_out), has_bias=has_bias, d_in=d_in, d_out=d_out,
-        spatial_size=math.prod(a_shape[1:-1]), in_shape=tuple(a_shape), out_shape=tuple(h_shape),
-        bias_shape=(d_out,))
+        kernel_shape=in_feat + features, has_bias=has_bias, d_in=math.prod(in_feat),
+        d_out=math.prod(features), spatial_size=math.prod(a_shape[1:len(a_shape) - in_axes]),
+        in_shape=tuple(a_shape), out_shape=tuple(h_shape), bias_shape=features)
+
+
+def contracted_axes(axis: Any, a_shape: tuple, name: str, cls: str, engine: str) -> int:
+    """How many trailing input axes a ``DenseGeneral`` / ``LinearGeneral`` contracts; only
+    trailing axes that leave the batch axis are supported (``NotImplementedError`` otherwise)."""
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    nd = len(a_shape)
+    axes = tuple(sorted(ax % nd for ax in axes))
+    k = len(axes)
+    if axes != tuple(range(nd - k, nd)) or k >= nd:
+        raise NotImplementedError(
+            f"Layer {name!r} ({cls}): axis={axis} on inputs of shape {a_shape} is not supported by "
+            f"{engine} (only trailing axes, e.g. -1 or (-2, -1), and never the batch axis 0). "
+            f"Exclude it with layers=... to leave its parameters to the fallback.")
+    return k
+
+
+def einsum_axes(equation: str, a_shape: tuple, kernel_ndim: int, name: str, cls: str,
+                engine: str) -> tuple[int, int]:
+    """``(in_axes, out_axes)`` of an ``Einsum`` layer ``einsum(equation, inputs, kernel)`` that is
+    a dense map: the input's last axes are contracted with the kernel's first ones, in order, and
+    the output is the input's other axes followed by the kernel's others (``"btd,dhk->bthk"``,
+    ``"bthk,hkd->btd"``, ``"...d,df->...f"``). Any other equation (a kernel axis shared with
+    the output, e.g. per-head weights; a permuted kernel) raises ``NotImplementedError``."""
+    eq = equation.replace(" ", "")
+    hint = (f"Layer {name!r} ({cls}): einsum {equation!r} is not a dense map that {engine} can "
+            f"capture (the input's last axes contracted with the kernel's first ones, output = the "
+            f"input's other axes then the kernel's others). Exclude it with layers=... to leave "
+            f"its parameters to the fallback.")
+    try:
+        lhs, out = eq.split("->")
+        x_sub, k_sub = lhs.split(",")
+    except ValueError:
+        raise NotImplementedError(hint) from None
+    if "..." in k_sub or len(k_sub) != kernel_ndim:
+        raise NotImplementedError(hint)
+    spare = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq]
+    if "..." in x_sub:
+        ell = "".join(spare[:len(a_shape) - (len(x_sub) - 3)])
+        x_sub, out = x_sub.replace("...", ell), out.replace("...", ell)
+    contracted = [c for c in k_sub if c in x_sub and c not in out]
+    k = len(contracted)
+    if (k == 0 or k >= len(x_sub) or len(x_sub) != len(a_shape) or k_sub[:k] != x_sub[-k:]
+            or "".join(contracted) != k_sub[:k] or out != x_sub[:-k] + k_sub[k:]):
+        raise NotImplementedError(hint)
+    return k, kernel_ndim - k
 
 
 def check_single_call(record: Optional[dict], path: tuple, module: Any, engine: str) -> None:
@@ -184,10 +235,12 @@ class LayerStats:
 
     @property
     def a_bar(self) -> jax.Array:
-        """``ā = [a, 1]`` for dense layers (``append_ones(a)``); for convs, of the patches."""
+        """``ā = [a, 1]``: dense layers ``(N, d_in + 1)`` for 2-D inputs, else the rows ``(N, T,
+        d_in + 1)`` (several contracted axes flattened, as in :meth:`a_rows`); convs: of the patches."""
         if self.info.kind == "conv":
             return append_ones(self.patches())
-        return append_ones(self.a)
+        rows = self.a_rows()
+        return append_ones(rows[:, 0] if self.a.ndim == 2 else rows)
 
     def patches(self) -> jax.Array:
         """Conv input patches ``(N, T, prod(kernel_size)·c_in)`` in the order of

@@ -81,7 +81,78 @@ def _encdec():
     return capture, params, None, batch, apply
 
 
-MODELS = {"resnet_bn_dropout": _resnet, "encoder_decoder": _encdec}
+class ViT(nn.Module):
+    """A ViT-style classifier: a strided conv cuts patches, learned positions, a pre-norm
+    attention block with dropout and an MLP, the mean of the tokens to the head."""
+
+    dim: int = 8
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        p = nn.Conv(self.dim, (2, 2), strides=(2, 2), padding="VALID", name="patches")(x)
+        h = p.reshape(p.shape[0], -1, self.dim)
+        h = h + self.param("pos", nn.initializers.normal(0.02), (1, h.shape[1], self.dim))
+        h = h + nn.MultiHeadDotProductAttention(num_heads=2, dropout_rate=0.1, deterministic=not train)(nn.LayerNorm()(h))
+        h = h + nn.Dense(self.dim)(nn.gelu(nn.Dense(16)(nn.LayerNorm()(h))))
+        return nn.Dense(3)(jnp.mean(nn.LayerNorm()(h), axis=1))
+
+
+class TiedLM(nn.Module):
+    """A causal language model with a padding mask whose output layer is the token embedding
+    (``Embed.attend``)."""
+
+    vocab: int = 13
+    dim: int = 8
+
+    @nn.compact
+    def __call__(self, tokens, pad=None, *, train: bool):
+        embed = nn.Embed(self.vocab, self.dim)
+        h = embed(tokens)
+        mask = nn.make_causal_mask(tokens)
+        if pad is not None:
+            mask = nn.combine_masks(mask, nn.make_attention_mask(pad, pad))
+        h = h + nn.MultiHeadDotProductAttention(num_heads=2, deterministic=not train, dropout_rate=0.1)(h, mask=mask)
+        h = h + nn.Dense(self.dim)(nn.gelu(nn.Dense(16)(nn.LayerNorm()(h))))
+        return embed.attend(h)                                   # tied output layer
+
+
+def _vit():
+    model = ViT()
+    x = jax.random.normal(jax.random.key(0), (N, 6, 6, 2))
+    y = jax.random.randint(jax.random.key(1), (N,), 0, 3)
+    params = model.init(jax.random.key(2), x, train=False)["params"]
+    capture = qnopt.capture.linen(model, "softmax_cross_entropy", rngs=["dropout"], apply_kwargs={"train": True})
+    apply = lambda v, b, rngs: (model.apply(v, b[0], train=True, rngs=rngs), {})
+    return capture, params, None, (x, y), apply
+
+
+def _lm():
+    """The padded LM with the per-token loss: sequences of 4 to 8 tokens padded to 8."""
+    model = TiedLM()
+    tokens = jax.random.randint(jax.random.key(0), (N, 8), 1, 13)
+    lengths = jax.random.randint(jax.random.key(1), (N, 1), 4, 9)
+    mask = (jnp.arange(8)[None] < lengths).astype(jnp.int32)
+    batch = {"tokens": tokens * mask, "mask": mask}
+    params = model.init(jax.random.key(2), tokens[:, :-1], train=False)["params"]
+    capture = qnopt.capture.linen(
+        model, qnopt.capture.per_token(), rngs=["dropout"],
+        inputs=lambda b: ((b["tokens"][:, :-1], b["mask"][:, :-1]), {"train": True}),
+        targets=lambda b: qnopt.capture.token_targets(b["tokens"][:, 1:], b["mask"][:, 1:]))
+    apply = lambda v, b, rngs: (model.apply(v, b["tokens"][:, :-1], b["mask"][:, :-1], train=True, rngs=rngs), {})
+    return capture, params, None, batch, apply
+
+
+MODELS = {"resnet_bn_dropout": _resnet, "encoder_decoder": _encdec, "vit": _vit, "padded_lm": _lm}
+
+
+def _reference_loss(out, batch):
+    """The train-mode loss as a user writes it: optax's cross-entropy, its mean over the real
+    tokens for the language model."""
+    if isinstance(batch, dict) and "mask" in batch:
+        m = batch["mask"][:, 1:]
+        ce = optax.softmax_cross_entropy_with_integer_labels(out, batch["tokens"][:, 1:])
+        return jnp.sum(ce * m) / jnp.sum(m)
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(out, _targets(batch)))
 
 
 def _targets(batch):
@@ -99,8 +170,7 @@ def test_oracle_is_the_train_mode_step(name):
 
         def loss(p):
             out, new_state = apply({"params": p, **(state or {})}, batch, rngs)
-            ce = optax.softmax_cross_entropy_with_integer_labels(out, _targets(batch))
-            return jnp.mean(ce), new_state
+            return _reference_loss(out, batch), new_state
 
         (value, new_state), grads = jax.value_and_grad(loss, has_aux=True)(params)
         np.testing.assert_allclose(oracle.loss, value, rtol=1e-12)
@@ -140,12 +210,12 @@ def test_the_errors_say_what_to_pass():
 
 
 METHODS = {
-    "kfac": lambda: qnopt.kfac(0.05, damping=0.1, inverse_every=5),
-    "kbfgs_l": lambda: qnopt.kbfgs_l(0.1, damping=0.3, memory_size=5),
+    "kfac": lambda **kw: qnopt.kfac(0.05, damping=0.1, inverse_every=5, **kw),
+    "kbfgs_l": lambda **kw: qnopt.kbfgs_l(0.1, damping=0.3, memory_size=5, **kw),
     "tnt": lambda: qnopt.tnt(0.01, damping=0.1, inverse_every=5),
     "shampoo": lambda: qnopt.shampoo(0.01, damping=1e-3, inverse_every=5),
     "smw_ng": lambda: qnopt.smw_ng(0.3, sub_batch_size=8, initial_damping=0.1),
-    "skqn_b2": lambda: qnopt.skqn_b2(0.5, alpha=10.0),
+    "skqn_b2": lambda **kw: qnopt.skqn_b2(0.5, alpha=10.0, **kw),
     "slimqn": lambda: qnopt.slimqn(0.05, update_every=3, memory_size=3),
     "adam": lambda: optax.adam(1e-3),
 }
@@ -184,6 +254,32 @@ def test_methods_train_the_batchnorm_resnet(method):
         _ADAM.append(_train_resnet("adam"))
     ours, adam = _train_resnet(method), _ADAM[0]
     assert ours[-5:].mean() < adam[-5:].mean(), (ours[-5:], adam[-5:])
+
+
+_ZOO_ADAM: dict = {}
+#: The zoo x methods grid: two cases run in every CI run (a sampled-Fisher Kronecker method on the
+#: per-token loss, the oracle-free Kronecker method on the patch model); the rest are ``slow``
+#: (the methods' code is covered fast by the common matrix, the capture of these models by
+#: ``test_oracle_is_the_train_mode_step``); all 14 pass (``pytest -m slow -k attention_models``).
+_ZOO_FAST = {("padded_lm", "kfac"), ("vit", "tnt")}
+_ZOO_LR = {("padded_lm", "skqn_b2"): 0.2}        # 0.5 overshoots on the language model
+
+
+@pytest.mark.parametrize("name,method", [
+    pytest.param(name, method, marks=() if (name, method) in _ZOO_FAST else pytest.mark.slow)
+    for name in ("vit", "padded_lm") for method in sorted(set(METHODS) - {"adam"})])
+def test_methods_train_the_attention_models(name, method):
+    """The same on the ViT-style classifier and the padded language model (per-token loss,
+    tied embeddings through the fallback): 20 jitted steps, below Adam(1e-3)."""
+    capture, params, _, batch, _ = MODELS[name]()
+    kwargs = {"layers": capture.layer_info(params, batch)} if method in ("kfac", "kbfgs_l", "skqn_b2") else {}
+    opt = METHODS[method](**kwargs)
+    if (name, method) in _ZOO_LR:
+        opt = qnopt.skqn_b2(_ZOO_LR[name, method], alpha=10.0, **kwargs)
+    ours = _train(capture, opt, params, batch, 20)
+    if name not in _ZOO_ADAM:
+        _ZOO_ADAM[name] = _train(capture, METHODS["adam"](), params, batch, 20)
+    assert ours[-5:].mean() < _ZOO_ADAM[name][-5:].mean(), (ours[-5:], _ZOO_ADAM[name][-5:])
 
 
 class NnxCNN(nnx.Module):
@@ -239,6 +335,55 @@ def test_methods_train_the_nnx_cnn_in_train_mode():
         _train(capture, METHODS[name](), params, (x, y), 20, rest)
 
 
+class Block(nnx.Module):
+    def __init__(self, rngs):
+        self.lin = nnx.Linear(8, 8, rngs=rngs)
+
+    def __call__(self, x):
+        return nnx.relu(self.lin(x))
+
+
+class ScanMLP(nnx.Module):
+    """Scan over layers (the NNX idiom): three blocks made by ``nnx.vmap``, run by ``nnx.scan``."""
+
+    def __init__(self, rngs):
+        self.inp = nnx.Linear(4, 8, rngs=rngs)
+
+        @nnx.split_rngs(splits=3)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return Block(rngs)
+
+        self.blocks = make(rngs)
+        self.out = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def body(h, block):
+            return block(h)
+
+        return self.out(body(nnx.relu(self.inp(x)), self.blocks))
+
+
+def test_scanned_layers_fall_back_with_a_reason_and_the_rest_trains():
+    """The stacked kernel ``(3, 8, 8)`` is no error from Flax's trace checks: the table says it is
+    a stack of layers and how to have it captured, the oracle's gradient (stacked parameters
+    included) is ``nnx.grad``'s, and K-FAC trains the model with the stack on the fallback."""
+    model = ScanMLP(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (N, 4))
+    y = jnp.argmax(x[:, :3], axis=1)
+    capture = qnopt.capture.nnx(model, "softmax_cross_entropy")
+    params = nnx.state(model, nnx.Param)
+    table = capture.table(params, (x, y))
+    assert "blocks/lin/kernel  (3, 8, 8)  fallback (not captured: Linear blocks/lin is a stack of layers" in table
+    assert "unroll the layers" in table and set(capture.layer_info(params, (x, y))) == {"inp", "out"}
+    grads = nnx.grad(lambda m: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(m(x), y)))(model)
+    oracle = capture.oracle(params, (x, y))
+    for a, b in zip(jax.tree.leaves(oracle.grads), jax.tree.leaves(nnx.state(grads, nnx.Param))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    _train(capture, METHODS["kfac"](layers=capture.layer_info(params, (x, y))), params, (x, y), 20)
+
+
 class StdConv(nn.Conv):
     """Weight-standardised convolution (BiT / hybrid ViT): the kernel is standardised before use,
     so Σ aᵀ dh is the gradient of the standardised kernel, not of the parameter."""
@@ -278,16 +423,19 @@ def test_a_transformed_kernel_is_left_to_the_fallback_not_captured_wrong():
     _train(capture, qnopt.kfac(0.05, damping=0.1, inverse_every=5, layers=infos), params, (x, y), 10)
 
 
-@pytest.mark.parametrize("method", ["kfac", "tnt", "smw_ng"])
-def test_data_parallel_equals_unsharded_in_train_mode(method):
-    """The ResNet's train-mode step with the batch sharded over 4 devices (parameters, state and
+@pytest.mark.parametrize("model,method", [("resnet_bn_dropout", "kfac"), ("resnet_bn_dropout", "tnt"),
+                                          ("resnet_bn_dropout", "smw_ng"), ("padded_lm", "kfac"),
+                                          pytest.param("vit", "kfac", marks=pytest.mark.slow),
+                                          pytest.param("encoder_decoder", "kfac", marks=pytest.mark.slow)])
+def test_data_parallel_equals_unsharded_in_train_mode(model, method):
+    """A zoo model's train-mode step with the batch sharded over 4 devices (parameters, state and
     BatchNorm statistics replicated) gives the unsharded step's numbers: GSPMD reduces the batch
-    statistics and the curvature statistics over the devices. (An ``Auto`` mesh axis, as
+    statistics, the per-token normalisation and the curvature statistics over the devices. (An ``Auto`` mesh axis, as
     ``jit`` + ``NamedSharding`` data parallelism uses; under ``Explicit`` axes a conv layer's
     patch reshape needs an ``out_sharding``: not supported yet.)"""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    capture, params, state, batch, _ = _resnet()
+    capture, params, state, batch, _ = MODELS[model]()
     opt = METHODS[method]()
     step = qnopt.make_train_step(capture, opt, donate=False)
     mesh = jax.make_mesh((4,), ("data",), (jax.sharding.AxisType.Auto,), devices=jax.devices()[:4])
@@ -297,40 +445,20 @@ def test_data_parallel_equals_unsharded_in_train_mode(method):
     for b, p, s, ms in ((batch, params, opt.init(params), state),
                         (sharded_batch, replicate(params), replicate(opt.init(params)), replicate(state))):
         for i in range(3):
-            p, s, loss, ms = step(p, s, b, jax.random.key(i), model_state=ms)
+            out = step(p, s, b, jax.random.key(i), model_state=ms)
+            p, s, ms = out[0], out[1], (out[3] if ms is not None else None)
         runs.append((p, ms))
     for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(runs[1])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
 
 
-class TiedLM(nn.Module):
-    """A causal language model whose output layer is the token embedding (``Embed.attend``)."""
-
-    vocab: int = 13
-    dim: int = 8
-
-    @nn.compact
-    def __call__(self, tokens, *, train: bool):
-        embed = nn.Embed(self.vocab, self.dim)
-        h = embed(tokens)
-        mask = nn.make_causal_mask(tokens)
-        h = h + nn.MultiHeadDotProductAttention(num_heads=2, deterministic=not train, dropout_rate=0.1)(h, mask=mask)
-        h = h + nn.Dense(self.dim)(nn.gelu(nn.Dense(16)(nn.LayerNorm()(h))))
-        return embed.attend(h)                                   # tied output layer
-
-
 def test_tied_embeddings_fall_back_cleanly():
     """The tied embedding is read twice (lookup and ``attend``) and is no captured layer: its
     parameter runs through the fallback, the other layers are captured and reconstruct their
-    gradients, and K-FAC built from the capture's layers trains the model."""
-    model = TiedLM()
-    tokens = jax.random.randint(jax.random.key(0), (N, 6), 0, 13)
-    params = model.init(jax.random.key(1), tokens, train=False)["params"]
-    capture = qnopt.capture.linen(model, "softmax_cross_entropy", rngs=["dropout"],
-                                  inputs=lambda b: ((b[0][:, :-1],), {"train": True}), targets=lambda b: b[0][:, 1:])
-    batch = (tokens,)
+    gradients (checked by ``layer_info``); the methods train the model with these layers
+    (``test_methods_train_the_attention_models``)."""
+    capture, params, _, batch, _ = _lm()
     infos = capture.layer_info(params, batch)
     table = capture.table(params, batch)
     assert "Embed_0/embedding" in table and "fallback (not captured: Embed Embed_0" in table
     assert not any("Embed" in name for name in infos) and len(infos) == 6   # q, k, v, out, two Dense
-    _train(capture, qnopt.kfac(0.05, damping=0.1, inverse_every=5, layers=infos), params, batch, 15)
