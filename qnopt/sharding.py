@@ -104,7 +104,8 @@ def split_large_factors(min_size: int = 1024, axis: Optional[str] = None) -> Rul
     ``d × d`` matrices that are not shaped like any parameter, so by default they are
     replicated on every device. With this rule a square 2-D state leaf with
     ``d ≥ min_size`` whose ``d`` divides evenly is split by rows over ``axis`` (default: the
-    mesh's first axis); smaller ones stay replicated. XLA inserts the collectives the
+    mesh's first axis), and so is every factor of a stack ``(L, d, d)`` (K-FAC's stacked
+    layers); smaller ones stay replicated. XLA inserts the collectives the
     preconditioning products then need; results equal the replicated placement's up to
     floating-point summation order.
 
@@ -119,6 +120,8 @@ def split_large_factors(min_size: int = 1024, axis: Optional[str] = None) -> Rul
       >>> rule = qnopt.sharding.split_large_factors(min_size=4)
       >>> rule((), jax.ShapeDtypeStruct((8, 8), "float32"), mesh).spec == P("x", None)
       True
+      >>> rule((), jax.ShapeDtypeStruct((3, 8, 8), "float32"), mesh).spec == P(None, "x", None)
+      True
       >>> rule((), jax.ShapeDtypeStruct((2, 2), "float32"), mesh) is None
       True
     """
@@ -127,9 +130,10 @@ def split_large_factors(min_size: int = 1024, axis: Optional[str] = None) -> Rul
         del path
         name = axis if axis is not None else mesh.axis_names[0]
         shape = tuple(leaf.shape)
-        if len(shape) == 2 and shape[0] == shape[1] and shape[0] >= min_size \
-                and shape[0] % mesh.shape[name] == 0:
-            return NamedSharding(mesh, P(name, None))
+        stacked = len(shape) - 2          # a stack of factors (qnopt.linalg.LayerStacks): (L, d, d)
+        if stacked in (0, 1) and shape[-1] == shape[-2] and shape[-1] >= min_size \
+                and shape[-1] % mesh.shape[name] == 0:
+            return NamedSharding(mesh, P(*(None,) * stacked, name, None))
         return None
 
     return rule

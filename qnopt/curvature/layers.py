@@ -34,6 +34,8 @@ __all__ = [
     "layer_key",
     "layer_A",
     "layer_G",
+    "rows_A",
+    "rows_G",
     "layer_A_matvec",
     "layer_mean_input",
     "output_pair",
@@ -106,11 +108,21 @@ def layer_A(stats: Any, positions: str = "expand") -> jax.Array:
       >>> layer_A(two).tolist(), layer_A(two, "reduce").tolist()
       ([[10.0]], [[4.0]])
     """
+    return rows_A(stats.a_rows(), stats.info.has_bias, positions)
+
+
+def rows_A(a_rows: jax.Array, bias: bool, positions: str = "expand") -> jax.Array:
+    """:func:`layer_A` from the rows ``(N, T, d_in)`` themselves (for ``jax.vmap`` over layers).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> rows_A(jnp.array([[[1.], [3.]]]), False, "reduce").tolist()
+      [[4.0]]
+    """
     _check_positions(positions)
-    a = stats.a_rows()
     if positions == "reduce":
-        a = jnp.mean(a.astype(accumulation_dtype(a.dtype)), axis=1, keepdims=True)
-    return conv_A(a, bias=stats.info.has_bias, spatial="sum")
+        a_rows = jnp.mean(a_rows.astype(accumulation_dtype(a_rows.dtype)), axis=1, keepdims=True)
+    return conv_A(a_rows, bias=bias, spatial="sum")
 
 
 def layer_G(stats: Any, positions: str = "expand") -> jax.Array:
@@ -130,11 +142,21 @@ def layer_G(stats: Any, positions: str = "expand") -> jax.Array:
       >>> layer_G(NS(dh_rows=lambda: dh))                  # per-example g = ±1
       Array([[1.]], dtype=float32)
     """
+    return rows_G(stats.dh_rows(), positions)
+
+
+def rows_G(dh_rows: jax.Array, positions: str = "expand") -> jax.Array:
+    """:func:`layer_G` from the rows ``(N, T, d_out)`` of ``dh`` themselves (for ``jax.vmap``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> rows_G(jnp.array([[[0.5]], [[-0.5]]])).tolist()
+      [[1.0]]
+    """
     _check_positions(positions)
-    dh = stats.dh_rows()
     if positions == "reduce":
-        dh = jnp.sum(dh.astype(accumulation_dtype(dh.dtype)), axis=1, keepdims=True)
-    return conv_G(dh, batch_mean=True, spatial="mean")
+        dh_rows = jnp.sum(dh_rows.astype(accumulation_dtype(dh_rows.dtype)), axis=1, keepdims=True)
+    return conv_G(dh_rows, batch_mean=True, spatial="mean")
 
 
 def layer_A_matvec(stats: Any, s: ArrayLike) -> jax.Array:

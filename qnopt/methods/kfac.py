@@ -45,7 +45,8 @@ import optax
 from qnopt.base import check_statistics_hyperparams
 from qnopt.contract import Composition, alias
 from qnopt.curvature.ema import ema_update, statistics_decay
-from qnopt.curvature.layers import layer_A, layer_G
+from qnopt.curvature.layers import rows_A, rows_G
+from qnopt.linalg.stacks import LayerStacks, vmap_stacked
 from qnopt.methods import _kron as K
 from qnopt.methods._step import SampledLabels, SecondPass, commit
 from qnopt.preconditioners import (damped_cholesky, damped_inverse, factored_damping,
@@ -75,11 +76,15 @@ class KfacLayerState(NamedTuple):
 
 
 class ScaleByKfacState(NamedTuple):
-    """State of :func:`scale_by_kfac`: step count, number of statistics updates, layers, fallback."""
+    """State of :func:`scale_by_kfac`: step count, number of statistics updates, layers, fallback.
+
+    ``layers`` is a :class:`qnopt.linalg.LayerStacks`: ``layers[key]`` is one layer's
+    :class:`KfacLayerState`, stored stacked with the layers of the same shapes (one batched
+    statistics product, inverse and preconditioner product per shape, whatever the depth)."""
 
     count: jax.Array
     stats_count: jax.Array
-    layers: dict
+    layers: LayerStacks
     fallback: Any
 
 
@@ -159,30 +164,50 @@ def scale_by_kfac(
             states[key] = KfacLayerState(jnp.zeros((sp.d_out, sp.da), jnp.float32), A, G,
                                          jnp.eye(sp.da, dtype=jnp.float32),
                                          jnp.eye(sp.d_out, dtype=jnp.float32))
-        return ScaleByKfacState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), states,
+        stacks = LayerStacks.stack(states, by=lambda key: (specs[key].has_bias, specs[key].d_in))
+        return ScaleByKfacState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), stacks,
                                 fb.init(K.fallback_leaves(params, specs)))
 
-    def statistics(layer_states: dict, oracle: Any, specs: dict, stats_count) -> dict:
-        """Lines 11-16: EMA of Ω and Γ from ``oracle`` (at θ or θ⁺)."""
+    def statistics(layer_states: LayerStacks, oracle: Any, specs: dict, stats_count) -> LayerStacks:
+        """Lines 11-16: EMA of Ω and Γ from ``oracle`` (at θ or θ⁺); one batched product per
+        shape of the layers' rows."""
         a_src = K.check_oracle(oracle, specs, method)
         g_src = a_src if fisher == "empirical" else K.check_oracle(oracle.fisher(), specs, method)
         decay = statistics_decay(stats_count + 1, beta, warm=warm)
-        return {key: st._replace(A=ema_update(st.A, layer_A(a_src[key], positions), decay),
-                                 G=ema_update(st.G, layer_G(g_src[key], positions), decay))
-                for key, st in layer_states.items()}
 
-    def refresh(layer_states: dict) -> dict:
-        """Lines 17-21: π-damped inverses (or Cholesky factors) of the current factors."""
-        out = {}
-        for key, st in layer_states.items():
-            eps_a, eps_g = factored_damping(st.A, st.G, damping)
+        def ema(keys, st):
+            A = vmap_stacked(lambda a: rows_A(a, specs[keys[0]].has_bias, positions),  # one bias flag per stack
+                             [(a_src[k].a_rows(),) for k in keys])
+            G = vmap_stacked(lambda dh: rows_G(dh, positions), [(g_src[k].dh_rows(),) for k in keys])
+            return st._replace(A=ema_update(st.A, A, decay), G=ema_update(st.G, G, decay))
+
+        return layer_states.map(ema)
+
+    def refresh_layer(st: KfacLayerState) -> KfacLayerState:
+        """Lines 17-21: π-damped inverses (or Cholesky factors) of one layer's factors."""
+        eps_a, eps_g = factored_damping(st.A, st.G, damping)
+        if inverse == "cholesky_solve":
+            inv_A, inv_G = damped_cholesky(st.A, eps_a), damped_cholesky(st.G, eps_g)
+        else:
+            inv_A, inv_G = damped_inverse(st.A, eps_a, inverse), damped_inverse(st.G, eps_g, inverse)
+        ok = jnp.all(jnp.isfinite(inv_A)) & jnp.all(jnp.isfinite(inv_G))
+        return st._replace(inv_A=jnp.where(ok, inv_A, st.inv_A), inv_G=jnp.where(ok, inv_G, st.inv_G))
+
+    def refresh(layer_states: LayerStacks) -> LayerStacks:
+        return layer_states.map(lambda keys, st: jax.vmap(refresh_layer)(st))
+
+    def step_layer(st: KfacLayerState, X: jax.Array, alpha) -> tuple[jax.Array, jax.Array]:
+        """Lines 7-9 for one layer: ``(direction, new momentum)``."""
+        def precondition(V):
             if inverse == "cholesky_solve":
-                inv_A, inv_G = damped_cholesky(st.A, eps_a), damped_cholesky(st.G, eps_g)
-            else:
-                inv_A, inv_G = damped_inverse(st.A, eps_a, inverse), damped_inverse(st.G, eps_g, inverse)
-            ok = jnp.all(jnp.isfinite(inv_A)) & jnp.all(jnp.isfinite(inv_G))
-            out[key] = st._replace(inv_A=jnp.where(ok, inv_A, st.inv_A), inv_G=jnp.where(ok, inv_G, st.inv_G))
-        return out
+                return kron_factor_solve(st.inv_G, V, st.inv_A)
+            return kron_precondition(st.inv_G, V, st.inv_A)
+
+        if momentum_on == "gradient":
+            mom = momentum * st.momentum + X
+            return -alpha * precondition(mom), mom
+        mom = momentum * st.momentum - alpha * precondition(X)
+        return mom, mom
 
     def update_fn(updates: PyTree, state: ScaleByKfacState, params: Optional[PyTree] = None,
                   curvature: Any = None, **extra_args):
@@ -201,23 +226,16 @@ def scale_by_kfac(
         layer_states = jax.lax.cond(ok & (((k - 1) % inverse_every == 0) | early), refresh,
                                     lambda ls: ls, layer_states)
 
-        # Lines 7-9: momentum and the preconditioned step.
-        directions, new_states = {}, {}
-        for key, X in K.layer_grads(grads, specs).items():
-            st = layer_states[key]
+        # Lines 7-9: momentum and the preconditioned step, one batched call per stack of layers.
+        X = K.layer_grads(grads, specs)
+        directions = {}
 
-            def precondition(V, st=st):
-                if inverse == "cholesky_solve":
-                    return kron_factor_solve(st.inv_G, V, st.inv_A)
-                return kron_precondition(st.inv_G, V, st.inv_A)
+        def step_stack(keys, st):
+            d, mom = jax.vmap(step_layer, in_axes=(0, 0, None))(st, jnp.stack([X[key] for key in keys]), alpha)
+            directions.update({key: d[i] for i, key in enumerate(keys)})
+            return st._replace(momentum=mom)
 
-            if momentum_on == "gradient":
-                mom = momentum * st.momentum + X
-                directions[key] = -alpha * precondition(mom)
-            else:
-                mom = momentum * st.momentum - alpha * precondition(X)
-                directions[key] = mom
-            new_states[key] = st._replace(momentum=mom)
+        new_states = layer_states.map(step_stack)
         step, fb_state = K.descent_step(ctx, directions, fb, state.fallback)
 
         if stats_at == "new":  # Lines 11-16 at the new parameters, same minibatch.

@@ -1,0 +1,134 @@
+r"""Per-layer state stored stacked, and per-layer work done by one batched call per shape.
+
+A network has many layers of few distinct shapes (an MLP's hidden layers, a transformer's
+blocks). Processing each layer's Kronecker factors separately makes the compiled step grow with
+depth — one eigendecomposition, one statistics product, one preconditioner product per layer —
+and so do its compile time and kernel launches. Stacking the layers of equal shape into one array
+with a leading *layer axis* turns that work into one batched operation per shape (``jax.vmap``),
+and gives the leading axis that a mesh can shard (issue 17's sharded factor work: each device
+holds and refreshes ``1/n`` of a stack). This follows the stacked-blocks layout of distributed
+Shampoo's pjit mode (Anil et al., "Scalable Second Order Optimization for Deep Learning",
+arXiv:2002.09018) and PSGD-Kron in JAX.
+
+* :class:`LayerStacks`: a read-only mapping ``{layer key: per-layer state}`` whose storage is one
+  stacked pytree per group of layers with equal state shapes — a pytree whose leaves are the
+  stacks, so ``jit``, ``tree.map``, sharding rules and checkpoints see ``len(groups)`` arrays per
+  field, not one per layer; ``stacks[key]`` still reads one layer (a slice).
+* :func:`map_grouped`: ``fn`` applied to every layer's inputs with one ``vmap`` per distinct input
+  shape (statistics from activations of different shapes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable, Hashable, Iterator, Optional
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["LayerStacks", "map_grouped", "vmap_stacked"]
+
+
+def _signature(tree: Any) -> tuple:
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((tuple(jnp.shape(x)), jnp.result_type(x)) for x in leaves)
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class LayerStacks(Mapping):
+    """``{layer key: state}`` stored as one stacked pytree per group of equally shaped states.
+
+    ``groups[g]`` lists the keys stacked in ``stacks[g]`` (in that order along the leading axis);
+    iteration goes group by group.
+    Indexing gives one layer's state (``jax.tree.map(lambda x: x[i], stacks[g])``); methods work
+    on whole stacks with :meth:`map` and ``jax.vmap``. As a pytree its children are the stacks,
+    named ``stack0``, ``stack1``, … in key paths.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> s = LayerStacks.stack({"a": jnp.zeros((2, 2)), "b": jnp.ones((2, 2)), "c": jnp.ones(3)})
+      >>> s.groups, [x.shape for x in s.stacks]
+      ((('a', 'b'), ('c',)), [(2, 2, 2), (1, 3)])
+      >>> float(s["b"][0, 0]), list(s)
+      (1.0, ['a', 'b', 'c'])
+    """
+
+    def __init__(self, groups: tuple, stacks: tuple):
+        self.groups = tuple(tuple(g) for g in groups)
+        self.stacks = tuple(stacks)
+        self._where = {key: (g, i) for g, keys in enumerate(self.groups) for i, key in enumerate(keys)}
+
+    @classmethod
+    def stack(cls, layers: Mapping[str, Any], by: Optional[Callable[[str], Hashable]] = None) -> "LayerStacks":
+        """Groups ``layers`` by the structure, shapes and dtypes of their states (and ``by(key)``,
+        what else must agree within a stack, e.g. whether the layer has a bias), in the mapping's
+        order, and stacks each group along a new leading axis."""
+        order: dict = {}
+        for key, value in layers.items():
+            order.setdefault((_signature(value), None if by is None else by(key)), []).append(key)
+        groups = tuple(tuple(keys) for keys in order.values())
+        stacks = tuple(jax.tree.map(lambda *xs: jnp.stack(xs), *(layers[k] for k in keys)) for keys in groups)
+        return cls(groups, stacks)
+
+    def __getitem__(self, key: str) -> Any:
+        g, i = self._where[key]
+        return jax.tree.map(lambda x: x[i], self.stacks[g])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def map(self, fn: Callable[[tuple, Any], Any]) -> "LayerStacks":
+        """A new :class:`LayerStacks` with ``stacks[g] = fn(groups[g], stacks[g])`` (``fn`` keeps
+        the leading layer axis)."""
+        return LayerStacks(self.groups, tuple(fn(keys, st) for keys, st in zip(self.groups, self.stacks)))
+
+    def tree_flatten_with_keys(self):
+        children = tuple((jax.tree_util.DictKey(f"stack{g}"), st) for g, st in enumerate(self.stacks))
+        return children, self.groups
+
+    @classmethod
+    def tree_unflatten(cls, groups, children):
+        return cls(groups, tuple(children))
+
+    def __repr__(self) -> str:
+        return f"LayerStacks({dict(zip((f'stack{g}' for g in range(len(self.groups))), self.groups))})"
+
+
+def vmap_stacked(fn: Callable[..., Any], inputs: list) -> Any:
+    """``stack([fn(*args) for args in inputs])``: one ``jax.vmap(fn)`` on the stacked inputs when
+    they all have one signature (a stack's layers see activations of one shape), else a call per
+    element (``fn`` may then depend on the shapes).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> vmap_stacked(lambda a: a.sum(), [(jnp.ones(2),), (jnp.ones(2),)]).tolist()
+      [2.0, 2.0]
+    """
+    if len({_signature(args) for args in inputs}) == 1:
+        return jax.vmap(fn)(*jax.tree.map(lambda *xs: jnp.stack(xs), *inputs))
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *(fn(*args) for args in inputs))
+
+
+def map_grouped(fn: Callable[..., Any], inputs: Mapping[str, tuple]) -> dict:
+    """``{key: fn(*inputs[key])}`` computed with one ``jax.vmap(fn)`` per distinct input signature
+    (the inputs of a group are stacked, the outputs unstacked).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> out = map_grouped(lambda a: a.T @ a, {"x": (jnp.ones((3, 2)),), "y": (jnp.eye(2),)})
+      >>> out["x"].tolist(), out["y"].tolist()
+      ([[3.0, 3.0], [3.0, 3.0]], [[1.0, 0.0], [0.0, 1.0]])
+    """
+    order: dict = {}
+    for key, args in inputs.items():
+        order.setdefault(_signature(args), []).append(key)
+    out = {}
+    for keys in order.values():
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(inputs[k] for k in keys))
+        result = jax.vmap(fn)(*stacked)
+        for i, key in enumerate(keys):
+            out[key] = jax.tree.map(lambda x: x[i], result)
+    return out

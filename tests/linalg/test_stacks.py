@@ -1,0 +1,62 @@
+"""``LayerStacks`` and ``map_grouped``: per-layer state stored stacked by shape (issue 17)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from typing import NamedTuple
+
+from qnopt.linalg import LayerStacks, map_grouped
+
+
+class S(NamedTuple):
+    A: jax.Array
+    m: jax.Array
+
+
+def _layers():
+    rng = np.random.default_rng(0)
+    shapes = {"l0": (3, 4), "l1": (3, 4), "head": (2, 4), "l2": (3, 4)}
+    return {k: S(jnp.asarray(rng.normal(size=(s[1], s[1])), jnp.float32), jnp.asarray(rng.normal(size=s), jnp.float32))
+            for k, s in shapes.items()}
+
+
+def test_stack_groups_equal_shapes_and_reads_each_layer():
+    layers = _layers()
+    st = LayerStacks.stack(layers)
+    assert st.groups == (("l0", "l1", "l2"), ("head",))
+    assert [x.m.shape for x in st.stacks] == [(3, 3, 4), (1, 2, 4)]
+    assert list(st) == ["l0", "l1", "l2", "head"] and len(st) == 4     # group by group
+    for k, v in layers.items():
+        jax.tree.map(np.testing.assert_array_equal, st[k], v)
+
+
+def test_a_pytree_of_stacks_through_jit_and_key_paths():
+    st = LayerStacks.stack(_layers())
+    assert len(jax.tree.leaves(st)) == 4                         # 2 stacks x 2 fields, not 4 layers x 2
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(st)]
+    assert paths == ["['stack0'].A", "['stack0'].m", "['stack1'].A", "['stack1'].m"]
+    doubled = jax.jit(lambda s: jax.tree.map(lambda x: 2 * x, s))(st)
+    assert isinstance(doubled, LayerStacks) and doubled.groups == st.groups
+    np.testing.assert_allclose(doubled["l1"].A, 2 * st["l1"].A)
+    kept = jax.lax.cond(True, lambda s: s, lambda s: s, st)
+    np.testing.assert_array_equal(kept["head"].m, st["head"].m)
+
+
+def test_map_works_on_whole_stacks():
+    st = LayerStacks.stack(_layers())
+    out = st.map(lambda keys, s: s._replace(m=jax.vmap(lambda a, m: m @ a)(s.A, s.m)))
+    for k in st:
+        np.testing.assert_allclose(out[k].m, st[k].m @ st[k].A, rtol=1e-6)
+
+
+def test_map_grouped_equals_one_call_per_key():
+    layers = _layers()
+    fn = lambda a, m: (jnp.linalg.eigh(a + a.T)[0], m.sum(0))
+    got = map_grouped(fn, {k: (v.A, v.m) for k, v in layers.items()})
+    for k, v in layers.items():
+        want = fn(v.A, v.m)
+        np.testing.assert_allclose(got[k][0], want[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got[k][1], want[1], rtol=1e-6)
+    # One batched decomposition per shape, in the compiled program.
+    text = jax.jit(lambda ins: map_grouped(fn, ins)).lower({k: (v.A, v.m) for k, v in layers.items()}).compile().as_text()
+    assert text.count(" custom-call(") <= 2
