@@ -26,7 +26,7 @@ from typing import Any, Callable, Hashable, Iterator, Optional
 import jax
 import jax.numpy as jnp
 
-__all__ = ["LayerStacks", "map_grouped", "vmap_stacked"]
+__all__ = ["LayerStacks", "map_decompositions", "map_grouped", "vmap_stacked"]
 
 
 def _signature(tree: Any) -> tuple:
@@ -95,6 +95,26 @@ class LayerStacks(Mapping):
 
     def __repr__(self) -> str:
         return f"LayerStacks({dict(zip((f'stack{g}' for g in range(len(self.groups))), self.groups))})"
+
+
+def map_decompositions(fn: Callable[[Any], Any], stack: Any) -> Any:
+    """``fn`` (which factorises: ``eigh``, Cholesky, roots) over the leading axis of ``stack``:
+    one batched call (``jax.vmap``) on accelerators, a sequential ``jax.lax.map`` on CPU.
+
+    Why not ``vmap`` on CPU: jaxlib's CPU LAPACK kernels split a batch over XLA's intra-op
+    thread pool and block until their pieces finish; two such batched calls running at once (two
+    stacks refreshed in the same step) can each hold a pool thread waiting for the other's
+    queued pieces — on a 2-thread pool the step deadlocks (seen with jaxlib 0.10.1 on a
+    2-layer Transformer: two ``lapack_ssyevd_ffi`` calls in ``ParallelBatchMap``, forever).
+    ``lax.map`` calls the unbatched kernel once per layer inside one loop: still one
+    decomposition in the program, whatever the depth.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> map_decompositions(lambda a: jnp.linalg.eigh(a)[0], jnp.stack([jnp.eye(2), 2 * jnp.eye(2)])).tolist()
+      [[1.0, 1.0], [2.0, 2.0]]
+    """
+    return jax.lax.platform_dependent(stack, cpu=lambda s: jax.lax.map(fn, s), default=jax.vmap(fn))
 
 
 def vmap_stacked(fn: Callable[..., Any], inputs: list) -> Any:

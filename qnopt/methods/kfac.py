@@ -46,7 +46,7 @@ from qnopt.base import check_statistics_hyperparams
 from qnopt.contract import Composition, alias
 from qnopt.curvature.ema import ema_update, statistics_decay
 from qnopt.curvature.layers import rows_A, rows_G
-from qnopt.linalg.stacks import LayerStacks, vmap_stacked
+from qnopt.linalg.stacks import LayerStacks, map_decompositions, vmap_stacked
 from qnopt.methods import _kron as K
 from qnopt.methods._step import SampledLabels, SecondPass, commit
 from qnopt.preconditioners import (damped_cholesky, damped_inverse, factored_damping,
@@ -80,7 +80,8 @@ class ScaleByKfacState(NamedTuple):
 
     ``layers`` is a :class:`qnopt.linalg.LayerStacks`: ``layers[key]`` is one layer's
     :class:`KfacLayerState`, stored stacked with the layers of the same shapes (one batched
-    statistics product, inverse and preconditioner product per shape, whatever the depth)."""
+    statistics product and preconditioner product, and one decomposition call, per shape,
+    whatever the depth)."""
 
     count: jax.Array
     stats_count: jax.Array
@@ -194,7 +195,7 @@ def scale_by_kfac(
         return st._replace(inv_A=jnp.where(ok, inv_A, st.inv_A), inv_G=jnp.where(ok, inv_G, st.inv_G))
 
     def refresh(layer_states: LayerStacks) -> LayerStacks:
-        return layer_states.map(lambda keys, st: jax.vmap(refresh_layer)(st))
+        return layer_states.map(lambda keys, st: map_decompositions(refresh_layer, st))
 
     def step_layer(st: KfacLayerState, X: jax.Array, alpha) -> tuple[jax.Array, jax.Array]:
         """Lines 7-9 for one layer: ``(direction, new momentum)``."""

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from typing import NamedTuple
 
-from qnopt.linalg import LayerStacks, map_grouped
+from qnopt.linalg import LayerStacks, map_decompositions, map_grouped
 
 
 class S(NamedTuple):
@@ -51,12 +51,26 @@ def test_map_works_on_whole_stacks():
 
 def test_map_grouped_equals_one_call_per_key():
     layers = _layers()
-    fn = lambda a, m: (jnp.linalg.eigh(a + a.T)[0], m.sum(0))
+    fn = lambda a, m: (a @ a.T, m.sum(0))
     got = map_grouped(fn, {k: (v.A, v.m) for k, v in layers.items()})
     for k, v in layers.items():
         want = fn(v.A, v.m)
         np.testing.assert_allclose(got[k][0], want[0], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(got[k][1], want[1], rtol=1e-6)
-    # One batched decomposition per shape, in the compiled program.
+    # One batched product per shape in the compiled program (2 shapes x 1 dot), not one per layer.
     text = jax.jit(lambda ins: map_grouped(fn, ins)).lower({k: (v.A, v.m) for k, v in layers.items()}).compile().as_text()
-    assert text.count(" custom-call(") <= 2
+    assert text.count(" dot(") <= 2
+
+
+def test_decompositions_of_two_stacks_in_one_step_finish():
+    """Two stacks factorised in one program: one decomposition call each, equal to per-layer
+    ``eigh``. (With ``vmap`` on CPU, jaxlib 0.10's batched LAPACK kernels deadlocked here: each
+    waits on the 2-thread pool for pieces the other's blocks; ``map_decompositions`` loops.)"""
+    rng = np.random.default_rng(1)
+    stacks = [jnp.asarray(rng.normal(size=(n, d, d)), jnp.float32) for n, d in ((8, 65), (2, 256))]
+    stacks = [s @ jnp.swapaxes(s, 1, 2) for s in stacks]
+    fn = lambda a: jnp.linalg.eigh(a)[0]
+    compiled = jax.jit(lambda ss: [map_decompositions(fn, s) for s in ss]).lower(stacks).compile()
+    assert compiled.as_text().count(" custom-call(") == 2
+    for got, s in zip(compiled(stacks), stacks):
+        np.testing.assert_allclose(got, jnp.stack([fn(a) for a in s]), rtol=1e-4, atol=1e-3)
