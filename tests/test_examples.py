@@ -1,7 +1,9 @@
 """The example script and the quickstart notebook run as shipped (tiny budgets)."""
 
 import json
+import math
 import pathlib
+import random
 import runpy
 
 import matplotlib
@@ -69,3 +71,28 @@ def test_mb_lsr1_example_pipeline_follows_the_controller(capsys):
     assert int(state.batch.batch_size) == min(32 * 2 ** int(state.batch.increases), n)
     assert out["balanced_accuracy"] > 0.7   # it learned (0.5 = predicting one class)
     assert "final batch size" in capsys.readouterr().out
+
+
+def test_resnet_example_runs(capsys):
+    """Adam's plain train-mode step and K-BFGS(L) through the capture, on digits: the BatchNorm
+    running averages move and the eval-mode losses are finite."""
+    module = runpy.run_path(str(ROOT / "examples" / "resnet_fashion_mnist.py"))
+    results = module["main"](steps=3, optimizers=("adam", "kbfgs_l"), batch_size=16, data="digits", log_every=3)
+    out = capsys.readouterr().out
+    assert "adam step 3" in out and "kbfgs_l step 3" in out and "test acc" in out
+    for r in results.values():
+        assert math.isfinite(r["test_loss"]) and 0 <= r["test_accuracy"] <= 1
+        mean = r["batch_stats"]["BatchNorm_0"]["mean"]
+        assert float(abs(mean).max()) > 0       # the running mean left its initial zeros
+
+
+def test_char_lm_example_runs(tmp_path, capsys):
+    """TNT through the per-token capture and Adam on a small fortune file (``--data``)."""
+    words = "a fool and his money are soon parted but wisdom waits for no one at all".split()
+    rng = random.Random(0)
+    (tmp_path / "quotes").write_text("%\n".join(" ".join(rng.choices(words, k=25)) + "\n" for _ in range(30)))
+    module = runpy.run_path(str(ROOT / "examples" / "char_lm_fortunes.py"))
+    results = module["main"](steps=3, optimizers=("adam", "tnt"), batch_size=8, data=str(tmp_path), log_every=3)
+    out = capsys.readouterr().out
+    assert "tnt step 3" in out and "bits/char" in out
+    assert all(math.isfinite(r["test_loss"]) for r in results.values())

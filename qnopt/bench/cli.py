@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run each optimizer's learning-rate grid; the table shows the best "
                     "(lowest final train loss), JSON keeps every run")
     p.add_argument("--data", choices=DATA_CHOICES, default="auto",
-                   help="data for every problem but logreg: auto = fashion_mnist if installed, "
+                   help="data for every problem but logreg, logreg_digits and lm: auto = fashion_mnist if installed, "
                    "else digits (default: auto)")
     p.add_argument("--seed", type=int, default=0, help="seed for init and batch order (default: 0)")
     p.add_argument("--batch-size", type=int, default=None, help="override each problem's batch size")

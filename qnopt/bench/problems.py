@@ -2,12 +2,21 @@
 
 Every problem's ``loss_fn(params, batch)`` takes a batch ``(x, y)`` and returns
 a scalar: the mean over the batch (plus, for ``logreg``, an L2 penalty). The
-neural networks are ``flax.linen`` modules built only from plain ``nn.Dense``
-and ``nn.Conv`` layers (no normalisation), so every parameter is captured by
+neural networks but ``resnet`` and ``lm`` are ``flax.linen`` modules built only from plain
+``nn.Dense`` and ``nn.Conv`` layers (no normalisation), so every parameter is captured by
 :func:`qnopt.capture.linen`; ``params`` is the module's ``"params"`` collection.
 
+``resnet`` and ``lm`` are trained as people train such models: in train mode (BatchNorm on the
+minibatch's statistics, dropout) and evaluated in eval mode (BatchNorm's running averages, no
+dropout). They have :attr:`Problem.init_state` (the model's collections besides ``params``:
+``{"batch_stats": ...}`` for the ResNet, ``{}`` for the LM) and :attr:`Problem.train_loss_fn`
+``(params, batch, model_state, key) -> (loss, model_state)``; their ``loss_fn`` and ``metric_fn``
+take the model state as a third argument. The runner carries the state from step to step.
+Their normalisation layers and embeddings are the curvature methods' fallback parameters.
+
 Their losses are the registered :mod:`qnopt.losses` (``loss_name``;
-the target is ``batch[target_index]``), so the curvature oracle of
+the target is ``batch[target_index]``; ``lm``: its per-token mean,
+:func:`qnopt.capture.per_token`), so the curvature oracle of
 :meth:`Problem.capture` computes exactly ``loss_fn``: ``capture().oracle(params,
 batch).loss`` and ``loss_fn(params, batch)`` run the same per-example loss.
 
@@ -48,6 +57,25 @@ Problems (``data="auto"`` picks Fashion-MNIST when
     ``(N,)`` (1 = positive); the model returns the logits as ``(N,)``. Default batch ``N // 10``
     of the training set (the paper runs N/10, N/8 and N/4 besides 16 ... 128; ``extra`` lists
     them). Metric: **balanced accuracy** (mean of the two per-class recalls) on the test set.
+``resnet``
+    A small BatchNorm ResNet (:class:`ResNet`): a 3x3 conv stem (16 channels), two residual
+    blocks of two 3x3 convs each (16 channels, then 32 with stride 2 and a 1x1 projection
+    shortcut), BatchNorm after every conv (momentum 0.9: the runs are short), global average
+    pooling, dropout 0.1 and ``nn.Dense`` to 10 logits; softmax cross-entropy; 19,850
+    parameters. Fashion-MNIST 28x28x1 with a stride-2 stem and a 2x2 max-pool (28-14-7, blocks
+    at 7x7 and 4x4), batch 250; digits 8x8x1 with a stride-1 stem and no pool (blocks at 8x8 and
+    4x4), batch 100. The convs and the dense layer are captured; BatchNorm's scales and offsets
+    are the methods' fallback parameters.
+``lm``
+    A character-level causal Transformer (:class:`CharTransformer`) on Debian's ``fortunes``
+    text (:func:`qnopt.data.fortunes`, the files :data:`LM_FILES`, windows of 48 characters,
+    a tenth of the entries held out; ``data`` is ignored): token embedding plus learned
+    positions, two pre-LayerNorm blocks (4-head causal ``nn.MultiHeadDotProductAttention`` and a
+    64-256-64 GELU MLP, dropout 0.1), a final LayerNorm and a ``nn.Dense`` output head (not tied
+    to the embedding, so the head is captured; 115 k parameters), batch 32. Loss: softmax
+    cross-entropy averaged over every token of the batch; metric: next-character accuracy. The
+    attention projections, the MLPs and the head are captured; the embeddings and LayerNorms are
+    fallback parameters.
 ``logreg``, ``logreg_digits``
     L2-regularised binary logistic regression, the S2QN paper's eq. 26::
 
@@ -81,13 +109,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from qnopt import data as qdata
 from qnopt import losses as qlosses
 
 __all__ = [
     "MLP",
+    "CharTransformer",
     "ConvNet",
+    "LM_CONTEXT",
+    "LM_FILES",
     "PROBLEMS",
     "Problem",
     "autoencoder",
@@ -95,15 +127,21 @@ __all__ = [
     "convnet",
     "imbalanced",
     "logreg",
+    "lm",
     "logreg_digits",
     "make_problem",
+    "ModelState",
     "Optimum",
+    "ResNet",
+    "resnet",
     "thesis_mlp",
     "resolve_data",
 ]
 
 Params = Any
 Batch = tuple[jax.Array, jax.Array]
+#: The model's variable collections besides ``"params"`` (e.g. ``{"batch_stats": ...}``).
+ModelState = dict[str, Any]
 
 DATA_CHOICES = ("auto", "digits", "fashion_mnist")
 #: ``μ`` of eq. 26 (``μ‖w‖²``) for the logistic regressions.
@@ -160,6 +198,14 @@ class Problem:
         e.g. with a parameter penalty); ``None``: ``qnopt.capture.linen(model, ...)``.
       optimum: the optimum of the training objective (:class:`Optimum`), when known; the
         runner then records the relative error per epoch.
+      init_state: ``init_state(key) -> model_state``, the model's collections besides ``params``
+        (BatchNorm's ``{"batch_stats": ...}``; ``{}`` for a model with dropout only), for a
+        problem trained in train mode; ``None`` for the others. Then ``loss_fn`` and
+        ``metric_fn`` are ``(params, batch, model_state)`` in eval mode.
+      train_loss_fn: with ``init_state``, the train-mode loss
+        ``train_loss_fn(params, batch, model_state, key) -> (loss, new_model_state)``
+        (BatchNorm on the batch's statistics, its running averages updated; dropout drawn from
+        ``key``): what a plain optax step differentiates (``has_aux=True``).
     """
 
     name: str
@@ -176,7 +222,19 @@ class Problem:
     extra: dict[str, Any] = field(default_factory=dict)
     make_capture: Callable[[], Any] | None = None
     optimum: Optimum | None = None
+    init_state: Callable[[jax.Array], ModelState] | None = None
+    train_loss_fn: Callable[[Params, Batch, ModelState, jax.Array], tuple[jax.Array, ModelState]] | None = None
     _capture: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if (self.init_state is None) != (self.train_loss_fn is None):
+            raise ValueError(f"problem {self.name!r}: init_state and train_loss_fn go together "
+                             "(a problem trained in train mode has both)")
+
+    @property
+    def train_mode(self) -> bool:
+        """Whether the problem trains in train mode with a model state (:attr:`init_state`)."""
+        return self.init_state is not None
 
     @property
     def has_capture(self) -> bool:
@@ -266,6 +324,123 @@ class ConvNet(nn.Module):
             x = nn.relu(x)
         x = x.reshape((x.shape[0], -1))
         return nn.Dense(self.n_out, kernel_init=nn.initializers.glorot_uniform(), name="Dense_0")(x)
+
+
+def _bn(train: bool) -> nn.BatchNorm:
+    """BatchNorm on the batch's statistics in train mode, on its running averages otherwise
+    (momentum 0.9: the benchmark's runs are a few hundred steps)."""
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9)
+
+
+def _conv3x3(channels: int, stride: int = 1) -> nn.Conv:
+    return nn.Conv(channels, (3, 3), strides=(stride, stride), padding="SAME",
+                   kernel_init=nn.initializers.he_normal())
+
+
+class ResBlock(nn.Module):
+    """``relu(shortcut(x) + BN(conv(relu(BN(conv(x))))))``; the shortcut is a 1x1 conv with
+    BatchNorm where the shape changes (stride or channels), else the identity."""
+
+    channels: int
+    stride: int = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        y = nn.relu(_bn(train)(_conv3x3(self.channels, self.stride)(x)))
+        y = _bn(train)(_conv3x3(self.channels)(y))
+        if self.stride != 1 or x.shape[-1] != self.channels:
+            x = _bn(train)(nn.Conv(self.channels, (1, 1), strides=(self.stride, self.stride),
+                                   kernel_init=nn.initializers.he_normal())(x))
+        return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+    """A small BatchNorm ResNet: conv stem, residual blocks, global average pool, dropout, dense.
+
+    Attributes:
+      image_shape: ``(H, W, C)``; flat inputs ``(N, H*W*C)`` are reshaped to it.
+      channels: channels of the stem (the first entry) and of each residual block.
+      strides: stride of the stem and of each block's first conv (same length as ``channels``).
+      stem_pool: 2x2 max-pooling (stride 2) after the stem, as in the ImageNet ResNets.
+      n_out: number of logits.
+      dropout: dropout rate before the dense layer (train mode only).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> model = ResNet(image_shape=(8, 8, 1))
+      >>> variables = model.init(jax.random.key(0), jnp.zeros((2, 64)))
+      >>> sorted(variables), model.apply(variables, jnp.zeros((2, 64))).shape
+      (['batch_stats', 'params'], (2, 10))
+    """
+
+    image_shape: Sequence[int]
+    channels: Sequence[int] = (16, 16, 32)
+    strides: Sequence[int] = (1, 1, 2)
+    stem_pool: bool = False
+    n_out: int = 10
+    dropout: float = 0.1
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        x = x.reshape((x.shape[0], *self.image_shape))
+        x = nn.relu(_bn(train)(_conv3x3(self.channels[0], self.strides[0])(x)))
+        if self.stem_pool:
+            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        for channels, stride in zip(self.channels[1:], self.strides[1:]):
+            x = ResBlock(channels, stride)(x, train)
+        x = nn.Dropout(self.dropout, deterministic=not train)(jnp.mean(x, axis=(1, 2)))
+        return nn.Dense(self.n_out, kernel_init=nn.initializers.glorot_uniform())(x)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm block: ``h + drop(attention(LN(h)))``, then ``h + drop(MLP(LN(h)))``."""
+
+    dim: int
+    heads: int
+    mlp_ratio: int = 4
+    dropout: float = 0.1
+
+    @nn.compact
+    def __call__(self, h: jax.Array, mask: jax.Array, train: bool) -> jax.Array:
+        drop = nn.Dropout(self.dropout, deterministic=not train)
+        att = nn.MultiHeadDotProductAttention(self.heads, dropout_rate=self.dropout, deterministic=not train)
+        h = h + drop(att(nn.LayerNorm()(h), mask=mask))
+        mlp = nn.Dense(self.dim)(nn.gelu(nn.Dense(self.mlp_ratio * self.dim)(nn.LayerNorm()(h))))
+        return h + drop(mlp)
+
+
+class CharTransformer(nn.Module):
+    """A causal Transformer language model: ``(N, T)`` token ids to ``(N, T, vocab_size)`` logits
+    of the next token.
+
+    Token embedding plus learned positions, ``depth`` :class:`TransformerBlock` s with a causal
+    mask, a final LayerNorm and a ``nn.Dense`` output head (not tied to the embedding).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> model = CharTransformer(vocab_size=7, context=5, dim=8, heads=2, depth=1)
+      >>> tokens = jnp.zeros((3, 5), jnp.int32)
+      >>> params = model.init(jax.random.key(0), tokens)["params"]
+      >>> model.apply({"params": params}, tokens).shape
+      (3, 5, 7)
+    """
+
+    vocab_size: int
+    context: int
+    dim: int = 64
+    heads: int = 4
+    depth: int = 2
+    dropout: float = 0.1
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, *, train: bool = False) -> jax.Array:
+        h = nn.Embed(self.vocab_size, self.dim)(tokens)
+        positions = self.param("positions", nn.initializers.normal(0.02), (self.context, self.dim))
+        h = nn.Dropout(self.dropout, deterministic=not train)(h + positions[: tokens.shape[1]])
+        mask = nn.make_causal_mask(tokens)
+        for _ in range(self.depth):
+            h = TransformerBlock(self.dim, self.heads, dropout=self.dropout)(h, mask, train)
+        return nn.Dense(self.vocab_size)(nn.LayerNorm()(h))
 
 
 def _registered_loss(loss_name: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
@@ -634,6 +809,161 @@ def logreg_digits(data: str = "auto", batch_size: int | None = None, mu: float =
     return _logistic_regression("logreg_digits", _digits_parity(), batch_size, mu, "digits odd vs even")
 
 
+# ----------------------------------------------------------------------------- train-mode problems
+
+
+@functools.lru_cache(maxsize=16)  # one compiled init per architecture and input shape
+def _flax_variables(model: nn.Module, shape: tuple[int, ...], dtype: str) -> Callable[[jax.Array], dict]:
+    """Jitted ``key -> model.init(key, zeros(shape, dtype), train=False)``: every collection."""
+
+    @jax.jit
+    def init(key: jax.Array) -> dict:
+        return model.init(key, jnp.zeros(shape, dtype), train=False)
+
+    return init
+
+
+def _train_inputs(batch: Batch) -> tuple[tuple[jax.Array], dict[str, bool]]:
+    """The model's arguments in a training step: ``model(x, train=True)``."""
+    return (batch[0],), {"train": True}
+
+
+def _train_mode_problem(name: str, model: nn.Module, ds: qdata.Dataset, *,
+                        loss: Callable[[jax.Array, jax.Array], jax.Array], capture_loss: Any,
+                        capture_targets: Callable[[Batch], Any], batch_size: int, description: str,
+                        extra: dict[str, Any] | None = None) -> Problem:
+    """A problem whose flax ``model(x, *, train)`` trains in train mode (BatchNorm, dropout).
+
+    ``loss(outputs, y)`` is the scalar loss of a batch; ``capture_loss`` / ``capture_targets`` are
+    the capture's loss and targets for the same value. The state is every collection
+    ``model.init`` returns besides ``params``; a training step updates all of them
+    (``mutable``) and draws dropout from the ``"dropout"`` stream.
+    """
+    variables = _flax_variables(model, (1, *ds.x_train.shape[1:]), str(ds.x_train.dtype))
+    mutable = [c for c in jax.eval_shape(variables, jax.random.key(0)) if c != "params"]
+
+    def init(key: jax.Array) -> Params:
+        return variables(key)["params"]
+
+    def init_state(key: jax.Array) -> ModelState:
+        return {c: v for c, v in variables(key).items() if c != "params"}
+
+    def eval_outputs(params: Params, model_state: ModelState, x: jax.Array) -> jax.Array:
+        return model.apply({"params": params, **model_state}, x, train=False)
+
+    def loss_fn(params: Params, batch: Batch, model_state: ModelState) -> jax.Array:
+        x, y = batch
+        return loss(eval_outputs(params, model_state, x), y)
+
+    def metric_fn(params: Params, batch: Batch, model_state: ModelState) -> jax.Array:
+        x, y = batch
+        return jnp.mean(jnp.argmax(eval_outputs(params, model_state, x), axis=-1) == y)
+
+    def train_loss_fn(params: Params, batch: Batch, model_state: ModelState,
+                      key: jax.Array) -> tuple[jax.Array, ModelState]:
+        x, y = batch
+        outputs, updates = model.apply({"params": params, **model_state}, x, train=True,
+                                       rngs={"dropout": key}, mutable=mutable)
+        return loss(outputs, y), {**model_state, **updates}
+
+    def make_capture() -> Any:
+        import qnopt.capture
+
+        return qnopt.capture.linen(model, loss=capture_loss, mutable=mutable, rngs=["dropout"],
+                                   inputs=_train_inputs, targets=capture_targets)
+
+    return Problem(
+        name=name,
+        init=init,
+        loss_fn=loss_fn,
+        data=ds,
+        batch_size=batch_size,
+        description=description,
+        model=model,
+        metric_fn=metric_fn,
+        metric_name="accuracy",
+        loss_name="softmax_cross_entropy",
+        extra=dict(extra or {}),
+        make_capture=make_capture,
+        init_state=init_state,
+        train_loss_fn=train_loss_fn,
+    )
+
+
+def resnet(data: str = "auto", batch_size: int | None = None) -> Problem:
+    """Small BatchNorm ResNet with dropout and softmax cross-entropy (see module docstring)."""
+    data = resolve_data(data)
+    ds = _load(data)
+    fmnist = data == "fashion_mnist"
+    side, default_bs = (28, 250) if fmnist else (8, 100)
+    n_in = ds.x_train.shape[1]
+    if n_in != side * side:
+        raise ValueError(f"resnet expects {side}x{side} images on {data}, got {n_in} features")
+    # Fashion-MNIST: stride-2 stem and max-pool, 28-14-7, blocks at 7x7 and 4x4; digits: 8x8, 4x4.
+    model = ResNet(image_shape=(side, side, 1), strides=(2 if fmnist else 1, 1, 2), stem_pool=fmnist)
+    ch = "-".join(str(c) for c in model.channels)
+    stem = "stride-2 stem + max-pool" if fmnist else "stride-1 stem"
+    return _train_mode_problem(
+        "resnet", model, ds,
+        loss=_registered_loss("softmax_cross_entropy"),
+        capture_loss="softmax_cross_entropy",
+        capture_targets=lambda batch: batch[1],
+        batch_size=batch_size or default_bs,
+        description=f"BatchNorm ResNet ({stem}, 2 residual blocks, channels {ch}, dropout "
+        f"{model.dropout}) on {data} {side}x{side}x1, softmax CE",
+    )
+
+
+#: The fortune files of the ``lm`` problem (prose and quotations; 270 k characters).
+LM_FILES = ("fortunes", "literature", "science", "wisdom")
+#: Characters per ``lm`` window (the model's context).
+LM_CONTEXT = 48
+
+
+@functools.lru_cache(maxsize=2)
+def _fortunes(path: str | None) -> tuple[qdata.Dataset, qdata.CharVocab]:
+    return qdata.fortunes(path, names=None if path is not None else LM_FILES, context=LM_CONTEXT)
+
+
+def _token_mean_ce(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Softmax cross-entropy averaged over every token of the batch."""
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+
+def _token_targets(batch: Batch) -> Any:
+    """The capture's targets for :func:`qnopt.capture.per_token`: every token counts."""
+    import qnopt.capture
+
+    return qnopt.capture.token_targets(batch[1])
+
+
+def lm(data: str = "auto", batch_size: int | None = None, path: str | None = None) -> Problem:
+    """Character-level causal Transformer on Debian's ``fortunes`` text (see module docstring).
+
+    ``data`` is ignored; ``path`` is a fortune file or directory (default: :data:`LM_FILES` of
+    ``/usr/share/games/fortunes``).
+
+    Raises:
+      FileNotFoundError: the text is not installed (``apt-get install fortunes``).
+    """
+    del data  # always the fortunes text
+    ds, vocab = _fortunes(path)
+    import qnopt.capture
+
+    model = CharTransformer(vocab_size=vocab.size, context=LM_CONTEXT)
+    return _train_mode_problem(
+        "lm", model, ds,
+        loss=_token_mean_ce,
+        capture_loss=qnopt.capture.per_token("softmax_cross_entropy"),
+        capture_targets=_token_targets,
+        batch_size=batch_size or 32,
+        description=f"char Transformer ({model.depth} blocks, dim {model.dim}, {model.heads} heads, "
+        f"context {LM_CONTEXT}, dropout {model.dropout}) on fortunes ({vocab.size} characters), "
+        "softmax CE per token",
+        extra={"vocab": vocab},
+    )
+
+
 #: name -> builder ``(data, batch_size) -> Problem``.
 PROBLEMS: dict[str, Callable[..., Problem]] = {
     "autoencoder": autoencoder,
@@ -642,6 +972,8 @@ PROBLEMS: dict[str, Callable[..., Problem]] = {
     "imbalanced": imbalanced,
     "logreg": logreg,
     "logreg_digits": logreg_digits,
+    "lm": lm,
+    "resnet": resnet,
     "thesis_mlp": thesis_mlp,
 }
 

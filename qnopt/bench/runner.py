@@ -34,6 +34,14 @@ of the minibatch: ``oracle = problem.capture().oracle(params, batch, key)`` with
 ``opt.update(oracle.grads, state, params, curvature=oracle)``; the reported loss is
 ``oracle.loss``, the same value as ``problem.loss_fn``. Parameters and optimizer
 state are donated to the step in every case.
+
+A problem trained in train mode (:attr:`~qnopt.bench.problems.Problem.train_mode`: BatchNorm,
+dropout) starts from ``model_state = problem.init_state(key(seed))``, which every step takes and
+returns updated (BatchNorm's running averages): the oracle's step passes it as
+``capture.oracle(..., model_state=)`` and returns ``oracle.model_state``; a plain step
+differentiates ``problem.train_loss_fn(params, batch, model_state, key)`` (``has_aux``) with the
+same per-step key, so the step time of Adam is that of a plain training step. The losses and
+metric of the evaluation use the model state reached (eval mode: running averages, no dropout).
 """
 
 from __future__ import annotations
@@ -53,10 +61,10 @@ import numpy as np
 import optax
 
 from qnopt.bench.optimizers import OptimizerSpec
-from qnopt.bench.problems import Batch, Params, Problem
+from qnopt.bench.problems import Batch, ModelState, Params, Problem
 from qnopt.data import batches
 
-__all__ = ["RunResult", "Evaluator", "make_step", "measure_step_time", "oracle_unavailable", "run_one",
+__all__ = ["RunResult", "Evaluator", "StepFn", "make_step", "measure_step_time", "oracle_unavailable", "run_one",
            "warm_start_factors"]
 
 NAN = float("nan")
@@ -116,7 +124,11 @@ def _finite(x: float) -> bool:
 
 
 class Evaluator:
-    """Full-data-set loss / metric in fixed-size jitted chunks (compiled once per problem)."""
+    """Full-data-set loss / metric in fixed-size jitted chunks (compiled once per problem).
+
+    For a problem trained in train mode pass the model state reached (``model_state=``): its
+    ``loss_fn`` / ``metric_fn`` evaluate in eval mode with it.
+    """
 
     def __init__(self, problem: Problem, chunk: int = EVAL_CHUNK) -> None:
         self.problem = problem
@@ -124,29 +136,34 @@ class Evaluator:
         self._loss = jax.jit(problem.loss_fn)
         self._metric = jax.jit(problem.metric_fn) if problem.metric_fn is not None else None
 
-    def _mean(self, fn: Callable[[Params, Batch], jax.Array], params: Params, x: np.ndarray, y: np.ndarray) -> float:
+    def _mean(self, fn: Callable[..., jax.Array], params: Params, x: np.ndarray, y: np.ndarray,
+              model_state: ModelState | None) -> float:
+        state = () if model_state is None else (model_state,)
         total, n = 0.0, x.shape[0]
         for start in range(0, n, self.chunk):
             xb, yb = x[start : start + self.chunk], y[start : start + self.chunk]
-            total += float(fn(params, (xb, yb))) * xb.shape[0]
+            total += float(fn(params, (xb, yb), *state)) * xb.shape[0]
         return total / n
 
-    def loss(self, params: Params, split: str = "train") -> float:
-        """Loss (mean over examples) on ``split`` (``train`` or ``test``)."""
+    def _split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         d = self.problem.data
-        x, y = (d.x_train, d.y_train) if split == "train" else (d.x_test, d.y_test)
-        return self._mean(self._loss, params, x, y)
+        return (d.x_train, d.y_train) if split == "train" else (d.x_test, d.y_test)
 
-    def metric(self, params: Params, split: str = "test") -> float | None:
+    def loss(self, params: Params, split: str = "train", model_state: ModelState | None = None) -> float:
+        """Loss (mean over examples) on ``split`` (``train`` or ``test``)."""
+        return self._mean(self._loss, params, *self._split(split), model_state)
+
+    def metric(self, params: Params, split: str = "test", model_state: ModelState | None = None) -> float | None:
         """The problem's metric (e.g. accuracy) on ``split``, or ``None``."""
         if self._metric is None:
             return None
-        d = self.problem.data
-        x, y = (d.x_train, d.y_train) if split == "train" else (d.x_test, d.y_test)
-        return self._mean(self._metric, params, x, y)
+        return self._mean(self._metric, params, *self._split(split), model_state)
 
 
-StepFn = Callable[[Params, Any, Batch, jax.Array], tuple[Params, Any, jax.Array]]
+#: ``step(params, opt_state, model_state, batch, step) -> (params, opt_state, model_state, loss)``;
+#: ``model_state`` is ``None`` for a problem without train mode.
+StepFn = Callable[[Params, Any, ModelState | None, Batch, jax.Array],
+                  tuple[Params, Any, ModelState | None, jax.Array]]
 
 STEP_KEY_SALT = 1  # step keys: fold_in(fold_in(key(seed), STEP_KEY_SALT), step)
 WARM_KEY_SALT = 2  # warm-start key: fold_in(key(seed), WARM_KEY_SALT)
@@ -159,11 +176,16 @@ def make_step(
     *,
     capture: Any = None,
     key: jax.Array | None = None,
+    train_loss_fn: Callable[[Params, Batch, ModelState, jax.Array], tuple[jax.Array, ModelState]] | None = None,
 ) -> StepFn:
-    """One optimisation step ``(params, opt_state, batch, step) -> (params, opt_state, loss)``.
+    """One optimisation step ``(params, opt_state, model_state, batch, step) -> (params, opt_state,
+    model_state, loss)``.
 
-    ``step`` is the 0-based step counter (an integer scalar array); it only matters
-    with ``capture``.
+    ``step`` is the 0-based step counter (an integer scalar array); the step's PRNG key is
+    ``fold_in(key, step)``. ``model_state`` is passed through as ``None`` unless
+    ``train_loss_fn`` is given (a problem trained in train mode, see
+    :attr:`~qnopt.bench.problems.Problem.train_loss_fn`): the step then differentiates
+    ``train_loss_fn(params, batch, model_state, key)`` and returns its new model state.
 
     With ``needs_value_fn`` the update also gets ``value``, ``grad`` and
     ``value_fn`` (the loss on this minibatch as a function of the parameters),
@@ -171,33 +193,47 @@ def make_step(
 
     With ``capture`` (a :mod:`qnopt.capture` engine) the step is
     :func:`qnopt.make_train_step`'s: it builds the curvature oracle
-    ``capture.oracle(params, batch, fold_in(key, step))`` and calls
-    ``opt.update(oracle.grads, opt_state, params, curvature=oracle)``; the loss is
-    ``oracle.loss`` (``loss_fn`` is not evaluated).
+    ``capture.oracle(params, batch, fold_in(key, step))`` (with ``model_state=`` when it is not
+    ``None``) and calls ``opt.update(oracle.grads, opt_state, params, curvature=oracle)``; the
+    loss is ``oracle.loss`` and the new model state ``oracle.model_state`` (``loss_fn`` is not
+    evaluated).
     """
+    base_key = jax.random.key(0) if key is None else key
     if capture is not None:
         from qnopt.training import make_train_step
 
-        base_key = jax.random.key(0) if key is None else key
         train_step = make_train_step(capture, opt, jit=False)
 
-        def oracle_step(params: Params, opt_state: Any, batch: Batch, step: jax.Array):
-            return train_step(params, opt_state, batch, jax.random.fold_in(base_key, step))
+        def oracle_step(params: Params, opt_state: Any, model_state: ModelState | None, batch: Batch,
+                        step: jax.Array):
+            k = jax.random.fold_in(base_key, step)
+            if model_state is None:
+                params, opt_state, loss = train_step(params, opt_state, batch, k)
+            else:
+                params, opt_state, loss, model_state = train_step(params, opt_state, batch, k,
+                                                                  model_state=model_state)
+            return params, opt_state, model_state, loss
 
         return oracle_step
 
-    def step(params: Params, opt_state: Any, batch: Batch, step: jax.Array) -> tuple[Params, Any, jax.Array]:
-        del step
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    def value_and_grad(params: Params, model_state: ModelState | None, batch: Batch, step: jax.Array):
+        """``(loss, new model state, grads, value_fn)`` of the minibatch."""
+        if train_loss_fn is None:
+            loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+            return loss, model_state, grads, lambda p: loss_fn(p, batch)
+        k = jax.random.fold_in(base_key, step)
+        (loss, new_state), grads = jax.value_and_grad(train_loss_fn, has_aux=True)(params, batch, model_state, k)
+        return loss, new_state, grads, lambda p: train_loss_fn(p, batch, model_state, k)[0]
+
+    def step(params: Params, opt_state: Any, model_state: ModelState | None, batch: Batch,
+             step: jax.Array) -> tuple[Params, Any, ModelState | None, jax.Array]:
+        loss, model_state, grads, value_fn = value_and_grad(params, model_state, batch, step)
         if needs_value_fn:
-            updates, opt_state = opt.update(
-                grads, opt_state, params, value=loss, grad=grads,
-                value_fn=lambda p: loss_fn(p, batch),
-            )
+            updates, opt_state = opt.update(grads, opt_state, params, value=loss, grad=grads, value_fn=value_fn)
         else:
             updates, opt_state = opt.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, loss
+        return params, opt_state, model_state, loss
 
     return step
 
@@ -229,6 +265,18 @@ def oracle_unavailable(problem: Problem, spec: OptimizerSpec) -> str | None:
     return None
 
 
+class _StartingState:
+    """A capture whose oracles start from a fixed model state: ``oracle(params, batch, key)`` is
+    ``capture.oracle(params, batch, key, model_state=model_state)``. The warm start estimates
+    the curvature at the initial parameters and model state (its state updates are discarded)."""
+
+    def __init__(self, capture: Any, model_state: ModelState) -> None:
+        self.capture, self.model_state = capture, model_state
+
+    def oracle(self, params: Params, batch: Batch, key: jax.Array | None = None) -> Any:
+        return self.capture.oracle(params, batch, key, model_state=self.model_state)
+
+
 def warm_start_factors(
     problem: Problem,
     spec: OptimizerSpec,
@@ -236,12 +284,14 @@ def warm_start_factors(
     batch_size: int,
     seed: int,
     max_batches: int | None = None,
+    model_state: ModelState | None = None,
 ) -> tuple[Any, float, int]:
     """Initial curvature factors of ``spec`` on ``problem``: ``(factors, seconds, n_batches)``.
 
     ``qnopt.curvature.estimate_factors`` (or ``estimate_mode_statistics``, see
     :class:`~qnopt.bench.optimizers.WarmStart`) on the first ``max_batches`` (default: the spec's ``WarmStart.max_batches``) minibatches of
-    epoch 1, blocked until ready. ``(None, 0.0, 0)`` without a warm start or with a cap of 0.
+    epoch 1, blocked until ready, at ``params`` (and, for a problem trained in train mode, its
+    initial ``model_state``). ``(None, 0.0, 0)`` without a warm start or with a cap of 0.
     """
     ws = spec.warm_start_for(problem)
     cap = ws.max_batches if ws is not None and max_batches is None else max_batches
@@ -258,7 +308,7 @@ def warm_start_factors(
     else:
         kw = spec.kwargs_for(problem)
         options = {"fisher": ws.fisher, **{k: kw[k] for k in ("reshape", "max_dim") if k in kw}}
-    capture = problem.capture()
+    capture = problem.capture() if model_state is None else _StartingState(problem.capture(), model_state)
     t0 = time.perf_counter()
     bs = [jax.device_put(b) for b in _epoch_batches(problem, batch_size, seed, 0, cap)]
     key = jax.random.fold_in(jax.random.key(seed), WARM_KEY_SALT)
@@ -274,8 +324,12 @@ def _compile(
     batch_sizes: Iterable[int],
     seed: int = 0,
     initial_factors: Any = None,
+    model_state: ModelState | None = None,
 ):
     """Build the optimizer, its state, and the AOT-compiled step for each distinct batch size.
+
+    ``model_state``: the initial model state of a problem trained in train mode (``None``
+    otherwise); the steps take and return it (:data:`StepFn`).
 
     Returns ``({batch size: compiled step}, opt_state, seconds)``.
     """
@@ -287,26 +341,34 @@ def _compile(
     # Fresh buffers per leaf: an optimizer state may hold one buffer twice or share the
     # params' buffers (optax.lbfgs does), or the initial factors', which donation would reject.
     opt_state = jax.tree.map(jnp.copy, opt.init(params))
+    step_key = jax.random.fold_in(jax.random.key(seed), STEP_KEY_SALT)
     if spec.needs_oracle:
-        step_key = jax.random.fold_in(jax.random.key(seed), STEP_KEY_SALT)
         step = make_step(problem.loss_fn, opt, capture=problem.capture(), key=step_key)
     else:
-        step = make_step(problem.loss_fn, opt, spec.needs_value_fn)
+        step = make_step(problem.loss_fn, opt, spec.needs_value_fn, key=step_key,
+                         train_loss_fn=problem.train_loss_fn)
     d = problem.data
     counter = jnp.zeros((), jnp.uint32)
-    # Parameters and optimizer state are donated, as in any real training loop: without
-    # donation every state leaf that a step passes through unchanged (e.g. SLIM-QN's pair
-    # memory between curvature updates) must be copied into a fresh output buffer.
-    jitted = jax.jit(step, donate_argnums=(0, 1))
+    # Parameters, optimizer state and model state are donated, as in any real training loop:
+    # without donation every state leaf that a step passes through unchanged (e.g. SLIM-QN's
+    # pair memory between curvature updates) must be copied into a fresh output buffer.
+    jitted = jax.jit(step, donate_argnums=(0, 1, 2))
     compiled = {}
     t0 = time.perf_counter()
     for bs in dict.fromkeys(batch_sizes):  # distinct sizes, in order
         example = (jnp.asarray(d.x_train[:bs]), jnp.asarray(d.y_train[:bs]))
-        compiled[bs] = jitted.lower(params, opt_state, example, counter).compile()
+        compiled[bs] = jitted.lower(params, opt_state, model_state, example, counter).compile()
         # One discarded warm-up call on copies (first-call allocations), counted as compile time.
-        copies = jax.tree.map(jnp.copy, (params, opt_state))
+        copies = jax.tree.map(jnp.copy, (params, opt_state, model_state))
         jax.block_until_ready(compiled[bs](*copies, example, counter))
     return compiled, opt_state, time.perf_counter() - t0
+
+
+def _initial(problem: Problem, seed: int) -> tuple[Params, ModelState | None]:
+    """``(params, model_state)`` at ``key(seed)``; the model state is ``None`` unless the problem
+    trains in train mode."""
+    key = jax.random.key(seed)
+    return problem.init(key), problem.init_state(key) if problem.train_mode else None
 
 
 def _progress(total: int, desc: str, quiet: bool):
@@ -346,14 +408,15 @@ def run_one(
     if res.skipped is not None:
         return res
     evaluator = evaluator or Evaluator(problem)
-    params = problem.init(jax.random.key(seed))
+    params, model_state = _initial(problem, seed)
     try:
         if spec.warm_start is not None:
             spec.build(lr, problem)  # cheap: a factory that cannot be built fails before the warm start
         factors, warm_time, res.warm_start_batches = warm_start_factors(
-            problem, spec, params, bs, seed, warm_start_batches)
+            problem, spec, params, bs, seed, warm_start_batches, model_state)
         res.warm_start_time = warm_time if res.warm_start_batches else None
-        compiled, opt_state, res.compile_time = _compile(problem, spec, lr, params, sizes, seed, factors)
+        compiled, opt_state, res.compile_time = _compile(problem, spec, lr, params, sizes, seed, factors,
+                                                         model_state)
         del factors
     except Exception as e:  # noqa: BLE001 - reported, not hidden
         res.error = f"{type(e).__name__}: {e}"
@@ -362,7 +425,7 @@ def run_one(
         return res
 
     optimum = problem.optimum
-    res.initial_train_loss = evaluator.loss(params)
+    res.initial_train_loss = evaluator.loss(params, model_state=model_state)
     if optimum is not None:
         res.initial_rel_err = optimum.rel_err(params)
     step_times: list[float] = []
@@ -376,8 +439,8 @@ def run_one(
             for xb, yb in _epoch_batches(problem, sizes[epoch], seed, epoch, steps_per_epoch):
                 batch, counter = jax.device_put(((xb, yb), np.uint32(len(step_times))))
                 t0 = time.perf_counter()
-                params, opt_state, loss = step_fn(params, opt_state, batch, counter)
-                jax.block_until_ready((params, loss))
+                params, opt_state, model_state, loss = step_fn(params, opt_state, model_state, batch, counter)
+                jax.block_until_ready((params, model_state, loss))
                 step_times.append(time.perf_counter() - t0)
                 losses.append(float(loss))
                 bar.update(1)
@@ -387,7 +450,7 @@ def run_one(
             res.wall_times.append(wall)
             res.epoch_mean_loss.append(float(np.mean(losses)) if losses else NAN)
             t_eval = time.perf_counter()
-            full = evaluator.loss(params)
+            full = evaluator.loss(params, model_state=model_state)
             if optimum is not None:
                 res.rel_err.append(optimum.rel_err(params))
             res.eval_time += time.perf_counter() - t_eval
@@ -411,8 +474,8 @@ def run_one(
     finite = [(v, i) for i, v in enumerate(res.train_loss) if _finite(v)]
     res.best_epoch = min(finite)[1] + 1 if finite else None
     if not res.diverged:
-        res.test_loss = evaluator.loss(params, "test")
-        res.test_metric = evaluator.metric(params, "test")
+        res.test_loss = evaluator.loss(params, "test", model_state)
+        res.test_metric = evaluator.metric(params, "test", model_state)
     return res
 
 
@@ -431,10 +494,10 @@ def measure_step_time(
     start, if the spec has one, is done first (untimed).
     """
     bs = _effective_batch_size(problem, batch_size)
-    params = problem.init(jax.random.key(seed))
-    factors, _, _ = warm_start_factors(problem, spec, params, bs, seed)
+    params, model_state = _initial(problem, seed)
+    factors, _, _ = warm_start_factors(problem, spec, params, bs, seed, model_state=model_state)
     compiled, opt_state, _ = _compile(problem, spec, spec.lr_for(problem) if lr is None else lr, params, [bs],
-                                      seed, factors)
+                                      seed, factors, model_state)
     compiled = compiled[bs]
     del factors
     times: list[float] = []
@@ -443,8 +506,8 @@ def measure_step_time(
         for xb, yb in _epoch_batches(problem, bs, seed, epoch, n_steps - len(times)):
             batch, counter = jax.device_put(((xb, yb), np.uint32(len(times))))
             t0 = time.perf_counter()
-            params, opt_state, loss = compiled(params, opt_state, batch, counter)
-            jax.block_until_ready((params, loss))
+            params, opt_state, model_state, loss = compiled(params, opt_state, model_state, batch, counter)
+            jax.block_until_ready((params, model_state, loss))
             times.append(time.perf_counter() - t0)
         epoch += 1
     return statistics.median(times)

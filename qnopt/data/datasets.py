@@ -42,7 +42,8 @@ FASHION_MNIST_FILES = {
 
 
 class Dataset(NamedTuple):
-    """A train/test split. ``x_*`` are float32 ``(n, features)``, ``y_*`` int32 ``(n,)``."""
+    """A train/test split. ``x_*`` are float32 ``(n, features)``, ``y_*`` int32 ``(n,)``
+    (:func:`qnopt.data.fortunes`: int32 token windows ``(n, context)`` in both)."""
 
     x_train: np.ndarray
     y_train: np.ndarray
