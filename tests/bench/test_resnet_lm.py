@@ -162,6 +162,7 @@ def test_resnet_trains_in_train_mode_and_updates_batch_stats(monkeypatch):
         assert all(np.isfinite(m) for m in moved) and min(moved) > 0, (name, moved)
 
 
+@pytest.mark.slow      # the LM problem's model and capture run fast in tests/test_examples.py (char_lm)
 def test_lm_trains_with_dropout_and_per_token_loss(fortune_dir, monkeypatch):
     """The LM on a small fortune file: its loss is the per-token mean, the capture's per-token loss
     the same value, every Dense of the attention, the MLPs and the (untied) head is captured, and

@@ -159,7 +159,7 @@ def _targets(batch):
     return batch[1] if isinstance(batch, tuple) else batch["label"]
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "vit" else n for n in sorted(MODELS)])
 def test_oracle_is_the_train_mode_step(name):
     with jax.enable_x64():
         capture, params, state, batch, apply = MODELS[name]()
@@ -257,11 +257,11 @@ def test_methods_train_the_batchnorm_resnet(method):
 
 
 _ZOO_ADAM: dict = {}
-#: The zoo x methods grid: two cases run in every CI run (a sampled-Fisher Kronecker method on the
-#: per-token loss, the oracle-free Kronecker method on the patch model); the rest are ``slow``
+#: The zoo x methods grid: one case runs in every CI run (a sampled-Fisher Kronecker method on the
+#: per-token loss); the rest are ``slow``
 #: (the methods' code is covered fast by the common matrix, the capture of these models by
 #: ``test_oracle_is_the_train_mode_step``); all 14 pass (``pytest -m slow -k attention_models``).
-_ZOO_FAST = {("padded_lm", "kfac"), ("vit", "tnt")}
+_ZOO_FAST = {("padded_lm", "kfac")}
 _ZOO_LR = {("padded_lm", "skqn_b2"): 0.2}        # 0.5 overshoots on the language model
 
 
@@ -424,7 +424,8 @@ def test_a_transformed_kernel_is_left_to_the_fallback_not_captured_wrong():
 
 
 @pytest.mark.parametrize("model,method", [("resnet_bn_dropout", "kfac"), ("resnet_bn_dropout", "tnt"),
-                                          ("resnet_bn_dropout", "smw_ng"), ("padded_lm", "kfac"),
+                                          ("resnet_bn_dropout", "smw_ng"),
+                                          pytest.param("padded_lm", "kfac", marks=pytest.mark.slow),
                                           pytest.param("vit", "kfac", marks=pytest.mark.slow),
                                           pytest.param("encoder_decoder", "kfac", marks=pytest.mark.slow)])
 def test_data_parallel_equals_unsharded_in_train_mode(model, method):
@@ -462,3 +463,4 @@ def test_tied_embeddings_fall_back_cleanly():
     table = capture.table(params, batch)
     assert "Embed_0/embedding" in table and "fallback (not captured: Embed Embed_0" in table
     assert not any("Embed" in name for name in infos) and len(infos) == 6   # q, k, v, out, two Dense
+
