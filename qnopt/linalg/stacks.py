@@ -14,8 +14,8 @@ arXiv:2002.09018) and PSGD-Kron in JAX.
   stacked pytree per group of layers with equal state shapes — a pytree whose leaves are the
   stacks, so ``jit``, ``tree.map``, sharding rules and checkpoints see ``len(groups)`` arrays per
   field, not one per layer; ``stacks[key]`` still reads one layer (a slice).
-* :func:`map_grouped`: ``fn`` applied to every layer's inputs with one ``vmap`` per distinct input
-  shape (statistics from activations of different shapes).
+* :func:`vmap_stacked`: ``fn`` applied to a stack's layers with one ``vmap`` when their inputs
+  share a shape; :func:`map_decompositions`: factorisations over a stack.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any, Callable, Hashable, Iterator, Optional
 import jax
 import jax.numpy as jnp
 
-__all__ = ["LayerStacks", "map_decompositions", "map_grouped", "vmap_stacked"]
+__all__ = ["LayerStacks", "map_decompositions", "vmap_stacked"]
 
 
 def _signature(tree: Any) -> tuple:
@@ -130,25 +130,3 @@ def vmap_stacked(fn: Callable[..., Any], inputs: list) -> Any:
     if len({_signature(args) for args in inputs}) == 1:
         return jax.vmap(fn)(*jax.tree.map(lambda *xs: jnp.stack(xs), *inputs))
     return jax.tree.map(lambda *xs: jnp.stack(xs), *(fn(*args) for args in inputs))
-
-
-def map_grouped(fn: Callable[..., Any], inputs: Mapping[str, tuple]) -> dict:
-    """``{key: fn(*inputs[key])}`` computed with one ``jax.vmap(fn)`` per distinct input signature
-    (the inputs of a group are stacked, the outputs unstacked).
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> out = map_grouped(lambda a: a.T @ a, {"x": (jnp.ones((3, 2)),), "y": (jnp.eye(2),)})
-      >>> out["x"].tolist(), out["y"].tolist()
-      ([[3.0, 3.0], [3.0, 3.0]], [[1.0, 0.0], [0.0, 1.0]])
-    """
-    order: dict = {}
-    for key, args in inputs.items():
-        order.setdefault(_signature(args), []).append(key)
-    out = {}
-    for keys in order.values():
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(inputs[k] for k in keys))
-        result = jax.vmap(fn)(*stacked)
-        for i, key in enumerate(keys):
-            out[key] = jax.tree.map(lambda x: x[i], result)
-    return out

@@ -1,11 +1,11 @@
-"""``LayerStacks`` and ``map_grouped``: per-layer state stored stacked by shape (issue 17)."""
+"""``LayerStacks``, ``vmap_stacked`` and ``map_decompositions``: per-layer state stored stacked by shape (issue 17)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from typing import NamedTuple
 
-from qnopt.linalg import LayerStacks, map_decompositions, map_grouped
+from qnopt.linalg import LayerStacks, map_decompositions, vmap_stacked
 
 
 class S(NamedTuple):
@@ -49,17 +49,18 @@ def test_map_works_on_whole_stacks():
         np.testing.assert_allclose(out[k].m, st[k].m @ st[k].A, rtol=1e-6)
 
 
-def test_map_grouped_equals_one_call_per_key():
+def test_vmap_stacked_equals_one_call_per_layer():
     layers = _layers()
     fn = lambda a, m: (a @ a.T, m.sum(0))
-    got = map_grouped(fn, {k: (v.A, v.m) for k, v in layers.items()})
-    for k, v in layers.items():
-        want = fn(v.A, v.m)
-        np.testing.assert_allclose(got[k][0], want[0], rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(got[k][1], want[1], rtol=1e-6)
-    # One batched product per shape in the compiled program (2 shapes x 1 dot), not one per layer.
-    text = jax.jit(lambda ins: map_grouped(fn, ins)).lower({k: (v.A, v.m) for k, v in layers.items()}).compile().as_text()
-    assert text.count(" dot(") <= 2
+    same = [(layers[k].A, layers[k].m) for k in ("l0", "l1", "l2")]
+    got = vmap_stacked(fn, same)
+    for i, (a, m) in enumerate(same):
+        np.testing.assert_allclose(got[0][i], fn(a, m)[0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got[1][i], fn(a, m)[1], rtol=1e-6)
+    # One batched product for the stack in the compiled program, not one per layer.
+    assert jax.jit(lambda ins: vmap_stacked(fn, ins)).lower(same).compile().as_text().count(" dot(") == 1
+    mixed = [(layers["l0"].A, layers["l0"].m), (layers["head"].A, layers["head"].m)]   # shapes differ
+    np.testing.assert_allclose(vmap_stacked(fn, mixed)[0][1], fn(*mixed[1])[0], rtol=1e-5)
 
 
 def test_decompositions_of_two_stacks_in_one_step_finish():
