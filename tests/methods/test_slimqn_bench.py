@@ -23,7 +23,9 @@ def _best(problem, name, epochs):
     return min(finals.values()), finals
 
 
-@pytest.mark.parametrize("problem_name", ["logreg", "autoencoder"])
+# The autoencoder (32 s) is ``slow``: the logistic regression runs the same runner, grids and
+# method in every CI run; both hold (``pytest -m slow -k slimqn_beats``).
+@pytest.mark.parametrize("problem_name", ["logreg", pytest.param("autoencoder", marks=pytest.mark.slow)])
 def test_slimqn_beats_sgd_momentum(problem_name):
     problem = make_problem(problem_name, data="digits")  # logreg: breast cancer, standardised
     assert len(OPTIMIZERS["slimqn"].grid_for(problem)) == 3
