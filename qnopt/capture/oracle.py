@@ -387,7 +387,7 @@ class Discovery:
     perturbations: Any   # abstract perturbation tree
     outputs: Any         # abstract outputs
     no_layers: str = ""  # why nothing was captured (raised when layer statistics are asked for)
-    verified: bool = False  # the layers' gradient reconstruction was checked (CaptureEngine.layer_info)
+    verified: bool = False  # the layers' gradient reconstruction was checked (CaptureEngine._verified)
 
 
 def _captured_forward(capture: Any, params, disc: "Discovery", x) -> tuple:
@@ -722,10 +722,14 @@ class CaptureEngine:
         model's RNG streams; ``model_state`` holds the model's variable collections besides
         ``params`` (e.g. ``{"batch_stats": ...}``; see ``oracle.model_state`` for the updated ones).
         Shapes are checked now (trace time): mismatched targets raise the loss's ``ValueError``.
-        The forward/backward pass runs when a result is first asked for.
+        The first oracle for a model and shapes also checks that each captured layer's
+        statistics reconstruct its kernel's gradient (see :meth:`layer_info`; a layer that does
+        not is left out, with a warning). The forward/backward pass runs when a result is first
+        asked for.
         """
         x, t = self.split_batch(batch, key=key, model_state=model_state)
-        return Oracle(self, params, batch, key, self._discover(params, x, t), model_state=model_state)
+        disc = self._verified(self._discover(params, x, t), params, x, t, self._model_name())
+        return Oracle(self, params, batch, key, disc, model_state=model_state)
 
     def layer_info(self, params, batch, model_state: Optional[dict] = None) -> dict:
         """``{name: LayerInfo}`` of the captured layers for this batch's input shape, after
@@ -791,11 +795,12 @@ class CaptureEngine:
     def _verified(self, disc: Discovery, params, x, targets, model_name: str) -> Discovery:
         """``disc`` without the captured layers whose statistics do not reconstruct their
         kernel's gradient — a module that transforms its kernel before using it (weight
-        standardisation), or reads it elsewhere too — checked once per model and shapes (by
-        :meth:`layer_info` and :meth:`table`: the check traces and compiles one pass of its
-        own, which the jitted step does not pay), on stand-in values of those shapes, each
-        dropped layer named in a warning and in :meth:`table`. The discovery is cached, so the
-        oracles built afterwards leave those layers out too."""
+        standardisation), or reads it elsewhere too — checked once per model and shapes (by the
+        first :meth:`oracle`, :meth:`layer_info` or :meth:`table`: the check traces and compiles
+        one pass of its own, once, when the training step is first traced, never in a step),
+        on stand-in values of those shapes, each dropped layer named in a warning and in
+        :meth:`table`. The discovery is cached, so the oracles built afterwards leave those
+        layers out too."""
         if disc.verified or not disc.infos or targets is None:
             return disc
         disc.verified = True

@@ -431,6 +431,14 @@ def test_a_transformed_kernel_is_left_to_the_fallback_not_captured_wrong():
         np.testing.assert_allclose(kg, grads[name]["kernel"], rtol=1e-4, atol=1e-6)
     # The optimizer built from the capture's layers trains the model (StdConv through the fallback).
     _train(capture, qnopt.kfac(0.05, damping=0.1, inverse_every=5, layers=infos), params, (x, y), 10)
+    # Without layer_info or table: the first oracle (here, tracing the jitted step) runs the check;
+    # an optimizer that found StdConv_0 in the parameters is told what to do, never fed wrong statistics.
+    fresh = qnopt.capture.linen(model, "softmax_cross_entropy")
+    opt = qnopt.kfac(0.05, damping=0.1, inverse_every=5)
+    step = qnopt.make_train_step(fresh, opt, donate=False)
+    with pytest.warns(UserWarning, match=r"'StdConv_0' \(StdConv\) does not reconstruct"), \
+            pytest.raises(ValueError, match=r"not captured: \['StdConv_0/kernel'\].*layers=capture\.layer_info"):
+        step(params, opt.init(params), (x, y), jax.random.key(0))
 
 
 def _zoo_nnx(model):
