@@ -14,6 +14,7 @@ shardings of the training step::
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Optional
 
 import jax
@@ -22,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 PyTree = Any
 Rule = Callable[[tuple, jax.ShapeDtypeStruct, Mesh], Optional[jax.sharding.Sharding]]
 
-__all__ = ["state_shardings", "split_large_factors"]
+__all__ = ["shard_stacks", "state_shardings", "split_large_factors"]
 
 
 def _spec_tuple(sharding: NamedSharding, ndim: int) -> tuple:
@@ -134,6 +135,50 @@ def split_large_factors(min_size: int = 1024, axis: Optional[str] = None) -> Rul
         if stacked in (0, 1) and shape[-1] == shape[-2] and shape[-1] >= min_size \
                 and shape[-1] % mesh.shape[name] == 0:
             return NamedSharding(mesh, P(*(None,) * stacked, name, None))
+        return None
+
+    return rule
+
+
+#: How :class:`qnopt.linalg.LayerStacks` names its stacks in key paths.
+_STACK_KEY = re.compile(r"stack\d+")
+
+
+def shard_stacks(axis: Optional[str] = None) -> Rule:
+    """A ``rule`` for :func:`state_shardings` that splits every stack of layers over the mesh.
+
+    A method that stores its per-layer state stacked (:class:`qnopt.linalg.LayerStacks`:
+    K-FAC's factors, inverses and momenta, one array per shape of layers) keeps ``L`` layers'
+    state in each leaf of a stack. This rule splits the leading (layer) axis of each such leaf
+    over ``axis`` (default: the mesh's first axis), so that each device stores ``L/n`` layers;
+    a stack whose ``L`` is not a multiple of ``n`` stays replicated. Pair it with the method's
+    ``factor_axis=`` (the same axis), which has each device refresh its ``L/n`` layers: the
+    refreshed inverses then never leave their device; the preconditioned gradients are
+    gathered where the update needs them (Anil et al., arXiv:2002.09018, §5: preconditioner
+    blocks stacked and split over devices).
+
+    Args:
+      axis: mesh axis name to split over.
+
+    Example:
+      >>> import jax, qnopt
+      >>> from jax.sharding import PartitionSpec as P
+      >>> from jax.tree_util import DictKey, GetAttrKey
+      >>> mesh = jax.make_mesh((1,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+      >>> rule = qnopt.sharding.shard_stacks()
+      >>> leaf = jax.ShapeDtypeStruct((4, 8, 8), "float32")
+      >>> rule((GetAttrKey("layers"), DictKey("stack0"), GetAttrKey("A")), leaf, mesh).spec == P("x", None, None)
+      True
+      >>> rule((GetAttrKey("count"),), jax.ShapeDtypeStruct((), "int32"), mesh) is None
+      True
+    """
+
+    def rule(path: tuple, leaf: jax.ShapeDtypeStruct, mesh: Mesh) -> Optional[jax.sharding.Sharding]:
+        name = axis if axis is not None else mesh.axis_names[0]
+        in_stack = any(isinstance(k, jax.tree_util.DictKey) and isinstance(k.key, str) and _STACK_KEY.fullmatch(k.key)
+                       for k in path)
+        if in_stack and len(leaf.shape) >= 1 and leaf.shape[0] % mesh.shape[name] == 0:
+            return NamedSharding(mesh, P(name, *(None,) * (len(leaf.shape) - 1)))
         return None
 
     return rule

@@ -97,9 +97,16 @@ class LayerStacks(Mapping):
         return f"LayerStacks({dict(zip((f'stack{g}' for g in range(len(self.groups))), self.groups))})"
 
 
-def map_decompositions(fn: Callable[[Any], Any], stack: Any) -> Any:
+def map_decompositions(fn: Callable[[Any], Any], stack: Any, axis: Optional[str] = None) -> Any:
     """``fn`` (which factorises: ``eigh``, Cholesky, roots) over the leading axis of ``stack``:
     one batched call (``jax.vmap``) on accelerators, a sequential ``jax.lax.map`` on CPU.
+
+    ``axis``: a mesh axis over which the layers are split: each device factorises ``L/n`` of
+    them (``jax.shard_map`` over the mesh set with ``jax.set_mesh``), the stack padded with
+    copies of its last layer up to a multiple of ``n`` (the padding is computed and dropped).
+    Sharding the stack's storage the same way (:func:`qnopt.sharding.shard_stacks`) keeps the
+    results where they are made; a replicated stack is sliced locally and its results
+    all-gathered.
 
     Why not ``vmap`` on CPU: jaxlib's CPU LAPACK kernels split a batch over XLA's intra-op
     thread pool and block until their pieces finish; two such batched calls running at once (two
@@ -114,6 +121,30 @@ def map_decompositions(fn: Callable[[Any], Any], stack: Any) -> Any:
       >>> map_decompositions(lambda a: jnp.linalg.eigh(a)[0], jnp.stack([jnp.eye(2), 2 * jnp.eye(2)])).tolist()
       [[1.0, 1.0], [2.0, 2.0]]
     """
+    if axis is None:
+        return _map_decompositions(fn, stack)
+    mesh = _mesh_with(axis)
+    n = mesh.shape[axis]
+    size = jax.tree.leaves(stack)[0].shape[0]
+    pad = -size % n
+    if pad:
+        stack = jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]), stack)
+    spec = jax.sharding.PartitionSpec(axis)
+    out = jax.shard_map(lambda s: _map_decompositions(fn, s), mesh=mesh, in_specs=spec, out_specs=spec,
+                        axis_names={axis}, check_vma=False)(stack)
+    return jax.tree.map(lambda x: x[:size], out) if pad else out
+
+
+def _mesh_with(axis: str) -> Any:
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or axis not in mesh.axis_names:
+        raise ValueError(f"Splitting the factor work over mesh axis {axis!r} needs a mesh with that axis: run "
+                         f"the training step (and init) under `with jax.set_mesh(mesh):`, or leave the "
+                         f"axis unset (got mesh axes {tuple(mesh.axis_names) if not mesh.empty else ()}).")
+    return mesh
+
+
+def _map_decompositions(fn: Callable[[Any], Any], stack: Any) -> Any:
     return jax.lax.platform_dependent(stack, cpu=lambda s: jax.lax.map(fn, s), default=jax.vmap(fn))
 
 

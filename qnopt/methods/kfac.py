@@ -111,6 +111,7 @@ def scale_by_kfac(
     weight_decay: float = 0.0,
     layers: Any = None,
     fallback: Optional[optax.GradientTransformation] = None,
+    factor_axis: Optional[str] = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""K-FAC (see the module docstring for the algorithm and the options).
 
@@ -130,6 +131,10 @@ def scale_by_kfac(
       layers: which parameters form layers (see :func:`qnopt.scale_by_kbfgs`).
       fallback: transformation for other parameters (default: momentum SGD with ``m``,
         learning rate ``α``, as the thesis does for BN parameters).
+      factor_axis: a mesh axis over which each stack of layers' inverses is split: each device
+        refreshes ``1/n`` of them (run under ``jax.set_mesh(mesh)``; shard the state with
+        :func:`qnopt.sharding.shard_stacks` so that it also stores ``1/n``). ``None``: every
+        device refreshes every layer.
 
     Example:
       >>> import jax, jax.numpy as jnp, flax.linen as nn, qnopt
@@ -195,7 +200,7 @@ def scale_by_kfac(
         return st._replace(inv_A=jnp.where(ok, inv_A, st.inv_A), inv_G=jnp.where(ok, inv_G, st.inv_G))
 
     def refresh(layer_states: LayerStacks) -> LayerStacks:
-        return layer_states.map(lambda keys, st: map_decompositions(refresh_layer, st))
+        return layer_states.map(lambda keys, st: map_decompositions(refresh_layer, st, axis=factor_axis))
 
     def step_layer(st: KfacLayerState, X: jax.Array, alpha) -> tuple[jax.Array, jax.Array]:
         """Lines 7-9 for one layer: ``(direction, new momentum)``."""
@@ -252,7 +257,7 @@ def scale_by_kfac(
 
 #: Arguments fixed when the transformation is built (``static_args`` of ``optax.inject_hyperparams``).
 STATIC = ("inverse_every", "fisher", "stats_at", "momentum_on", "inverse", "positions", "initial_factors",
-          "layers", "fallback")
+          "layers", "fallback", "factor_axis")
 
 
 @alias(Composition(scale_by_kfac, "step", static=STATIC))

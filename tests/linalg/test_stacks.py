@@ -75,3 +75,28 @@ def test_decompositions_of_two_stacks_in_one_step_finish():
     assert compiled.as_text().count(" custom-call(") == 2
     for got, s in zip(compiled(stacks), stacks):
         np.testing.assert_allclose(got, jnp.stack([fn(a) for a in s]), rtol=1e-4, atol=1e-3)
+
+
+def test_decompositions_split_over_a_mesh_axis():
+    """``axis=``: each of 8 devices factorises its layers (a stack of 3 padded to 8 with copies
+    of its last layer, dropped again); the results are the unsplit ones. Without a mesh with that
+    axis the error says how to set one."""
+    import pytest
+    from jax.sharding import PartitionSpec as P
+
+    rng = np.random.default_rng(0)
+    m = rng.normal(size=(3, 5, 5)).astype(np.float32)
+    stack = jnp.asarray(m @ m.transpose(0, 2, 1) + 5 * np.eye(5, dtype=np.float32))
+    inv = lambda a: jnp.linalg.inv(jnp.linalg.cholesky(a))
+    want = jax.jit(lambda s: map_decompositions(inv, s))(stack)
+    mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+    with jax.set_mesh(mesh):
+        got = jax.jit(lambda s: map_decompositions(inv, s, axis="x"))(stack)
+        with pytest.raises(ValueError, match=r"mesh axis 'y'.*jax\.set_mesh\(mesh\)"):
+            map_decompositions(inv, stack, axis="y")
+        even = jax.device_put(jnp.concatenate([stack] * 8)[:8], jax.sharding.NamedSharding(mesh, P("x")))
+        hlo = jax.jit(lambda s: map_decompositions(inv, s, axis="x")).lower(even).compile().as_text()
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert "all-gather" not in hlo        # a split stack's layers are factorised where they are
+    with pytest.raises(ValueError, match=r"jax\.set_mesh"):
+        map_decompositions(inv, stack, axis="x")
