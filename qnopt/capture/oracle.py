@@ -473,7 +473,12 @@ class Oracle:
         self._require_layers()
         return dict(self._disc.infos)
 
+    def _verify(self) -> None:
+        """The capture's reconstruction check of the layers, once per model and shapes."""
+        self.capture._verified(self._disc, self.params, self.inputs, self.targets, self.capture._model_name())
+
     def _require_layers(self) -> None:
+        self._verify()
         if self._disc.no_layers:
             raise ValueError(self._disc.no_layers)
 
@@ -623,6 +628,7 @@ class Oracle:
         of SMW-GN). The layer inputs are ``layers[name].a_rows()``.
         """
         cap = self.capture
+        self._verify()
         perts0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._disc.perturbations)
         out, vjp_fn, sown = jax.vjp(lambda p: cap.run_captured(self.params, p, self.inputs),
                                     perts0, has_aux=True)
@@ -722,14 +728,14 @@ class CaptureEngine:
         model's RNG streams; ``model_state`` holds the model's variable collections besides
         ``params`` (e.g. ``{"batch_stats": ...}``; see ``oracle.model_state`` for the updated ones).
         Shapes are checked now (trace time): mismatched targets raise the loss's ``ValueError``.
-        The first oracle for a model and shapes also checks that each captured layer's
-        statistics reconstruct its kernel's gradient (see :meth:`layer_info`; a layer that does
-        not is left out, with a warning). The forward/backward pass runs when a result is first
-        asked for.
+        The forward/backward pass runs when a result is first asked for. The first oracle for a
+        model and shapes whose layer statistics are asked for (``layers``, ``layer_info``,
+        ``backprop``) first checks that each captured layer's statistics reconstruct its
+        kernel's gradient (see :meth:`layer_info`; a layer that does not is left out, with a
+        warning); gradient-only use pays nothing for it.
         """
         x, t = self.split_batch(batch, key=key, model_state=model_state)
-        disc = self._verified(self._discover(params, x, t), params, x, t, self._model_name())
-        return Oracle(self, params, batch, key, disc, model_state=model_state)
+        return Oracle(self, params, batch, key, self._discover(params, x, t), model_state=model_state)
 
     def layer_info(self, params, batch, model_state: Optional[dict] = None) -> dict:
         """``{name: LayerInfo}`` of the captured layers for this batch's input shape, after
@@ -796,8 +802,9 @@ class CaptureEngine:
         """``disc`` without the captured layers whose statistics do not reconstruct their
         kernel's gradient — a module that transforms its kernel before using it (weight
         standardisation), or reads it elsewhere too — checked once per model and shapes (by the
-        first :meth:`oracle`, :meth:`layer_info` or :meth:`table`: the check traces and compiles
-        one pass of its own, once, when the training step is first traced, never in a step),
+        first oracle asked for layer statistics, :meth:`layer_info` or :meth:`table`: the check
+        traces and compiles one pass of its own, once, when the training step is first traced,
+        never in a step),
         on stand-in values of those shapes, each dropped layer named in a warning and in
         :meth:`table`. The discovery is cached, so the oracles built afterwards leave those
         layers out too."""

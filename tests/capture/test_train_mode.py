@@ -423,9 +423,11 @@ def test_a_transformed_kernel_is_left_to_the_fallback_not_captured_wrong():
     assert sorted(infos) == ["Conv_0", "Dense_0"]
     assert "weight standardisation" in capture.table(params, (x, y))
     # Under jit the discovery (and its check) is the cached one; the layers kept are exact.
-    got = jax.jit(lambda p: {n: st.kernel_grad() for n, st in capture.oracle(p, (x, y)).layers.items()})(params)
+    got, oracle_grads = jax.jit(lambda p: ({n: st.kernel_grad() for n, st in capture.oracle(p, (x, y)).layers.items()},
+                                           capture.oracle(p, (x, y)).grads))(params)
     grads = jax.grad(lambda p: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
         model.apply({"params": p}, x), y)))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), oracle_grads, grads)
     assert sorted(got) == ["Conv_0", "Dense_0"]
     for name, kg in got.items():
         np.testing.assert_allclose(kg, grads[name]["kernel"], rtol=1e-4, atol=1e-6)
