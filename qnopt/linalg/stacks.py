@@ -26,7 +26,7 @@ from typing import Any, Callable, Hashable, Iterator, Optional
 import jax
 import jax.numpy as jnp
 
-__all__ = ["LayerStacks", "map_decompositions", "vmap_stacked"]
+__all__ = ["LayerStacks", "map_decompositions", "vmap_layers", "vmap_stacked"]
 
 
 def _signature(tree: Any) -> tuple:
@@ -145,7 +145,45 @@ def _mesh_with(axis: str) -> Any:
 
 
 def _map_decompositions(fn: Callable[[Any], Any], stack: Any) -> Any:
+    if _one_layer(stack):
+        return _with_layer_axis(fn(_only_layer(stack)))
     return jax.lax.platform_dependent(stack, cpu=lambda s: jax.lax.map(fn, s), default=jax.vmap(fn))
+
+
+# A stack of one layer (a network whose layers all differ in shape has only those) needs no
+# ``vmap`` or loop: their batch-of-one kernels cost XLA:CPU more than the plain ones (K-FAC on the
+# Fashion-MNIST autoencoder: step 3.03x -> 3.33x Adam's, first compile 2.9 -> 8.4 s, before the
+# one-layer path).
+def _one_layer(stack: Any) -> bool:
+    leaves = jax.tree.leaves(stack)
+    return bool(leaves) and jnp.shape(leaves[0])[0] == 1
+
+
+def _only_layer(stack: Any) -> Any:
+    return jax.tree.map(lambda x: x[0], stack)
+
+
+def _with_layer_axis(tree: Any) -> Any:
+    return jax.tree.map(lambda y: y[None], tree)
+
+
+def vmap_layers(fn: Callable[..., Any], in_axes: tuple) -> Callable[..., Any]:
+    """``jax.vmap(fn, in_axes)`` over stacked layers (each entry of ``in_axes`` 0 or ``None``),
+    calling ``fn`` directly when the stacks hold one layer.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> vmap_layers(lambda a, c: a * c, (0, None))(jnp.ones((1, 2)), 3.0).tolist()
+      [[3.0, 3.0]]
+    """
+    batched = jax.vmap(fn, in_axes=in_axes)
+
+    def call(*args):
+        if all(_one_layer(a) for a, ax in zip(args, in_axes) if ax is not None):
+            return _with_layer_axis(fn(*(a if ax is None else _only_layer(a) for a, ax in zip(args, in_axes))))
+        return batched(*args)
+
+    return call
 
 
 def vmap_stacked(fn: Callable[..., Any], inputs: list) -> Any:
@@ -158,6 +196,8 @@ def vmap_stacked(fn: Callable[..., Any], inputs: list) -> Any:
       >>> vmap_stacked(lambda a: a.sum(), [(jnp.ones(2),), (jnp.ones(2),)]).tolist()
       [2.0, 2.0]
     """
+    if len(inputs) == 1:
+        return _with_layer_axis(fn(*inputs[0]))
     if len({_signature(args) for args in inputs}) == 1:
         return jax.vmap(fn)(*jax.tree.map(lambda *xs: jnp.stack(xs), *inputs))
     return jax.tree.map(lambda *xs: jnp.stack(xs), *(fn(*args) for args in inputs))

@@ -46,7 +46,7 @@ from qnopt.base import check_statistics_hyperparams
 from qnopt.contract import Composition, alias
 from qnopt.curvature.ema import ema_update, statistics_decay
 from qnopt.curvature.layers import rows_A, rows_G
-from qnopt.linalg.stacks import LayerStacks, map_decompositions, vmap_stacked
+from qnopt.linalg.stacks import LayerStacks, map_decompositions, vmap_layers, vmap_stacked
 from qnopt.methods import _kron as K
 from qnopt.methods._step import SampledLabels, SecondPass, commit
 from qnopt.preconditioners import (damped_cholesky, damped_inverse, factored_damping,
@@ -237,7 +237,7 @@ def scale_by_kfac(
         directions = {}
 
         def step_stack(keys, st):
-            d, mom = jax.vmap(step_layer, in_axes=(0, 0, None))(st, jnp.stack([X[key] for key in keys]), alpha)
+            d, mom = vmap_layers(step_layer, in_axes=(0, 0, None))(st, jnp.stack([X[key] for key in keys]), alpha)
             directions.update({key: d[i] for i, key in enumerate(keys)})
             return st._replace(momentum=mom)
 

@@ -226,7 +226,7 @@ def test_tree_stack_helpers_against_numpy():
     assert not bool(la.tree_all_finite({"a": v["a"], "b": v["b"].at[0].set(jnp.inf)}))
 
 
-@pytest.mark.parametrize("mod", ["tree", "modes", "structured", "lsr1", "lbfgs", "roots", "smw", "bfgs", "block_bfgs"])
+@pytest.mark.parametrize("mod", ["tree", "modes", "structured", "lsr1", "lbfgs", "roots", "smw", "bfgs", "block_bfgs", "stacks"])
 def test_linalg_docstring_examples_run(mod):
     import doctest
     import importlib

@@ -100,3 +100,24 @@ def test_decompositions_split_over_a_mesh_axis():
     assert "all-gather" not in hlo        # a split stack's layers are factorised where they are
     with pytest.raises(ValueError, match=r"jax\.set_mesh"):
         map_decompositions(inv, stack, axis="x")
+
+
+def test_a_stack_of_one_layer_is_called_without_vmap_or_loop():
+    """One-layer stacks (every stack of a network whose layers all differ in shape) take the
+    plain call: the same numbers as the batched path, and no ``while`` loop in the compiled
+    decomposition on CPU (nor a batch-of-one kernel)."""
+    from qnopt.linalg import vmap_layers
+
+    a = jnp.asarray(np.random.default_rng(1).normal(size=(1, 4, 4)), jnp.float32)
+    spd = a @ jnp.swapaxes(a, 1, 2) + 4 * jnp.eye(4)
+    inv = lambda m: jnp.linalg.eigh(m)[0]        # a LAPACK call, no loop of its own
+    got = jax.jit(lambda s: map_decompositions(inv, s))(spd)
+    np.testing.assert_allclose(got, jax.vmap(inv)(spd), rtol=1e-6, atol=1e-6)
+    assert " while(" not in jax.jit(lambda s: map_decompositions(inv, s)).lower(spd).compile().as_text()
+    assert " while(" in jax.jit(lambda s: map_decompositions(inv, s)).lower(jnp.concatenate([spd, spd])).compile().as_text()
+    f = lambda m, v, c: (m @ v * c, m.sum())
+    v = jnp.ones((1, 4))
+    for stack, vec in ((spd, v), (jnp.concatenate([spd, 2 * spd]), jnp.concatenate([v, 3 * v]))):
+        ours, ref = vmap_layers(f, (0, 0, None))(stack, vec, 2.0), jax.vmap(f, (0, 0, None))(stack, vec, 2.0)
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), ours, ref)
+    assert vmap_stacked(lambda m: m.sum(), [(spd[0],)]).shape == (1,)
