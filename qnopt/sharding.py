@@ -140,8 +140,14 @@ def split_large_factors(min_size: int = 1024, axis: Optional[str] = None) -> Rul
     return rule
 
 
-#: How :class:`qnopt.linalg.LayerStacks` names its stacks in key paths.
-_STACK_KEY = re.compile(r"stack\d+")
+def stack_key(g: int) -> jax.tree_util.DictKey:
+    """The key of stack ``g`` in the key paths of a state stored stacked by layers
+    (:class:`qnopt.linalg.LayerStacks` names its stacks with it; :func:`shard_stacks` finds them
+    by it)."""
+    return jax.tree_util.DictKey(f"stack{g}")
+
+
+_STACK_KEY = re.compile(r"stack\d+")   # what stack_key(g) spells
 
 
 def shard_stacks(axis: Optional[str] = None) -> Rule:

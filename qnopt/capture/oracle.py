@@ -804,10 +804,9 @@ class CaptureEngine:
         standardisation), or reads it elsewhere too — checked once per model and shapes (by the
         first oracle asked for layer statistics, :meth:`layer_info` or :meth:`table`: the check
         traces and compiles one pass of its own, once, when the training step is first traced,
-        never in a step),
-        on stand-in values of those shapes, each dropped layer named in a warning and in
-        :meth:`table`. The discovery is cached, so the oracles built afterwards leave those
-        layers out too."""
+        never in a step), on stand-in values of those shapes, each dropped layer named in a
+        warning and in :meth:`table`. The discovery is cached, so the oracles built afterwards
+        leave those layers out too."""
         if disc.verified or not disc.infos or targets is None:
             return disc
         disc.verified = True

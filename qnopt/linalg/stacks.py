@@ -26,6 +26,8 @@ from typing import Any, Callable, Hashable, Iterator, Optional
 import jax
 import jax.numpy as jnp
 
+from qnopt.sharding import stack_key
+
 __all__ = ["LayerStacks", "map_decompositions", "vmap_layers", "vmap_stacked"]
 
 
@@ -86,7 +88,7 @@ class LayerStacks(Mapping):
         return LayerStacks(self.groups, tuple(fn(keys, st) for keys, st in zip(self.groups, self.stacks)))
 
     def tree_flatten_with_keys(self):
-        children = tuple((jax.tree_util.DictKey(f"stack{g}"), st) for g, st in enumerate(self.stacks))
+        children = tuple((stack_key(g), st) for g, st in enumerate(self.stacks))
         return children, self.groups
 
     @classmethod
