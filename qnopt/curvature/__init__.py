@@ -40,7 +40,7 @@ from qnopt.curvature.kronecker import (Spatial, append_ones, conv_A, conv_A_matv
                                        dense_A, dense_A_matvec, dense_G, kron_matvec, kron_refinement_pair, mean_input)
 from qnopt.curvature.layers import (KronFactors, estimate_factors, hessian_action_pair, layer_A,
                                     layer_A_matvec, layer_G, layer_key, layer_mean_input,
-                                    output_pair, preactivation_blocks, rows_A, rows_G)
+                                    output_pair, preactivation_blocks, rows_A, rows_eigen_scaling, rows_G)
 from qnopt.curvature.patches import conv_patches
 from qnopt.curvature.products import (ggn_vp, gram, hvp, layer_gram, layer_jacobian_gram, layer_jvp,
                                       layer_vjp, output_hessian_blocks)
@@ -66,6 +66,7 @@ __all__ = [
     "layer_G",
     "rows_A",
     "rows_G",
+    "rows_eigen_scaling",
     "layer_key",
     "layer_mean_input",
     "output_pair",

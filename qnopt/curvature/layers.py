@@ -7,6 +7,7 @@ layers alike: rows ``(n, t)`` are examples × positions (``|T| = 1`` for a plain
 ``A`` sums over positions, ``G`` and the ``(s, y)`` pair average over them (eq. 3.9, 3.12–3.13),
 and ``dh`` is the gradient of the *mean* loss (per-example gradients are ``N·dh``).
 
+* :func:`rows_eigen_scaling`: EKFAC's per-example second moments in the Kronecker eigenbasis.
 * :func:`layer_key`: the name K-BFGS / K-FAC state uses for a layer (its kernel's path).
 * :func:`layer_A`, :func:`layer_G` (K-FAC-expand or K-FAC-reduce for a layer applied at several
   positions), :func:`layer_A_matvec`, :func:`layer_mean_input`.
@@ -29,6 +30,8 @@ from jax.typing import ArrayLike
 from qnopt.curvature.kronecker import conv_A, conv_A_matvec, conv_G, mean_input
 from qnopt.linalg.tree import accumulation_dtype, path_key
 
+_HIGHEST = jax.lax.Precision.HIGHEST
+
 __all__ = [
     "KronFactors",
     "layer_key",
@@ -36,6 +39,7 @@ __all__ = [
     "layer_G",
     "rows_A",
     "rows_G",
+    "rows_eigen_scaling",
     "layer_A_matvec",
     "layer_mean_input",
     "output_pair",
@@ -157,6 +161,45 @@ def rows_G(dh_rows: jax.Array, positions: str = "expand") -> jax.Array:
     if positions == "reduce":
         dh_rows = jnp.sum(dh_rows.astype(accumulation_dtype(dh_rows.dtype)), axis=1, keepdims=True)
     return conv_G(dh_rows, batch_mean=True, spatial="mean")
+
+
+def rows_eigen_scaling(a_rows: jax.Array, dh_rows: jax.Array, Q_A: ArrayLike, Q_G: ArrayLike,
+                       bias: bool) -> jax.Array:
+    r"""EKFAC's scaling: the second moments of the per-example gradients in the Kronecker
+    eigenbasis, ``S = E_n[(Q_Gᵀ g(n) Q_A)²]`` (entrywise square), ``(d_out, d_in[+1])``.
+
+    George, Laurent, Bouthillier, Ballas, Vincent, "Fast Approximate Natural Gradient Descent in a
+    Kronecker-factored Eigenbasis" (NeurIPS 2018, arXiv:1806.03884), §3.2 and Algorithm 1
+    (``ComputeScalings``: ``s* = E[((U_A ⊗ U_G)ᵀ ∇θ)²]``). ``g(n) = N Σ_t dh_t(n) ā_t(n)ᵀ`` is
+    example ``n``'s gradient of the layer matrix (``dh`` carries the mean loss's ``1/N``; the sum
+    over positions makes it exact for a layer applied at several positions, whatever K-FAC
+    convention built ``Q_A``, ``Q_G``). ``Q_A ⊗ Q_G`` orthogonal, ``S`` is the diagonal of the
+    per-example Fisher ``E_n[vec g(n) vec g(n)ᵀ]`` in that basis: among matrices
+    ``(Q_A ⊗ Q_G) diag(s) (Q_A ⊗ Q_G)ᵀ`` the one closest to the Fisher in Frobenius norm
+    (their Theorem / §3.2), which ``A ⊗ G`` (``s = w_G w_Aᵀ``) is also of.
+
+    With one position per example the per-example gradients are never formed:
+    ``S = (1/N) (N·dh Q_G)²ᵀ (ā Q_A)²`` (``g(n)`` is an outer product); with several, they are
+    (``N × d_out × d_in`` numbers).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> a = jnp.array([[[1., 0.]], [[0., 2.]]])          # N = 2 examples, one position
+      >>> dh = jnp.array([[[0.5]], [[-0.5]]])             # per-example g = ±1
+      >>> rows_eigen_scaling(a, dh, jnp.eye(3), jnp.eye(1), bias=True).tolist()
+      [[0.5, 2.0, 1.0]]
+    """
+    dt = accumulation_dtype(jnp.result_type(a_rows, dh_rows))
+    n = a_rows.shape[0]
+    a = a_rows.astype(dt)
+    if bias:
+        a = jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), dt)], axis=-1)
+    pa = jnp.matmul(a, jnp.asarray(Q_A, dt), precision=_HIGHEST)                     # (N, T, da)
+    pg = jnp.matmul(n * dh_rows.astype(dt), jnp.asarray(Q_G, dt), precision=_HIGHEST)  # (N, T, d_out)
+    if a_rows.shape[1] == 1:
+        return jnp.matmul(jnp.square(pg[:, 0]).T, jnp.square(pa[:, 0]), precision=_HIGHEST) / n
+    per_example = jnp.einsum("nto,nta->noa", pg, pa, precision=_HIGHEST)
+    return jnp.mean(jnp.square(per_example), axis=0)
 
 
 def layer_A_matvec(stats: Any, s: ArrayLike) -> jax.Array:

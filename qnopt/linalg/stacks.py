@@ -188,18 +188,23 @@ def vmap_layers(fn: Callable[..., Any], in_axes: tuple) -> Callable[..., Any]:
     return call
 
 
-def vmap_stacked(fn: Callable[..., Any], inputs: list) -> Any:
-    """``stack([fn(*args) for args in inputs])``: one ``jax.vmap(fn)`` on the stacked inputs when
-    they all have one signature (a stack's layers see activations of one shape), else a call per
-    element (``fn`` may then depend on the shapes).
+def vmap_stacked(fn: Callable[..., Any], inputs: list, stacked: tuple = ()) -> Any:
+    """``stack([fn(*stacked_i, *args) for i, args in enumerate(inputs)])``: one ``jax.vmap(fn)``
+    on the stacked inputs when they all have one signature (a stack's layers see activations of
+    one shape), else a call per element (``fn`` may then depend on the shapes). ``stacked``:
+    arguments already stacked along a leading layer axis (a :class:`LayerStacks` stack: the
+    layers' states), whose ``i``-th entries go with ``inputs[i]``.
 
     Example:
       >>> import jax.numpy as jnp
       >>> vmap_stacked(lambda a: a.sum(), [(jnp.ones(2),), (jnp.ones(2),)]).tolist()
       [2.0, 2.0]
+      >>> vmap_stacked(lambda s, a: s * a.sum(), [(jnp.ones(2),), (jnp.ones(3),)], (jnp.array([1., 10.]),)).tolist()
+      [2.0, 30.0]
     """
     if len(inputs) == 1:
-        return _with_layer_axis(fn(*inputs[0]))
+        return _with_layer_axis(fn(*(_only_layer(s) for s in stacked), *inputs[0]))
     if len({_signature(args) for args in inputs}) == 1:
-        return jax.vmap(fn)(*jax.tree.map(lambda *xs: jnp.stack(xs), *inputs))
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *(fn(*args) for args in inputs))
+        return jax.vmap(fn)(*stacked, *jax.tree.map(lambda *xs: jnp.stack(xs), *inputs))
+    layer = [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(len(inputs))]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *(fn(*st, *args) for st, args in zip(layer, inputs)))

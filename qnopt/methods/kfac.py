@@ -36,62 +36,23 @@ Options select the conventions the thesis varies or kfac-jax uses (``docs/kfac_j
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
-import jax
-import jax.numpy as jnp
 import optax
 
 from qnopt.base import check_statistics_hyperparams
 from qnopt.contract import Composition, alias
-from qnopt.curvature.ema import ema_update, statistics_decay
-from qnopt.curvature.layers import rows_A, rows_G
-from qnopt.linalg.stacks import LayerStacks, map_decompositions, vmap_layers, vmap_stacked
-from qnopt.methods import _kron as K
-from qnopt.methods._step import SampledLabels, SecondPass, commit
-from qnopt.preconditioners import (damped_cholesky, damped_inverse, factored_damping,
-                                   kron_factor_solve, kron_precondition)
-
-PyTree = Any
+from qnopt.methods._layer_blocks import LayerBlockState, ScaleByLayerBlocksState, scale_by_layer_blocks
+from qnopt.preconditioners.blocks import kfac_block
 
 __all__ = ["KfacLayerState", "ScaleByKfacState", "scale_by_kfac", "kfac"]
 
-
-class KfacLayerState(NamedTuple):
-    """K-FAC state of one layer.
-
-    Attributes:
-      momentum: ``ĝ`` (``momentum_on="gradient"``) or the previous update ``δ``
-        (``"update"``), ``(d_out, da)``.
-      A, G: the factors ``Ω`` ``(da, da)`` and ``Γ`` ``(d_out, d_out)``.
-      inv_A, inv_G: their damped inverses, or lower Cholesky factors of the damped factors
-        (``inverse="cholesky_solve"``).
-    """
-
-    momentum: jax.Array
-    A: jax.Array
-    G: jax.Array
-    inv_A: jax.Array
-    inv_G: jax.Array
-
-
-class ScaleByKfacState(NamedTuple):
-    """State of :func:`scale_by_kfac`: step count, number of statistics updates, layers, fallback.
-
-    ``layers`` is a :class:`qnopt.linalg.LayerStacks`: ``layers[key]`` is one layer's
-    :class:`KfacLayerState`, stored stacked with the layers of the same shapes (one batched
-    statistics product and preconditioner product, and one decomposition call, per shape,
-    whatever the depth)."""
-
-    count: jax.Array
-    stats_count: jax.Array
-    layers: LayerStacks
-    fallback: Any
-
-
-_CHOICES = {"fisher": ("sampled", "empirical"), "stats_at": ("new", "current"),
-            "momentum_on": ("gradient", "update"), "inverse": ("eigh", "cholesky", "cholesky_solve"),
-            "positions": ("expand", "reduce")}
+#: One layer's K-FAC state: momentum, the :class:`qnopt.preconditioners.KfacBlockState` (``A``,
+#: ``G``, ``inv_A``, ``inv_G``, readable as ``layer.A``...) and its refresh failures.
+KfacLayerState = LayerBlockState
+#: State of :func:`scale_by_kfac` (the layer engine's: ``count``, ``stats_count``, ``layers``
+#: stacked by shape, ``fallback``).
+ScaleByKfacState = ScaleByLayerBlocksState
 
 
 def scale_by_kfac(
@@ -112,6 +73,7 @@ def scale_by_kfac(
     layers: Any = None,
     fallback: Optional[optax.GradientTransformation] = None,
     factor_axis: Optional[str] = None,
+    refresh_tolerance: Optional[float] = 1e-2,
 ) -> optax.GradientTransformationExtraArgs:
     r"""K-FAC (see the module docstring for the algorithm and the options).
 
@@ -135,6 +97,10 @@ def scale_by_kfac(
         refreshes ``1/n`` of them (run under ``jax.set_mesh(mesh)``; shard the state with
         :func:`qnopt.sharding.shard_stacks` so that it also stores ``1/n``). ``None``: every
         device refreshes every layer.
+      refresh_tolerance: an inverse whose decomposition's relative backward error
+        (:func:`qnopt.preconditioners.decomposition_error`, ~1e-6 when it succeeds) exceeds this,
+        or that is not finite, is discarded: the layer keeps its last inverses and counts the
+        failure in ``state.layers[key].failures``. ``None``: only non-finite ones.
 
     Example:
       >>> import jax, jax.numpy as jnp, flax.linen as nn, qnopt
@@ -151,113 +117,19 @@ def scale_by_kfac(
       >>> bool(loss < 0.6)
       True
     """
-    for name, value in (("fisher", fisher), ("stats_at", stats_at), ("momentum_on", momentum_on),
-                        ("inverse", inverse), ("positions", positions)):
-        if value not in _CHOICES[name]:
-            raise ValueError(f"{name} must be one of {_CHOICES[name]}, got {value!r}.")
     check_statistics_hyperparams(damping=damping, momentum=momentum, beta=beta, stats_every=stats_every,
                                  inverse_every=inverse_every, weight_decay=weight_decay)
-    method = "qnopt.kfac"
-    fb = K.default_fallback(momentum, 1.0) if fallback is None else fallback
-    warm = initial_factors is not None
-    needs = ((SecondPass,) if stats_at == "new" else ()) + ((SampledLabels,) if fisher == "sampled" else ())
-
-    def init_fn(params: PyTree) -> ScaleByKfacState:
-        specs = K.find_layers(params, layers)
-        states = {}
-        for key, sp in specs.items():
-            A, G = K.initial_factors_of(initial_factors, sp, jnp.float32, method)
-            states[key] = KfacLayerState(jnp.zeros((sp.d_out, sp.da), jnp.float32), A, G,
-                                         jnp.eye(sp.da, dtype=jnp.float32),
-                                         jnp.eye(sp.d_out, dtype=jnp.float32))
-        stacks = LayerStacks.stack(states, by=lambda key: (specs[key].has_bias, specs[key].d_in))
-        return ScaleByKfacState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), stacks,
-                                fb.init(K.fallback_leaves(params, specs)))
-
-    def statistics(layer_states: LayerStacks, oracle: Any, specs: dict, stats_count) -> LayerStacks:
-        """Lines 11-16: EMA of Ω and Γ from ``oracle`` (at θ or θ⁺); one batched product per
-        shape of the layers' rows."""
-        a_src = K.check_oracle(oracle, specs, method)
-        g_src = a_src if fisher == "empirical" else K.check_oracle(oracle.fisher(), specs, method)
-        decay = statistics_decay(stats_count + 1, beta, warm=warm)
-
-        def ema(keys, st):
-            A = vmap_stacked(lambda a: rows_A(a, specs[keys[0]].has_bias, positions),  # one bias flag per stack
-                             [(a_src[k].a_rows(),) for k in keys])
-            G = vmap_stacked(lambda dh: rows_G(dh, positions), [(g_src[k].dh_rows(),) for k in keys])
-            return st._replace(A=ema_update(st.A, A, decay), G=ema_update(st.G, G, decay))
-
-        return layer_states.map(ema)
-
-    def refresh_layer(st: KfacLayerState) -> KfacLayerState:
-        """Lines 17-21: π-damped inverses (or Cholesky factors) of one layer's factors."""
-        eps_a, eps_g = factored_damping(st.A, st.G, damping)
-        if inverse == "cholesky_solve":
-            inv_A, inv_G = damped_cholesky(st.A, eps_a), damped_cholesky(st.G, eps_g)
-        else:
-            inv_A, inv_G = damped_inverse(st.A, eps_a, inverse), damped_inverse(st.G, eps_g, inverse)
-        ok = jnp.all(jnp.isfinite(inv_A)) & jnp.all(jnp.isfinite(inv_G))
-        return st._replace(inv_A=jnp.where(ok, inv_A, st.inv_A), inv_G=jnp.where(ok, inv_G, st.inv_G))
-
-    def refresh(layer_states: LayerStacks) -> LayerStacks:
-        return layer_states.map(lambda keys, st: map_decompositions(refresh_layer, st, axis=factor_axis))
-
-    def step_layer(st: KfacLayerState, X: jax.Array, alpha) -> tuple[jax.Array, jax.Array]:
-        """Lines 7-9 for one layer: ``(direction, new momentum)``."""
-        def precondition(V):
-            if inverse == "cholesky_solve":
-                return kron_factor_solve(st.inv_G, V, st.inv_A)
-            return kron_precondition(st.inv_G, V, st.inv_A)
-
-        if momentum_on == "gradient":
-            mom = momentum * st.momentum + X
-            return -alpha * precondition(mom), mom
-        mom = momentum * st.momentum - alpha * precondition(X)
-        return mom, mom
-
-    def update_fn(updates: PyTree, state: ScaleByKfacState, params: Optional[PyTree] = None,
-                  curvature: Any = None, **extra_args):
-        del extra_args
-        ctx = K.begin_update(updates, state, params, curvature, method=method, layers=layers,
-                             learning_rate=learning_rate, weight_decay=weight_decay, needs=needs)
-        params, specs, _, ok, k, alpha, grads = ctx
-        stats_step = ok & (k % stats_every == 0)
-        layer_states, stats_count = state.layers, state.stats_count
-
-        if stats_at == "current":
-            layer_states = jax.lax.cond(stats_step, lambda ls: statistics(ls, curvature, specs, stats_count),
-                                        lambda ls: ls, layer_states)
-            stats_count = stats_count + stats_step.astype(jnp.int32)
-        early = (k <= inverse_every) if (not warm and stats_at == "new") else False
-        layer_states = jax.lax.cond(ok & (((k - 1) % inverse_every == 0) | early), refresh,
-                                    lambda ls: ls, layer_states)
-
-        # Lines 7-9: momentum and the preconditioned step, one batched call per stack of layers.
-        X = K.layer_grads(grads, specs)
-        directions = {}
-
-        def step_stack(keys, st):
-            d, mom = vmap_layers(step_layer, in_axes=(0, 0, None))(st, jnp.stack([X[key] for key in keys]), alpha)
-            directions.update({key: d[i] for i, key in enumerate(keys)})
-            return st._replace(momentum=mom)
-
-        new_states = layer_states.map(step_stack)
-        step, fb_state = K.descent_step(ctx, directions, fb, state.fallback)
-
-        if stats_at == "new":  # Lines 11-16 at the new parameters, same minibatch.
-            new_states = jax.lax.cond(
-                stats_step,
-                lambda ls: statistics(ls, curvature.at(optax.apply_updates(params, step)), specs, stats_count),
-                lambda ls: ls, new_states)
-            stats_count = stats_count + stats_step.astype(jnp.int32)
-        return commit(ok, step, updates, ScaleByKfacState(k, stats_count, new_states, fb_state), state, zeroed=True)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return scale_by_layer_blocks(
+        kfac_block(damping, inverse=inverse, positions=positions), method="qnopt.kfac",
+        learning_rate=learning_rate, momentum=momentum, beta=beta, stats_every=stats_every,
+        inverse_every=inverse_every, fisher=fisher, stats_at=stats_at, momentum_on=momentum_on,
+        initial_factors=initial_factors, weight_decay=weight_decay, layers=layers, fallback=fallback,
+        factor_axis=factor_axis, refresh_tolerance=refresh_tolerance)
 
 
 #: Arguments fixed when the transformation is built (``static_args`` of ``optax.inject_hyperparams``).
 STATIC = ("inverse_every", "fisher", "stats_at", "momentum_on", "inverse", "positions", "initial_factors",
-          "layers", "fallback", "factor_axis")
+          "layers", "fallback", "factor_axis", "refresh_tolerance")
 
 
 @alias(Composition(scale_by_kfac, "step", static=STATIC))

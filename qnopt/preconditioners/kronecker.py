@@ -38,6 +38,7 @@ __all__ = [
     "factored_damping",
     "damped_inverse",
     "damped_cholesky",
+    "decomposition_error",
     "factor_eigh",
     "kron_eigen_matvec",
     "kron_eigen_rotate",
@@ -183,14 +184,38 @@ def factored_damping(A: ArrayLike, G: ArrayLike, damping: ArrayLike) -> tuple[ja
     return pi * root, root / pi
 
 
-def damped_inverse(F: ArrayLike, eps: ArrayLike,
-                   method: Literal["eigh", "cholesky"] = "eigh") -> jax.Array:
+def decomposition_error(F: ArrayLike, rebuilt: ArrayLike) -> jax.Array:
+    r"""``‖rebuilt − F‖_F / ‖F‖_F`` (``0`` for ``F = 0``): how well a decomposition reproduces
+    its matrix — ``Q diag(w) Qᵀ`` of an ``eigh``, ``L Lᵀ`` of a Cholesky factorisation, ``H⁻¹``
+    of an explicit inverse.
+
+    A *backward* error: about the unit round-off for a successful decomposition whatever ``F``'s
+    condition number (unlike the residual ``‖F H − I‖``, which grows with it); ``O(1)`` or not
+    finite when the decomposition failed. What the Kronecker engine's guarded refresh tests
+    (``refresh_tolerance``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> F = jnp.array([[2., 1.], [1., 2.]])
+      >>> w, Q = jnp.linalg.eigh(F)
+      >>> bool(decomposition_error(F, (Q * w) @ Q.T) < 1e-6), float(decomposition_error(F, 0 * F))
+      (True, 1.0)
+    """
+    F, rebuilt = jnp.asarray(F), jnp.asarray(rebuilt)
+    norm = jnp.linalg.norm(F)
+    return jnp.linalg.norm(rebuilt - F) / jnp.where(norm > 0, norm, 1.0)
+
+
+def damped_inverse(F: ArrayLike, eps: ArrayLike, method: Literal["eigh", "cholesky"] = "eigh", *,
+                   with_error: bool = False) -> Union[jax.Array, tuple[jax.Array, jax.Array]]:
     r"""``(F + ε I)⁻¹`` of a symmetric PSD factor, by eigendecomposition or Cholesky.
 
     ``"eigh"``: ``F = Q diag(w) Qᵀ``, inverse ``Q diag(1 / (max(w, 0) + ε)) Qᵀ`` (negative
     round-off eigenvalues are clipped, so the result is SPD for any ``ε > 0``). ``"cholesky"``:
     ``cho_solve`` of ``F + ε I`` against ``I`` (cheaper; needs ``F + εI`` numerically SPD).
     The result is symmetrised. A 1-D ``F`` is a diagonal factor: ``1 / (max(F, 0) + ε)``.
+    ``with_error``: also return the decomposition's :func:`decomposition_error` (of ``F``'s
+    ``eigh``, of ``F + εI``'s Cholesky factor; ``0`` for a diagonal factor).
 
     Example:
       >>> import jax.numpy as jnp
@@ -201,19 +226,24 @@ def damped_inverse(F: ArrayLike, eps: ArrayLike,
     F = jnp.asarray(F)
     eps = jnp.asarray(eps, F.dtype)
     if F.ndim == 1:  # a diagonal factor given by its diagonal
-        return 1.0 / (jnp.maximum(F, 0.0) + eps)
-    if method == "eigh":
-        w, Q = jnp.linalg.eigh(F)
-        inv = jnp.matmul(Q / (jnp.maximum(w, 0.0) + eps), Q.T, precision=_HIGHEST)
+        inv, err = 1.0 / (jnp.maximum(F, 0.0) + eps), jnp.zeros((), F.dtype)
+    elif method == "eigh":
+        w, Q, err = factor_eigh(F, with_error=True)
+        inv = jnp.matmul(Q / (w + eps), Q.T, precision=_HIGHEST)
     elif method == "cholesky":
-        inv = cho_solve((damped_cholesky(F, eps), True), jnp.eye(F.shape[0], dtype=F.dtype))
+        L, err = damped_cholesky(F, eps, with_error=True)
+        inv = cho_solve((L, True), jnp.eye(F.shape[0], dtype=F.dtype))
     else:
         raise ValueError(f"method must be 'eigh' or 'cholesky', got {method!r}.")
-    return 0.5 * (inv + inv.T)
+    if F.ndim == 2:
+        inv = 0.5 * (inv + inv.T)
+    return (inv, err) if with_error else inv
 
 
-def damped_cholesky(F: ArrayLike, eps: ArrayLike) -> jax.Array:
-    """Lower Cholesky factor ``L`` of ``F + ε I`` (``L Lᵀ = F + εI``), for :func:`kron_factor_solve`.
+def damped_cholesky(F: ArrayLike, eps: ArrayLike, *, with_error: bool = False
+                    ) -> Union[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Lower Cholesky factor ``L`` of ``F + ε I`` (``L Lᵀ = F + εI``), for :func:`kron_factor_solve`
+    (``with_error``: and ``L Lᵀ``'s :func:`decomposition_error`).
 
     Example:
       >>> import jax.numpy as jnp
@@ -222,11 +252,16 @@ def damped_cholesky(F: ArrayLike, eps: ArrayLike) -> jax.Array:
              [0., 3.]], dtype=float32)
     """
     F = jnp.asarray(F)
-    return jnp.linalg.cholesky(F + jnp.asarray(eps, F.dtype) * jnp.eye(F.shape[0], dtype=F.dtype))
+    damped = F + jnp.asarray(eps, F.dtype) * jnp.eye(F.shape[0], dtype=F.dtype)
+    L = jnp.linalg.cholesky(damped)
+    if not with_error:
+        return L
+    return L, decomposition_error(damped, jnp.matmul(L, L.T, precision=_HIGHEST))
 
 
-def factor_eigh(F: ArrayLike) -> tuple[jax.Array, jax.Array]:
-    r"""``(w, Q)`` with ``F = Q diag(w) Qᵀ`` for a symmetric PSD factor, ``w`` clipped at 0.
+def factor_eigh(F: ArrayLike, *, with_error: bool = False) -> tuple:
+    r"""``(w, Q)`` with ``F = Q diag(w) Qᵀ`` for a symmetric PSD factor, ``w`` clipped at 0
+    (``with_error``: ``(w, Q, error)``, the :func:`decomposition_error` before clipping).
 
     The eigenbasis form of a Kronecker factor for :func:`kron_eigen_solve` and
     :func:`kron_eigen_matvec` (negative round-off eigenvalues of a Gram matrix are set to 0).
@@ -239,7 +274,9 @@ def factor_eigh(F: ArrayLike) -> tuple[jax.Array, jax.Array]:
     """
     F = jnp.asarray(F)
     w, Q = jnp.linalg.eigh(0.5 * (F + F.T))
-    return jnp.maximum(w, 0.0), Q
+    if not with_error:
+        return jnp.maximum(w, 0.0), Q
+    return jnp.maximum(w, 0.0), Q, decomposition_error(F, jnp.matmul(Q * w, Q.T, precision=_HIGHEST))
 
 
 def kron_eigen_rotate(Q_A: ArrayLike, Q_G: ArrayLike, X: ArrayLike, *, inverse: bool = False) -> jax.Array:

@@ -221,6 +221,7 @@ def test_the_errors_say_what_to_pass():
 
 METHODS = {
     "kfac": lambda lr=0.05, **kw: qnopt.kfac(lr, damping=0.1, inverse_every=5, **kw),
+    "ekfac": lambda lr=0.05, **kw: qnopt.ekfac(lr, damping=0.1, inverse_every=5, **kw),
     "kbfgs_l": lambda lr=0.1, **kw: qnopt.kbfgs_l(lr, damping=0.3, memory_size=5, **kw),
     "tnt": lambda lr=0.01: qnopt.tnt(lr, damping=0.1, inverse_every=5),
     "shampoo": lambda lr=0.01: qnopt.shampoo(lr, damping=1e-3, inverse_every=5),
@@ -481,7 +482,7 @@ def _method(method, capture, params, batch, state=None, model=None):
     """``METHODS[method]`` at the model's learning rate (``_LR``), with the capture's layers for
     the methods that take ``layers=``."""
     args = (_LR[model, method],) if (model, method) in _LR else ()
-    if method not in ("kfac", "kbfgs_l", "skqn_b2", "smw_ng"):
+    if method not in ("kfac", "ekfac", "kbfgs_l", "skqn_b2", "smw_ng"):
         return METHODS[method](*args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)      # StdConv's reconstruction warning

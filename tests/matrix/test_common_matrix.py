@@ -28,6 +28,7 @@ CASES += [
                  **_ON_MLP),
     T.MethodCase("kbfgs_l", qnopt.kbfgs_l, dict(damping=0.1, memory_size=5), lrs=(1.0, 3.0), **_ON_MLP),
     T.MethodCase("kfac", qnopt.kfac, dict(damping=0.1, inverse_every=5), lrs=(0.1, 0.3), **_ON_MLP),
+    T.MethodCase("ekfac", qnopt.ekfac, dict(damping=0.1, inverse_every=5), lrs=(0.1, 0.3), **_ON_MLP),
     # Empirical Fisher, statistics before the step, Cholesky solves (momentum on the update, the
     # kfac-jax convention, moves the parameters with a zero learning rate: checked elsewhere).
     T.MethodCase("kfac_empirical_current", qnopt.kfac,
