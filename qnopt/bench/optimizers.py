@@ -365,7 +365,9 @@ _TABLE: list[OptimizerSpec] = [
                               "warm-started)",
                   # Fashion-MNIST autoencoder, 60 steps (docs/benchmarks.md, "EKFAC"): damping 1 needs
                   # lr 0.003 (0.01 diverges); damping 3 at lr 0.01 is best of {1, 3, 10, 30}.
-                  tuned={"autoencoder/fashion_mnist": Tuned(0.01, (0.03, 0.01, 0.003), {"damping": 3.0})}),
+                  # ConvNet: lr 0.1 best at damping 1 of {0.3, 1, 3} (0.3 needs lr 0.03).
+                  tuned={"autoencoder/fashion_mnist": Tuned(0.01, (0.03, 0.01, 0.003), {"damping": 3.0}),
+                         "convnet": Tuned(0.1, (0.3, 0.1, 0.03))}),
     # SMW methods (Ren thesis ch. 5): thesis defaults (λ_LM = 1, boost 1.01, drop 0.99, ε = 1/4,
     # τ = 1e-3, α = 0.1 on MNIST), N₂ = min(32, N₁ // 2): 30 at the thesis' N₁ = 60, 32 at
     # N₁ ≥ 64. SMW-GN's D is (m_L·N₂)²: affordable on the classifiers (m_L = 10), not on the
