@@ -19,15 +19,16 @@ from qnopt.methods.s2qn import s2qn, s4qn
 from qnopt.methods.shampoo import shampoo
 from qnopt.methods.skqn import skqn, skqn_b1, skqn_b2, skqn_l
 from qnopt.methods.slimqn import slimqn
+from qnopt.methods.soap import soap
 from qnopt.methods.smw import smw_gn, smw_ng, smw_ng_bd
 from qnopt.methods.tnt import tnt
 
 __all__ = ["ALIASES", "COMPOSITION", "Composition", "ekfac", "kbfgs", "kbfgs_l", "kfac", "lssr1_tr", "mb_lsr1", "s2qn",
-           "s4qn", "shampoo", "skqn", "skqn_b1", "skqn_b2", "skqn_l", "slimqn", "smw_gn", "smw_ng", "smw_ng_bd",
+           "s4qn", "shampoo", "skqn", "skqn_b1", "skqn_b2", "skqn_l", "slimqn", "smw_gn", "soap", "smw_ng", "smw_ng_bd",
            "tnt"]
 
 #: Every alias, in the order of the README's method table.
-ALIASES = (slimqn, kbfgs, kbfgs_l, kfac, ekfac, tnt, shampoo, smw_ng, smw_ng_bd, smw_gn, mb_lsr1, lssr1_tr, s2qn, s4qn,
+ALIASES = (slimqn, kbfgs, kbfgs_l, kfac, ekfac, tnt, shampoo, soap, smw_ng, smw_ng_bd, smw_gn, mb_lsr1, lssr1_tr, s2qn, s4qn,
            skqn, skqn_l, skqn_b1, skqn_b2)
 
 #: ``{name: Composition}`` of every alias (checked for each method by ``qnopt.testing.check_contract``).

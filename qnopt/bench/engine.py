@@ -62,9 +62,11 @@ def _methods(names: Sequence[str]) -> dict[str, Callable[[], optax.GradientTrans
     table = {
         "adam": lambda: optax.adam(1e-3),
         "kfac": lambda: qnopt.kfac(0.01, damping=0.1, inverse_every=1),
+        "ekfac": lambda: qnopt.ekfac(0.01, damping=0.1, inverse_every=1),
         "kbfgs_l": lambda: qnopt.kbfgs_l(0.01, damping=0.3),
         "tnt": lambda: qnopt.tnt(0.01, damping=0.1, inverse_every=1),
         "shampoo": lambda: qnopt.shampoo(0.01, damping=1e-3, inverse_every=1),
+        "soap": lambda: qnopt.soap(0.003, inverse_every=1),
     }
     unknown = sorted(set(names) - set(table))
     if unknown:

@@ -350,6 +350,10 @@ _TABLE: list[OptimizerSpec] = [
                   (1e-3, 3e-4, 1e-4), warm_start=WarmStart(fisher="empirical", kind="modes"),
                   description="qnopt.shampoo (damping 3e-4, T1 1, T2 20, coupled Newton; warm-started)",
                   tuned=_SHAMPOO_TUNED),
+    # SOAP: the paper's settings (β₁ = β₂ = shampoo β = 0.95, ε = 1e-8, eigenbasis every 10 steps),
+    # its language-model learning rate 3e-3 as the default.
+    OptimizerSpec("soap", _qnopt_alias("soap"), 3e-3, (1e-2, 3e-3, 1e-3),
+                  description="qnopt.soap (Adam in Shampoo's eigenbasis, refreshed every 10 steps; paper defaults)"),
     OptimizerSpec("kfac", _qnopt_alias("kfac", damping=1.0, inverse_every=20), 0.03, (0.1, 0.03, 0.01),
                   needs_oracle=True, warm_start=WarmStart(fisher="sampled"),
                   description="qnopt.kfac (damping 1, inverses every 20; A and G warm-started)",

@@ -30,7 +30,7 @@ from qnopt.linalg.lsr1 import (
 )
 from qnopt.linalg.modes import (ModeLayout, mode_contraction, mode_contractions, mode_layout, mode_product,
                                 mode_products, tensor_view)
-from qnopt.linalg.roots import inverse_pth_root, power_iteration
+from qnopt.linalg.roots import decomposition_error, inverse_pth_root, power_iteration
 from qnopt.linalg.stacks import LayerStacks, map_decompositions, vmap_layers, vmap_stacked
 from qnopt.linalg.smw import smw_gram_matrix, smw_gram_weights, smw_solve
 from qnopt.linalg.structured import (
@@ -91,6 +91,7 @@ __all__ = [
     "lsr1_memory_reset",
     "lsr1_psi_combine",
     "lsr1_psi_dot",
+    "decomposition_error",
     "inverse_pth_root",
     "LayerStacks",
     "map_decompositions",

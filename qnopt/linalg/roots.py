@@ -32,13 +32,37 @@ All functions are pure and jit-compatible.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-__all__ = ["inverse_pth_root", "power_iteration"]
+__all__ = ["decomposition_error", "inverse_pth_root", "power_iteration"]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def decomposition_error(F: ArrayLike, rebuilt: ArrayLike) -> jax.Array:
+    r"""``‖rebuilt − F‖_F / ‖F‖_F`` (``0`` for ``F = 0``): how well a decomposition reproduces
+    its matrix — ``Q diag(w) Qᵀ`` of an ``eigh``, ``L Lᵀ`` of a Cholesky factorisation, ``H⁻¹``
+    of an explicit inverse.
+
+    A *backward* error: about the unit round-off for a successful decomposition whatever ``F``'s
+    condition number (unlike the residual ``‖F H − I‖``, which grows with it); ``O(1)`` or not
+    finite when the decomposition failed. What the Kronecker engine's guarded refresh tests
+    (``refresh_tolerance``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> F = jnp.array([[2., 1.], [1., 2.]])
+      >>> w, Q = jnp.linalg.eigh(F)
+      >>> bool(decomposition_error(F, (Q * w) @ Q.T) < 1e-6), float(decomposition_error(F, 0 * F))
+      (True, 1.0)
+    """
+    F, rebuilt = jnp.asarray(F), jnp.asarray(rebuilt)
+    norm = jnp.linalg.norm(F)
+    return jnp.linalg.norm(rebuilt - F) / jnp.where(norm > 0, norm, 1.0)
 
 
 def power_iteration(A: jax.Array, num_iters: int = 30) -> jax.Array:
@@ -68,7 +92,7 @@ def _matrix_power(T: jax.Array, p: int) -> jax.Array:
     return result
 
 
-def _coupled_newton(A: jax.Array, p: int, max_iters: int, tol: float) -> jax.Array:
+def _coupled_newton(A: jax.Array, p: int, max_iters: int, tol: float) -> tuple[jax.Array, jax.Array]:
     d = A.shape[0]
     eye = jnp.eye(d, dtype=A.dtype)
     lam = power_iteration(A)
@@ -97,12 +121,12 @@ def _coupled_newton(A: jax.Array, p: int, max_iters: int, tol: float) -> jax.Arr
         keep = lambda new, old: jnp.where(improved, new, old)
         return i + 1, keep(M_new, M), keep(X_new, X), (keep(err_new, err), keep(fro_new, fro)), improved
 
-    _, _, X, _, _ = jax.lax.while_loop(cond, body, (0, M, X, errors(M), jnp.array(True)))
-    return (X + X.T) / 2
+    _, _, X, (err, _), _ = jax.lax.while_loop(cond, body, (0, M, X, errors(M), jnp.array(True)))
+    return (X + X.T) / 2, err
 
 
 def inverse_pth_root(A: ArrayLike, p: int, *, damping: ArrayLike = 0.0, method: str = "newton",
-                     max_iters: int = 100, tol: float = 1e-6) -> jax.Array:
+                     max_iters: int = 100, tol: float = 1e-6, with_error: bool = False) -> Any:
     """``(A + damping·I)^{-1/p}`` for a symmetric PSD ``A`` (see the module docstring).
 
     Args:
@@ -111,6 +135,10 @@ def inverse_pth_root(A: ArrayLike, p: int, *, damping: ArrayLike = 0.0, method: 
       damping: ``ε ≥ 0`` added to the diagonal.
       method: ``"newton"`` (coupled Newton) or ``"eigh"``.
       max_iters, tol: Newton's iteration cap and tolerance on ``max|M − I|`` (100, 1e-6).
+      with_error: also return how far the root is from converged: Newton's final
+        ``max|M − I|`` (``M = X^p (A + εI)``, the iteration's own invariant), or the
+        eigendecomposition's :func:`decomposition_error` (``0`` for a diagonal ``A``). Small (≈ ``tol`` or round-off) for a good root, ``O(1)``
+        or not finite when the iteration failed.
 
     Example:
       >>> import jax.numpy as jnp, qnopt
@@ -125,12 +153,16 @@ def inverse_pth_root(A: ArrayLike, p: int, *, damping: ArrayLike = 0.0, method: 
         raise ValueError(f"inverse_pth_root: method must be 'newton' or 'eigh', got {method!r}.")
     A = jnp.asarray(A)
     if A.ndim == 1:
-        return (jnp.maximum(A, 0) + damping) ** (-1.0 / p)
+        root, err = (jnp.maximum(A, 0) + damping) ** (-1.0 / p), jnp.zeros((), A.dtype)
+        return (root, err) if with_error else root
     if A.ndim != 2 or A.shape[0] != A.shape[1]:
         raise ValueError(f"inverse_pth_root: A must be square or a diagonal vector, got shape {A.shape}.")
     A = (A + A.T) / 2 + damping * jnp.eye(A.shape[0], dtype=A.dtype)
     if method == "eigh":
         w, Q = jnp.linalg.eigh(A)
+        err = decomposition_error(A, jnp.matmul(Q * w, Q.T, precision=_HIGHEST))
         w = jnp.maximum(w, jnp.finfo(A.dtype).tiny)
-        return jnp.matmul(Q * w ** (-1.0 / p), Q.T, precision=_HIGHEST)
-    return _coupled_newton(A, p, max_iters, tol)
+        root = jnp.matmul(Q * w ** (-1.0 / p), Q.T, precision=_HIGHEST)
+    else:
+        root, err = _coupled_newton(A, p, max_iters, tol)
+    return (root, err) if with_error else root

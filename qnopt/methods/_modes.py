@@ -10,8 +10,12 @@ factors ``P_i`` recomputed from them every ``T2`` steps, gradient momentum, and 
     p = ĝ ×_1 P_1 ×_2 ⋯ ×_k P_k + γ W                  (lines 18–19 / 14–15)
 
 The methods differ only in ``Ḡ`` (sampled-label gradient for TNT, the minibatch gradient for
-Shampoo) and ``refresh`` (trace-normalised damped inverses for TNT; ``(Ĝ + εI)^{-1/2k}`` for
-Shampoo). The transformation returns ``p``; the alias scales it by ``−α``.
+Shampoo and SOAP) and in their tensor block (:class:`qnopt.preconditioners.TensorBlock`): its
+``refresh`` (trace-normalised damped inverses for TNT; ``(Ĝ + εI)^{-1/2k}`` for Shampoo; the
+eigenvectors for SOAP) and ``apply`` (the mode products above; Adam in the eigenbasis for
+SOAP). A refresh that is not finite, or whose error exceeds ``refresh_tolerance``, is discarded
+(the parameter keeps its factors) and counted in ``failures``. The transformation returns
+``p``; the alias scales it by ``−α``.
 
 Schedule (0-based step ``t``, as the authors' code): statistics when ``t ≡ 0 (mod T1)``;
 factors when ``t ≡ 0 (mod T2)`` and also at every statistics step of the first ``T2`` steps,
@@ -21,7 +25,7 @@ with a zero-debiased EMA (:func:`qnopt.curvature.debiased_decay`); with one, the
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -31,11 +35,11 @@ from qnopt.base import check_like, check_range, check_statistics_hyperparams, ch
 from qnopt.curvature.ema import ema_update, statistics_decay
 from qnopt.curvature.tensor_normal import mode_statistics
 from qnopt.linalg.tree import accumulation_dtype, accumulation_zeros, tree_all_finite
-from qnopt.linalg.modes import ModeLayout, mode_layout, mode_products
+from qnopt.linalg.modes import ModeLayout, mode_layout
 from qnopt.methods._step import SampledGradients, commit, require_oracle
+from qnopt.preconditioners.blocks import TensorBlock
 
 PyTree = Any
-Refresh = Callable[[tuple, Any, ModeLayout], tuple]
 
 __all__ = ["ModePreconditionerState", "scale_by_mode_preconditioner"]
 
@@ -49,7 +53,11 @@ class ModePreconditionerState(NamedTuple):
       momentum: ``ĝ``, a tree like the params (float32 or wider).
       stats: a tree like the params whose leaves are tuples of the per-mode statistics
         ``Ĝ^{(i)}`` (``(d_i, d_i)``, or ``(d_i,)`` for a diagonal mode).
-      precond: same layout: the preconditioner factors ``P_i``.
+      precond: same layout: the preconditioner factors ``P_i`` (SOAP: the eigenvectors).
+      failures: a tree like the params of int32 counts: refreshes discarded (not finite, or error
+        above ``refresh_tolerance``), the parameter keeping its last good factors.
+      moments: the block's per-step state, a tree like the params (SOAP: the second moment in
+        the rotated basis), or ``None``.
     """
 
     count: jax.Array
@@ -57,10 +65,8 @@ class ModePreconditionerState(NamedTuple):
     momentum: PyTree
     stats: PyTree
     precond: PyTree
-
-
-def _identity(shape: tuple, dtype: Any) -> jax.Array:
-    return jnp.ones(shape, dtype) if len(shape) == 1 else jnp.eye(shape[0], dtype=dtype)
+    failures: PyTree
+    moments: PyTree = None
 
 
 def _check_initial(initial: PyTree, params: PyTree, layouts: list, dtypes: list, method: str) -> list:
@@ -82,34 +88,46 @@ def _check_initial(initial: PyTree, params: PyTree, layouts: list, dtypes: list,
     return out
 
 
-def scale_by_mode_preconditioner(*, method: str, refresh: Refresh, fisher: str, damping: Any,
+def scale_by_mode_preconditioner(*, method: str, block: TensorBlock, fisher: str, damping: Any,
                                  momentum: Any, beta: Any, stats_every: int, inverse_every: int,
                                  weight_decay: Any, reshape: Any, max_dim: int,
-                                 initial_factors: Optional[PyTree]
-                                 ) -> optax.GradientTransformationExtraArgs:
-    """The shared transformation (module docstring). ``refresh(stats, damping, layout)`` maps a
-    parameter's statistics to its preconditioner factors."""
+                                 initial_factors: Optional[PyTree], refresh_tolerance: Optional[float],
+                                 vectors_diagonal: bool = False) -> optax.GradientTransformationExtraArgs:
+    """The shared transformation (module docstring) with ``block``'s factors and direction
+    (``damping`` only validated here: the block holds it). ``vectors_diagonal``: 1-D parameters
+    keep diagonal statistics whatever their size (SOAP: Adam on biases)."""
     if fisher not in ("sampled", "empirical"):
         raise ValueError(f"{method}: fisher must be 'sampled' or 'empirical', got {fisher!r}.")
     check_statistics_hyperparams(damping=damping, momentum=momentum, beta=beta, stats_every=stats_every,
                                  inverse_every=inverse_every, weight_decay=weight_decay)
     check_range("max_dim", max_dim, 1)
+    if refresh_tolerance is not None:
+        check_range("refresh_tolerance", refresh_tolerance, 0.0, low_open=True)
     warm = initial_factors is not None
+
+    def layouts_of(tree: PyTree) -> list:
+        layouts = jax.tree.structure(tree).flatten_up_to(mode_layout(tree, reshape, max_dim))
+        if vectors_diagonal:
+            layouts = [ModeLayout(lay.shape, (True,)) if len(lay.shape) == 1 else lay for lay in layouts]
+        return layouts
     no_decay = isinstance(weight_decay, (int, float)) and weight_decay == 0
 
     def init_fn(params: PyTree) -> ModePreconditionerState:
         treedef = jax.tree.structure(params)
-        layouts = treedef.flatten_up_to(mode_layout(params, reshape, max_dim))
+        layouts = layouts_of(params)
         dtypes = [accumulation_dtype(p.dtype) for p in jax.tree.leaves(params)]
         if warm:
             stats = _check_initial(initial_factors, params, layouts, dtypes, method)
         else:
             stats = [tuple(jnp.zeros(s, dt) for s in lay.factor_shapes)
                      for lay, dt in zip(layouts, dtypes)]
-        precond = [tuple(_identity(s, dt) for s in lay.factor_shapes) for lay, dt in zip(layouts, dtypes)]
+        blocks = [block.init(lay, dt) for lay, dt in zip(layouts, dtypes)]
+        moments = [mo for _, mo in blocks]
         mom = accumulation_zeros(params)
-        return ModePreconditionerState(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), mom,
-                                       treedef.unflatten(stats), treedef.unflatten(precond))
+        return ModePreconditionerState(
+            jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), mom, treedef.unflatten(stats),
+            treedef.unflatten([f for f, _ in blocks]), treedef.unflatten([jnp.zeros((), jnp.int32)] * len(layouts)),
+            None if all(mo is None for mo in moments) else treedef.unflatten(moments))
 
     def update_fn(updates: PyTree, state: ModePreconditionerState, params: Optional[PyTree] = None,
                   curvature: Any = None, **extra_args):
@@ -121,7 +139,7 @@ def scale_by_mode_preconditioner(*, method: str, refresh: Refresh, fisher: str, 
             if hasattr(curvature, "outputs"):
                 curvature.outputs  # the forward pass, outside the cond below (shared, cached)
         treedef = jax.tree.structure(updates)
-        layouts = treedef.flatten_up_to(mode_layout(updates, reshape, max_dim))
+        layouts = layouts_of(updates)
         ok = tree_all_finite(updates)
         t = state.count
 
@@ -146,34 +164,41 @@ def scale_by_mode_preconditioner(*, method: str, refresh: Refresh, fisher: str, 
             stats, counted = jax.lax.cond(stats_step, new_statistics,
                                           lambda s: (s, jnp.zeros((), jnp.int32)), state.stats)
 
-        # Lines 14-17 / 11-13: preconditioner factors (kept if a refresh is not finite).
-        def new_factors(precond):
-            out = []
-            for st, old, lay in zip(treedef.flatten_up_to(stats), treedef.flatten_up_to(precond),
-                                    layouts):
-                # Factors are exactly symmetric; returning the transpose hands XLA the row-major
-                # layout (cuSOLVER/LAPACK results are column-major), so the state needs no
-                # transpose kernel on the steps that do not refresh.
-                fac = tuple((f.T if f.ndim == 2 else f).astype(o.dtype)
-                            for f, o in zip(refresh(st, damping, lay), old))
+        # Lines 14-17 / 11-13: preconditioner factors (kept, and counted, if a refresh fails).
+        def new_factors(carry):
+            precond, failures = carry
+            out, counts = [], []
+            for st, old, lay, n in zip(treedef.flatten_up_to(stats), treedef.flatten_up_to(precond), layouts,
+                                       treedef.flatten_up_to(failures)):
+                fac, error = block.refresh(st, lay)
+                fac = tuple(f.astype(o.dtype) for f, o in zip(fac, old))
                 fine = tree_all_finite(fac)
+                if refresh_tolerance is not None:
+                    fine &= error <= refresh_tolerance
                 out.append(tuple(jnp.where(fine, f, o) for f, o in zip(fac, old)))
-            return treedef.unflatten(out)
+                counts.append(n + (~fine).astype(jnp.int32))
+            return treedef.unflatten(out), treedef.unflatten(counts)
 
         refresh_step = ok & ((t % inverse_every == 0) | ((t < inverse_every) & (t % stats_every == 0)))
-        precond = jax.lax.cond(refresh_step, new_factors, lambda p: p, state.precond)
+        precond, failures = jax.lax.cond(refresh_step, new_factors, lambda c: c, (state.precond, state.failures))
 
-        # Lines 18-19 / 14-15: p = ĝ ×_1 P_1 ⋯ ×_k P_k + γ W.
-        directions = []
-        for m, P, lay in zip(treedef.flatten_up_to(mom), treedef.flatten_up_to(precond), layouts):
-            directions.append(mode_products(m.reshape(lay.shape), P, symmetric=True).reshape(m.shape))
+        # Lines 18-19 / 14-15: p = ĝ ×_1 P_1 ⋯ ×_k P_k + γ W (the block's direction).
+        moments = treedef.flatten_up_to(state.moments) if state.moments is not None else [None] * len(layouts)
+        directions, new_moments = [], []
+        for m, g, P, mo, lay in zip(treedef.flatten_up_to(mom), treedef.flatten_up_to(updates),
+                                    treedef.flatten_up_to(precond), moments, layouts):
+            d, mo = block.apply(P, mo, m.reshape(lay.shape), g.astype(m.dtype).reshape(lay.shape), t)
+            directions.append(d.reshape(m.shape))
+            new_moments.append(mo)
         direction = treedef.unflatten(directions)
         if not no_decay:
             direction = jax.tree.map(lambda d, w: d + weight_decay * w.astype(d.dtype), direction, params)
+        moments = None if state.moments is None else treedef.unflatten(new_moments)
         # The factors are refreshed only on finite steps (``refresh_step`` includes ``ok``): no
         # select over them.
         return commit(ok, direction, updates,
-                      ModePreconditionerState(t + 1, state.stats_count + counted, mom, stats, precond), state,
-                      guarded=("precond",))
+                      ModePreconditionerState(t + 1, state.stats_count + counted, mom, stats, precond, failures,
+                                              moments), state,
+                      guarded=("precond", "failures"))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

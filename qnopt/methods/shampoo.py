@@ -25,8 +25,8 @@ import optax
 
 from qnopt.base import renamed
 from qnopt.contract import Composition, alias
-from qnopt.linalg.roots import inverse_pth_root
 from qnopt.methods._modes import ModePreconditionerState, scale_by_mode_preconditioner
+from qnopt.preconditioners.blocks import shampoo_block
 
 PyTree = Any
 
@@ -50,6 +50,7 @@ def scale_by_shampoo(
     reshape: Any = "filter",
     max_dim: int = 4096,
     initial_factors: Optional[PyTree] = None,
+    refresh_tolerance: Optional[float] = 1e-2,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Shampoo's preconditioned direction ``p`` (Alg. 16 lines 1–15; the module docstring).
 
@@ -65,24 +66,22 @@ def scale_by_shampoo(
       weight_decay: ``γ`` (added after preconditioning, line 15).
       reshape, max_dim, initial_factors: as :func:`qnopt.scale_by_tnt` (warm start with
         ``estimate_mode_statistics(..., fisher="empirical")``; formerly ``initial_statistics``).
+      refresh_tolerance: a root whose final Newton error ``max|X^p (Ĝ + εI) − I|`` (``root="eigh"``:
+        the eigendecomposition's backward error) exceeds this, or that is not finite, is
+        discarded: the parameter keeps its factors and ``state.failures`` counts it.
     """
     if root not in ("newton", "eigh"):
         raise ValueError(f"root must be 'newton' or 'eigh', got {root!r}.")
-
-    def refresh(stats, eps, layout):
-        p = 2 * len(stats)
-        return tuple(inverse_pth_root(s, p, damping=eps, method=root, max_iters=max_iters, tol=tol)
-                     for s in stats)
-
     return scale_by_mode_preconditioner(
-        method="qnopt.shampoo", refresh=refresh, fisher="empirical", damping=damping,
-        momentum=momentum, beta=beta, stats_every=stats_every, inverse_every=inverse_every,
-        weight_decay=weight_decay, reshape=reshape, max_dim=max_dim,
-        initial_factors=initial_factors)
+        method="qnopt.shampoo", block=shampoo_block(damping, root=root, max_iters=max_iters, tol=tol),
+        fisher="empirical", damping=damping, momentum=momentum, beta=beta, stats_every=stats_every,
+        inverse_every=inverse_every, weight_decay=weight_decay, reshape=reshape, max_dim=max_dim,
+        initial_factors=initial_factors, refresh_tolerance=refresh_tolerance)
 
 
 #: Arguments fixed when the transformation is built (``static_args`` of ``optax.inject_hyperparams``).
-STATIC = ("stats_every", "inverse_every", "root", "max_iters", "tol", "reshape", "max_dim", "initial_factors")
+STATIC = ("stats_every", "inverse_every", "root", "max_iters", "tol", "reshape", "max_dim", "initial_factors",
+          "refresh_tolerance")
 
 
 @alias(Composition(scale_by_shampoo, "direction", static=STATIC))

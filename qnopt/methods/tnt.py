@@ -27,9 +27,8 @@ import optax
 
 from qnopt.base import renamed
 from qnopt.contract import Composition, alias
-from qnopt.curvature.tensor_normal import trace_normalize
 from qnopt.methods._modes import ModePreconditionerState, scale_by_mode_preconditioner
-from qnopt.preconditioners import damped_inverse
+from qnopt.preconditioners.blocks import tnt_block
 
 PyTree = Any
 
@@ -52,6 +51,7 @@ def scale_by_tnt(
     reshape: Any = "filter",
     max_dim: int = 4096,
     initial_factors: Optional[PyTree] = None,
+    refresh_tolerance: Optional[float] = 1e-2,
 ) -> optax.GradientTransformationExtraArgs:
     r"""TNT's preconditioned direction ``p`` (Alg. 15 lines 1–19; the module docstring).
 
@@ -78,21 +78,22 @@ def scale_by_tnt(
       initial_factors: warm-start factors (Alg. 15 line 2), the per-mode statistics of
         :func:`qnopt.curvature.estimate_mode_statistics` with the same ``reshape``/``max_dim``.
         Formerly ``initial_statistics``.
+      refresh_tolerance: an inverse whose decomposition's relative backward error exceeds this,
+        or that is not finite, is discarded: the parameter keeps its factors and
+        ``state.failures`` counts it (``None``: only non-finite ones).
     """
     if inverse not in ("cholesky", "eigh"):
         raise ValueError(f"inverse must be 'cholesky' or 'eigh', got {inverse!r}.")
-
-    def refresh(stats, eps, layout):
-        return tuple(damped_inverse(u, eps, inverse) for u in trace_normalize(stats))
-
     return scale_by_mode_preconditioner(
-        method="qnopt.tnt", refresh=refresh, fisher=fisher, damping=damping, momentum=momentum,
-        beta=beta, stats_every=stats_every, inverse_every=inverse_every, weight_decay=weight_decay,
-        reshape=reshape, max_dim=max_dim, initial_factors=initial_factors)
+        method="qnopt.tnt", block=tnt_block(damping, inverse=inverse), fisher=fisher, damping=damping,
+        momentum=momentum, beta=beta, stats_every=stats_every, inverse_every=inverse_every,
+        weight_decay=weight_decay, reshape=reshape, max_dim=max_dim, initial_factors=initial_factors,
+        refresh_tolerance=refresh_tolerance)
 
 
 #: Arguments fixed when the transformation is built (``static_args`` of ``optax.inject_hyperparams``).
-STATIC = ("stats_every", "inverse_every", "fisher", "inverse", "reshape", "max_dim", "initial_factors")
+STATIC = ("stats_every", "inverse_every", "fisher", "inverse", "reshape", "max_dim", "initial_factors",
+          "refresh_tolerance")
 
 
 @alias(Composition(scale_by_tnt, "direction", static=STATIC))

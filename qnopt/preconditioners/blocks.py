@@ -26,6 +26,21 @@ Blocks:
   lines 11–21; Martens & Grosse 2015 §6.3; Grosse & Martens 2016).
 * :func:`ekfac_block`: EKFAC — K-FAC's eigenbasis with a re-estimated diagonal scaling (George
   et al., NeurIPS 2018).
+
+*Tensor blocks* (:class:`TensorBlock`) are the same idea for a whole parameter tensor seen with
+``k`` modes (:class:`qnopt.preconditioners.ModeLayout`), whose statistics are the EMAs of its
+mode contractions ``Ĝ^{(i)}`` — the same for every tensor method, so kept by the tensor engine
+(``qnopt.methods._modes``) — and whose preconditioner is one factor per mode:
+
+* ``init(layout, dtype) -> (factors, moments)``: identity factors, and the block's own per-step
+  state (``None`` for most);
+* ``refresh(stats, layout) -> (factors, error)`` from the ``k`` statistics;
+* ``apply(factors, moments, m, g, count) -> (direction, moments)``: the direction from the
+  momentum ``m`` (and the gradient ``g``, the 0-based step ``count``), both in the tensor view.
+
+* :func:`tnt_block`: TNT's trace-normalised damped inverses (Ren thesis Alg. 15 lines 14–19).
+* :func:`shampoo_block`: Shampoo's inverse ``2k``-th roots (Alg. 16 lines 11–15).
+* :func:`soap_block`: SOAP — Adam in the statistics' eigenbasis (Vyas et al., 2024).
 """
 
 from __future__ import annotations
@@ -38,10 +53,14 @@ from jax.typing import ArrayLike
 
 from qnopt.curvature.ema import ema_update
 from qnopt.curvature.layers import POSITIONS, rows_A, rows_eigen_scaling, rows_G
+from qnopt.curvature.tensor_normal import trace_normalize
+from qnopt.linalg.modes import ModeLayout, mode_products
+from qnopt.linalg.roots import inverse_pth_root
 from qnopt.preconditioners.kronecker import (damped_cholesky, damped_inverse, factor_eigh, factored_damping,
                                              kron_eigen_rotate, kron_factor_solve, kron_precondition)
 
-__all__ = ["EkfacBlockState", "KfacBlockState", "KroneckerBlock", "ekfac_block", "kfac_block"]
+__all__ = ["EkfacBlockState", "KfacBlockState", "KroneckerBlock", "TensorBlock", "ekfac_block", "kfac_block",
+           "shampoo_block", "soap_block", "tnt_block"]
 
 
 class KroneckerBlock(NamedTuple):
@@ -189,3 +208,129 @@ def ekfac_block(damping: ArrayLike, *, positions: str = "expand") -> KroneckerBl
         return kron_eigen_rotate(st.Q_A, st.Q_G, Z, inverse=True)
 
     return KroneckerBlock(init, statistics, refresh, apply)
+
+
+class TensorBlock(NamedTuple):
+    """The three functions of a tensor block (module docstring for their signatures)."""
+
+    init: Callable[[ModeLayout, Any], tuple]
+    refresh: Callable[[tuple, ModeLayout], tuple]
+    apply: Callable[..., tuple]
+
+
+def _symmetric_factors_block(factor: Callable[[jax.Array, int], tuple]) -> TensorBlock:
+    """A block whose factors are symmetric matrices (or diagonals) ``P_i = factor(Ĝ, k)`` and whose
+    direction is ``m ×_1 P_1 ⋯ ×_k P_k`` (Ren thesis eq. 4.8): TNT and Shampoo."""
+    def init(layout: ModeLayout, dtype: Any) -> tuple:
+        eye = tuple(jnp.ones(s, dtype) if len(s) == 1 else jnp.eye(s[0], dtype=dtype) for s in layout.factor_shapes)
+        return eye, None
+
+    def refresh(stats: tuple, layout: ModeLayout) -> tuple:
+        out = [factor(s, len(stats)) for s in stats]
+        # Exactly symmetric: the transpose hands XLA the row-major layout (cuSOLVER/LAPACK results
+        # are column-major), so the state needs no transpose kernel on the steps that do not refresh.
+        factors = tuple(f.T if f.ndim == 2 else f for f, _ in out)
+        return factors, jnp.max(jnp.stack([e for _, e in out]))
+
+    def apply(factors: tuple, moments: Any, m: jax.Array, g: jax.Array, count: jax.Array) -> tuple:
+        return mode_products(m, factors, symmetric=True), moments
+
+    return TensorBlock(init, refresh, apply)
+
+
+def tnt_block(damping: ArrayLike, *, inverse: str = "cholesky") -> TensorBlock:
+    r"""TNT's block (Ren thesis Alg. 15 lines 14–19, eq. 4.8–4.10): ``P_i = (Ũ_i + εI)⁻¹`` with
+    ``Ũ_i`` the trace-normalised statistics (``inverse``: ``"cholesky"`` or ``"eigh"``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from qnopt.linalg.modes import ModeLayout
+      >>> lay = ModeLayout((2, 3), (False, False))
+      >>> blk = tnt_block(1.0)
+      >>> (P_1, P_2), err = blk.refresh((2 * jnp.eye(2), 3 * jnp.eye(3)), lay)   # Ũ_i = I
+      >>> blk.apply((P_1, P_2), None, jnp.ones((2, 3)), None, 0)[0].tolist()
+      [[0.25, 0.25, 0.25], [0.25, 0.25, 0.25]]
+    """
+    _check_choice("inverse", inverse, ("cholesky", "eigh"))
+
+    def factor(u: jax.Array, k: int) -> tuple:
+        return damped_inverse(u, damping, inverse, with_error=True)
+
+    block = _symmetric_factors_block(factor)
+
+    def refresh(stats: tuple, layout: ModeLayout) -> tuple:
+        return block.refresh(trace_normalize(stats), layout)
+
+    return block._replace(refresh=refresh)
+
+
+def shampoo_block(damping: ArrayLike, *, root: str = "newton", max_iters: int = 100, tol: float = 1e-6
+                  ) -> TensorBlock:
+    r"""Shampoo's block (Ren thesis Alg. 16 lines 11–15; Gupta et al. 2018, Anil et al. 2020):
+    ``P_i = (Ĝ^{(i)} + εI)^{−1/2k}`` by coupled Newton (or ``root="eigh"``); the refresh error is
+    Newton's final ``max|M − I|`` (:func:`qnopt.linalg.inverse_pth_root`).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from qnopt.linalg.modes import ModeLayout
+      >>> blk = shampoo_block(0.0, root="eigh")
+      >>> (P,), err = blk.refresh((4 * jnp.eye(2),), ModeLayout((2,), (False,)))   # 4^(-1/2)
+      >>> P.tolist()
+      [[0.5, 0.0], [0.0, 0.5]]
+    """
+    _check_choice("root", root, ("newton", "eigh"))
+
+    def factor(s: jax.Array, k: int) -> tuple:
+        return inverse_pth_root(s, 2 * k, damping=damping, method=root, max_iters=max_iters, tol=tol,
+                                with_error=True)
+
+    return _symmetric_factors_block(factor)
+
+
+def soap_block(damping: ArrayLike = 1e-8, *, second_moment_decay: ArrayLike = 0.95,
+               momentum: ArrayLike = 0.95) -> TensorBlock:
+    r"""SOAP's block: Vyas, Morwani, Zhao, Kwun, Shapira, Brandfonbrener, Janson, Kakade, "SOAP:
+    Improving and Stabilizing Shampoo using Adam" (arXiv:2409.11321, 2024), Algorithm 3.
+
+    Adam in the eigenbasis of Shampoo's statistics: the factors are the statistics' eigenvectors
+    ``Q_i`` (``eigh``; a diagonal mode keeps the identity, a vector of ones), and per step, with
+    ``G' = G ×_1 Q_1ᵀ ⋯ ×_k Q_kᵀ`` the rotated gradient::
+
+        V ← β₂ V + (1 − β₂) G' ⊙ G'                      (the second moment, in the rotated basis)
+        M = (1 − β₁) m                                   (m = β₁ m + g, the engine's momentum)
+        N' = (M' / (1 − β₁^t)) / (√(V / (1 − β₂^t)) + ε),   direction = N' ×_1 Q_1 ⋯ ×_k Q_k
+
+    ``V`` is kept across a refresh (not rotated, as the paper). ``momentum`` is ``β₁`` (the engine's
+    momentum must be the same), ``second_moment_decay`` is ``β₂``, ``damping`` is Adam's ``ε``.
+
+    Example (one mode, identity statistics: plain Adam's first step, ``sign(g)``):
+      >>> import jax.numpy as jnp
+      >>> from qnopt.linalg.modes import ModeLayout
+      >>> blk = soap_block()
+      >>> lay = ModeLayout((2,), (False,))
+      >>> (Q,), err = blk.refresh((jnp.eye(2),), lay)
+      >>> _, V = blk.init(lay, jnp.float32)
+      >>> g = jnp.array([3.0, -0.5])
+      >>> d, V = blk.apply((Q,), V, g, g, 0)
+      >>> d.round(4).tolist()
+      [1.0, -1.0]
+    """
+    def init(layout: ModeLayout, dtype: Any) -> tuple:
+        eye = tuple(jnp.ones(s, dtype) if len(s) == 1 else jnp.eye(s[0], dtype=dtype) for s in layout.factor_shapes)
+        return eye, jnp.zeros(layout.shape, dtype)
+
+    def refresh(stats: tuple, layout: ModeLayout) -> tuple:
+        out = [factor_eigh(s, with_error=True) if s.ndim == 2 else (None, jnp.ones_like(s), jnp.zeros((), s.dtype))
+               for s in stats]
+        return tuple(Q for _, Q, _ in out), jnp.max(jnp.stack([e for _, _, e in out]))
+
+    def apply(factors: tuple, V: jax.Array, m: jax.Array, g: jax.Array, count: jax.Array) -> tuple:
+        transposed = tuple(Q.T if Q.ndim == 2 else Q for Q in factors)
+        V = ema_update(V, jnp.square(mode_products(g, transposed)), second_moment_decay)
+        t = (count + 1).astype(V.dtype)
+        m_hat = (1 - momentum) * m / (1 - momentum ** t)
+        v_hat = V / (1 - second_moment_decay ** t)
+        N = mode_products(m_hat, transposed) / (jnp.sqrt(v_hat) + damping)
+        return mode_products(N, factors), V
+
+    return TensorBlock(init, refresh, apply)

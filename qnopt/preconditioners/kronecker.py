@@ -29,6 +29,7 @@ from jax.scipy.linalg import cho_solve
 from jax.typing import ArrayLike
 
 from qnopt.curvature.kronecker import kron_matvec
+from qnopt.linalg.roots import decomposition_error
 
 __all__ = [
     "layer_matrix",
@@ -182,28 +183,6 @@ def factored_damping(A: ArrayLike, G: ArrayLike, damping: ArrayLike) -> tuple[ja
     pi = jnp.where(ok, jnp.sqrt(jnp.where(ok, ta, 1.0) / jnp.where(ok, tg, 1.0)), 1.0)
     root = jnp.sqrt(jnp.asarray(damping, A.dtype))
     return pi * root, root / pi
-
-
-def decomposition_error(F: ArrayLike, rebuilt: ArrayLike) -> jax.Array:
-    r"""``‖rebuilt − F‖_F / ‖F‖_F`` (``0`` for ``F = 0``): how well a decomposition reproduces
-    its matrix — ``Q diag(w) Qᵀ`` of an ``eigh``, ``L Lᵀ`` of a Cholesky factorisation, ``H⁻¹``
-    of an explicit inverse.
-
-    A *backward* error: about the unit round-off for a successful decomposition whatever ``F``'s
-    condition number (unlike the residual ``‖F H − I‖``, which grows with it); ``O(1)`` or not
-    finite when the decomposition failed. What the Kronecker engine's guarded refresh tests
-    (``refresh_tolerance``).
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> F = jnp.array([[2., 1.], [1., 2.]])
-      >>> w, Q = jnp.linalg.eigh(F)
-      >>> bool(decomposition_error(F, (Q * w) @ Q.T) < 1e-6), float(decomposition_error(F, 0 * F))
-      (True, 1.0)
-    """
-    F, rebuilt = jnp.asarray(F), jnp.asarray(rebuilt)
-    norm = jnp.linalg.norm(F)
-    return jnp.linalg.norm(rebuilt - F) / jnp.where(norm > 0, norm, 1.0)
 
 
 def damped_inverse(F: ArrayLike, eps: ArrayLike, method: Literal["eigh", "cholesky"] = "eigh", *,

@@ -31,10 +31,10 @@ def digits_problems():
 def test_registry_is_table_like():
     for name, spec in OPTIMIZERS.items():
         assert spec.name == name and spec.default_lr > 0 and spec.lr_grid
-        assert spec.needs_oracle is name.startswith(("kbfgs", "kfac", "smw", "tnt", "mb_lsr1", "lssr1", "s4qn", "ssn", "skqn"))
+        assert spec.needs_oracle is name.startswith(("kbfgs", "kfac", "ekfac", "smw", "tnt", "mb_lsr1", "lssr1", "s4qn", "ssn", "skqn"))
         # SMW: none; Shampoo is gradient-only but warm-starts its statistics (when there is a capture);
         # SKQN warm-starts its empirical K-FAC factors
-        assert (spec.warm_start is not None) is name.startswith(("kbfgs", "kfac", "tnt", "shampoo", "skqn"))
+        assert (spec.warm_start is not None) is name.startswith(("kbfgs", "kfac", "ekfac", "tnt", "shampoo", "skqn"))
     assert {"adam", "sgd", "lbfgs", "slimqn", "kbfgs", "kbfgs_l", "kbfgs_l_t10", "kfac"} <= set(OPTIMIZERS)
     assert OPTIMIZERS["lbfgs"].needs_value_fn and not OPTIMIZERS["adam"].needs_value_fn
     assert OPTIMIZERS["slimqn"].default_lr == 0.1 and OPTIMIZERS["slimqn"].lr_grid == (0.3, 0.1, 0.03)

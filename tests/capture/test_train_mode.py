@@ -225,6 +225,7 @@ METHODS = {
     "kbfgs_l": lambda lr=0.1, **kw: qnopt.kbfgs_l(lr, damping=0.3, memory_size=5, **kw),
     "tnt": lambda lr=0.01: qnopt.tnt(lr, damping=0.1, inverse_every=5),
     "shampoo": lambda lr=0.01: qnopt.shampoo(lr, damping=1e-3, inverse_every=5),
+    "soap": lambda lr=3e-3: qnopt.soap(lr, inverse_every=5),
     "smw_ng": lambda lr=0.3, **kw: qnopt.smw_ng(lr, sub_batch_size=8, initial_damping=0.1, **kw),
     "skqn_b2": lambda lr=0.5, **kw: qnopt.skqn_b2(lr, alpha=10.0, **kw),
     "slimqn": lambda lr=0.05: qnopt.slimqn(lr, update_every=3, memory_size=3),

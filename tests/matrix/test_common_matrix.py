@@ -48,6 +48,7 @@ CASES += [
                  lrs=(0.01, 0.003), steps=60, problem=lambda: MLP),
     T.MethodCase("shampoo", qnopt.shampoo, dict(damping=1e-3, inverse_every=5), lrs=(0.03, 0.1), steps=60,
                  problem=lambda: MLP),
+    T.MethodCase("soap", qnopt.soap, dict(inverse_every=5), lrs=(0.01, 0.03), steps=60, problem=lambda: MLP),
 ]
 
 

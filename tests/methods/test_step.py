@@ -106,7 +106,7 @@ def test_require_oracle_names_what_is_missing_without_evaluating_properties():
 
 _PARAMS = {"Dense_0": {"kernel": jnp.ones((3, 4)) / 3, "bias": jnp.zeros(4)},
            "Dense_1": {"kernel": jnp.ones((4, 2)) / 4, "bias": jnp.zeros(2)}}
-_NEEDS_NO_ORACLE = {"slimqn", "shampoo"}
+_NEEDS_NO_ORACLE = {"slimqn", "shampoo", "soap"}
 
 
 @pytest.mark.parametrize("name", sorted(set(COMPOSITION) - _NEEDS_NO_ORACLE))
