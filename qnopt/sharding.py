@@ -157,7 +157,9 @@ def shard_stacks(axis: Optional[str] = None) -> Rule:
     K-FAC's factors, inverses and momenta, one array per shape of layers) keeps ``L`` layers'
     state in each leaf of a stack. This rule splits the leading (layer) axis of each such leaf
     over ``axis`` (default: the mesh's first axis), so that each device stores ``L/n`` layers;
-    a stack whose ``L`` is not a multiple of ``n`` stays replicated. Pair it with the method's
+    a stack whose ``L`` is not a multiple of ``n`` stays replicated (K-FAC and EKFAC with
+    ``factor_axis`` pad their stacks to a multiple of ``n`` when ``init`` runs under the mesh:
+    call :func:`state_shardings` under ``jax.set_mesh(mesh)`` too, so that it sees those shapes). Pair it with the method's
     ``factor_axis=`` (the same axis), which has each device refresh its ``L/n`` layers: the
     refreshed inverses then never leave their device; the preconditioned gradients are
     gathered where the update needs them (Anil et al., arXiv:2002.09018, §5: preconditioner

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from qnopt.sharding import stack_key
 
-__all__ = ["LayerStacks", "map_decompositions", "vmap_layers", "vmap_stacked"]
+__all__ = ["LayerStacks", "map_decompositions", "pad_layers", "vmap_layers", "vmap_stacked"]
 
 
 def _signature(tree: Any) -> tuple:
@@ -41,7 +41,10 @@ class LayerStacks(Mapping):
     """``{layer key: state}`` stored as one stacked pytree per group of equally shaped states.
 
     ``groups[g]`` lists the keys stacked in ``stacks[g]`` (in that order along the leading axis);
-    iteration goes group by group.
+    iteration goes group by group. A stack may be longer than its group (``sizes[g] ≥
+    len(groups[g])``): padded with copies of its last layer (``stack(..., multiple_of=n)``), so
+    that its layer axis splits evenly over ``n`` devices; the copies are computed with the
+    others and belong to no key (``padding`` counts them).
     Indexing gives one layer's state (``jax.tree.map(lambda x: x[i], stacks[g])``); methods work
     on whole stacks with :meth:`map` and ``jax.vmap``. As a pytree its children are the stacks,
     named ``stack0``, ``stack1``, … in key paths.
@@ -61,16 +64,30 @@ class LayerStacks(Mapping):
         self._where = {key: (g, i) for g, keys in enumerate(self.groups) for i, key in enumerate(keys)}
 
     @classmethod
-    def stack(cls, layers: Mapping[str, Any], by: Optional[Callable[[str], Hashable]] = None) -> "LayerStacks":
+    def stack(cls, layers: Mapping[str, Any], by: Optional[Callable[[str], Hashable]] = None,
+              multiple_of: int = 1) -> "LayerStacks":
         """Groups ``layers`` by the structure, shapes and dtypes of their states (and ``by(key)``,
         what else must agree within a stack, e.g. whether the layer has a bias), in the mapping's
-        order, and stacks each group along a new leading axis."""
+        order, and stacks each group along a new leading axis, padded with copies of its last
+        layer to a multiple of ``multiple_of``."""
         order: dict = {}
         for key, value in layers.items():
             order.setdefault((_signature(value), None if by is None else by(key)), []).append(key)
         groups = tuple(tuple(keys) for keys in order.values())
-        stacks = tuple(jax.tree.map(lambda *xs: jnp.stack(xs), *(layers[k] for k in keys)) for keys in groups)
+        stacks = tuple(jax.tree.map(lambda *xs: jnp.stack(xs), *pad_layers([layers[k] for k in keys], multiple_of))
+                       for keys in groups)
         return cls(groups, stacks)
+
+    @property
+    def sizes(self) -> tuple:
+        """The length of each stack's layer axis (its group's keys plus padding)."""
+        return tuple(jnp.shape(jax.tree.leaves(st)[0])[0] for st in self.stacks)
+
+    @property
+    def padding(self) -> int:
+        """Padded entries over all stacks: computed like layers, used by none (the cost of an
+        even split)."""
+        return sum(size - len(keys) for size, keys in zip(self.sizes, self.groups))
 
     def __getitem__(self, key: str) -> Any:
         g, i = self._where[key]
@@ -97,6 +114,18 @@ class LayerStacks(Mapping):
 
     def __repr__(self) -> str:
         return f"LayerStacks({dict(zip((f'stack{g}' for g in range(len(self.groups))), self.groups))})"
+
+
+def pad_layers(items: list, multiple_of: int = 1, size: Optional[int] = None) -> list:
+    """``items`` followed by copies of its last element, up to ``size`` or to a multiple of
+    ``multiple_of``: the per-layer inputs of a padded stack.
+
+    Example:
+      >>> pad_layers(["a", "b", "c"], 4), pad_layers(["a"], size=2)
+      (['a', 'b', 'c', 'c'], ['a', 'a'])
+    """
+    total = size if size is not None else len(items) + (-len(items) % multiple_of)
+    return list(items) + [items[-1]] * (total - len(items))
 
 
 def map_decompositions(fn: Callable[[Any], Any], stack: Any, axis: Optional[str] = None) -> Any:

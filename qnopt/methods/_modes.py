@@ -18,8 +18,8 @@ SOAP). A refresh that is not finite, or whose error exceeds ``refresh_tolerance`
 ``p``; the alias scales it by ``−α``.
 
 Schedule (0-based step ``t``, as the authors' code): statistics when ``t ≡ 0 (mod T1)``;
-factors when ``t ≡ 0 (mod T2)`` and also at every statistics step of the first ``T2`` steps,
-so the first step is already preconditioned. Without a warm start the statistics start at zero
+factors when ``t ≡ 0 (mod T2)`` and (TNT, Shampoo) also at every statistics step of the first
+``T2`` steps, so the first step is already preconditioned. Without a warm start the statistics start at zero
 with a zero-debiased EMA (:func:`qnopt.curvature.debiased_decay`); with one, the plain EMA.
 """
 
@@ -92,10 +92,19 @@ def scale_by_mode_preconditioner(*, method: str, block: TensorBlock, fisher: str
                                  momentum: Any, beta: Any, stats_every: int, inverse_every: int,
                                  weight_decay: Any, reshape: Any, max_dim: int,
                                  initial_factors: Optional[PyTree], refresh_tolerance: Optional[float],
-                                 vectors_diagonal: bool = False) -> optax.GradientTransformationExtraArgs:
+                                 vectors_diagonal: bool = False, warmup_refresh: bool = True,
+                                 refresh_after_step: bool = False) -> optax.GradientTransformationExtraArgs:
     """The shared transformation (module docstring) with ``block``'s factors and direction
     (``damping`` only validated here: the block holds it). ``vectors_diagonal``: 1-D parameters
-    keep diagonal statistics whatever their size (SOAP: Adam on biases)."""
+    keep diagonal statistics whatever their size (SOAP: Adam on biases). ``warmup_refresh``:
+    also refresh at every statistics step of the first ``T2`` steps (TNT, Shampoo; not SOAP,
+    whose second moment belongs to the basis it was accumulated in). ``refresh_after_step``
+    (SOAP): the direction of step ``t`` uses the factors refreshed at the end of an earlier step,
+    from statistics without ``g_t`` (a basis built from ``g_t`` itself makes ``g_t``'s rotated
+    entries exactly zero but for round-off, which Adam's normalisation blows up to ±1); step 0
+    builds the first factors and takes the block's step in the identity basis from fresh moments
+    without keeping them (momentum and moments start at step 1), and the block's ``count`` is
+    then the number of steps taken since."""
     if fisher not in ("sampled", "empirical"):
         raise ValueError(f"{method}: fisher must be 'sampled' or 'empirical', got {fisher!r}.")
     check_statistics_hyperparams(damping=damping, momentum=momentum, beta=beta, stats_every=stats_every,
@@ -145,6 +154,7 @@ def scale_by_mode_preconditioner(*, method: str, block: TensorBlock, fisher: str
 
         # Line 10 / 7: gradient momentum.
         mom = jax.tree.map(lambda m, g: momentum * m + g.astype(m.dtype), state.momentum, updates)
+        first = (t == 0) if refresh_after_step else False
 
         # Lines 11-13 / 8-10: statistics of the sampled (TNT) or empirical gradient.
         def new_statistics(stats):
@@ -165,35 +175,62 @@ def scale_by_mode_preconditioner(*, method: str, block: TensorBlock, fisher: str
                                           lambda s: (s, jnp.zeros((), jnp.int32)), state.stats)
 
         # Lines 14-17 / 11-13: preconditioner factors (kept, and counted, if a refresh fails).
+        def per_leaf(tree):
+            return treedef.flatten_up_to(tree) if tree is not None else [None] * len(layouts)
+
         def new_factors(carry):
-            precond, failures = carry
-            out, counts = [], []
-            for st, old, lay, n in zip(treedef.flatten_up_to(stats), treedef.flatten_up_to(precond), layouts,
-                                       treedef.flatten_up_to(failures)):
-                fac, error = block.refresh(st, lay)
+            precond, failures, moments = carry
+            out, counts, kept = [], [], []
+            for st, old, lay, n, mo in zip(treedef.flatten_up_to(stats), treedef.flatten_up_to(precond), layouts,
+                                           treedef.flatten_up_to(failures), per_leaf(moments)):
+                fac, new_mo, error = block.refresh(st, old, mo, lay, t)
                 fac = tuple(f.astype(o.dtype) for f, o in zip(fac, old))
                 fine = tree_all_finite(fac)
                 if refresh_tolerance is not None:
                     fine &= error <= refresh_tolerance
                 out.append(tuple(jnp.where(fine, f, o) for f, o in zip(fac, old)))
+                kept.append(None if mo is None else jnp.where(fine, new_mo, mo))
                 counts.append(n + (~fine).astype(jnp.int32))
-            return treedef.unflatten(out), treedef.unflatten(counts)
+            return (treedef.unflatten(out), treedef.unflatten(counts),
+                    None if moments is None else treedef.unflatten(kept))
 
-        refresh_step = ok & ((t % inverse_every == 0) | ((t < inverse_every) & (t % stats_every == 0)))
-        precond, failures = jax.lax.cond(refresh_step, new_factors, lambda c: c, (state.precond, state.failures))
+        warmup = ((t < inverse_every) & (t % stats_every == 0)) if warmup_refresh else False
+        refresh_step = ok & ((t % inverse_every == 0) | warmup)
 
-        # Lines 18-19 / 14-15: p = ĝ ×_1 P_1 ⋯ ×_k P_k + γ W (the block's direction).
-        moments = treedef.flatten_up_to(state.moments) if state.moments is not None else [None] * len(layouts)
-        directions, new_moments = [], []
-        for m, g, P, mo, lay in zip(treedef.flatten_up_to(mom), treedef.flatten_up_to(updates),
-                                    treedef.flatten_up_to(precond), moments, layouts):
-            d, mo = block.apply(P, mo, m.reshape(lay.shape), g.astype(m.dtype).reshape(lay.shape), t)
-            directions.append(d.reshape(m.shape))
-            new_moments.append(mo)
-        direction = treedef.unflatten(directions)
+        def refresh(precond, failures, moments):
+            return jax.lax.cond(refresh_step, new_factors, lambda c: c, (precond, failures, moments))
+
+        def directions_of(precond, moments, momenta, count):
+            """Lines 18-19 / 14-15: p = ĝ ×_1 P_1 ⋯ ×_k P_k + γ W (the block's direction)."""
+            out, new_moments = [], []
+            for m, g, P, mo, lay in zip(treedef.flatten_up_to(momenta), treedef.flatten_up_to(updates),
+                                        treedef.flatten_up_to(precond), per_leaf(moments), layouts):
+                d, mo = block.apply(P, mo, m.reshape(lay.shape), g.astype(m.dtype).reshape(lay.shape), count)
+                out.append(d.reshape(m.shape))
+                new_moments.append(mo)
+            return treedef.unflatten(out), None if moments is None else treedef.unflatten(new_moments)
+
+        if refresh_after_step:
+            def first_step(_):
+                """The block's first step in the identity basis from fresh moments (SOAP: Adam's
+                ``g / (|g| + ε)``), leaving the momentum and the moments as they are."""
+                blocks = [block.init(lay, m.dtype) for lay, m in zip(layouts, treedef.flatten_up_to(state.momentum))]
+                fresh = None if state.moments is None else treedef.unflatten([mo for _, mo in blocks])
+                grads = jax.tree.map(lambda g, m: g.astype(m.dtype), updates, state.momentum)
+                d, _ = directions_of(treedef.unflatten([f for f, _ in blocks]), fresh, grads, 0)
+                return d, state.moments, state.momentum
+
+            def later_step(_):
+                d, moments = directions_of(state.precond, state.moments, mom, t - 1)
+                return d, moments, mom
+
+            direction, moments, mom = jax.lax.cond(first, first_step, later_step, None)
+            precond, failures, moments = refresh(state.precond, state.failures, moments)
+        else:
+            precond, failures, moments = refresh(state.precond, state.failures, state.moments)
+            direction, moments = directions_of(precond, moments, mom, t)
         if not no_decay:
             direction = jax.tree.map(lambda d, w: d + weight_decay * w.astype(d.dtype), direction, params)
-        moments = None if state.moments is None else treedef.unflatten(new_moments)
         # The factors are refreshed only on finite steps (``refresh_step`` includes ``ok``): no
         # select over them.
         return commit(ok, direction, updates,

@@ -95,7 +95,9 @@ def scale_by_kfac(
         learning rate ``α``, as the thesis does for BN parameters).
       factor_axis: a mesh axis over which each stack of layers' inverses is split: each device
         refreshes ``1/n`` of them (run under ``jax.set_mesh(mesh)``; shard the state with
-        :func:`qnopt.sharding.shard_stacks` so that it also stores ``1/n``). ``None``: every
+        :func:`qnopt.sharding.shard_stacks` so that it also stores ``1/n``; ``init`` under the
+        mesh pads each stack to a multiple of ``n`` with copies of its last layer, so that any
+        depth splits evenly, ``state.layers.padding`` counting the copies). ``None``: every
         device refreshes every layer.
       refresh_tolerance: an inverse whose decomposition's relative backward error
         (:func:`qnopt.preconditioners.decomposition_error`, ~1e-6 when it succeeds) exceeds this,

@@ -79,8 +79,9 @@ def scale_by_soap(
       >>> params = {"w": jnp.ones((2, 3)), "b": jnp.ones(3)}
       >>> opt = qnopt.soap(0.05)
       >>> state = opt.init(params)
+      >>> update = jax.jit(opt.update)
       >>> for _ in range(100):
-      ...     updates, state = opt.update(jax.grad(loss)(params), state, params)
+      ...     updates, state = update(jax.grad(loss)(params), state, params)
       ...     params = optax.apply_updates(params, updates)
       >>> bool(loss(params) < 0.01 * loss({"w": jnp.ones((2, 3)), "b": jnp.ones(3)}))
       True
@@ -90,7 +91,8 @@ def scale_by_soap(
         method="qnopt.soap", block=soap_block(damping, second_moment_decay=second_moment_decay, momentum=momentum),
         fisher="empirical", damping=damping, momentum=momentum, beta=beta, stats_every=stats_every,
         inverse_every=inverse_every, weight_decay=weight_decay, reshape=reshape, max_dim=max_dim,
-        initial_factors=initial_factors, refresh_tolerance=refresh_tolerance, vectors_diagonal=True)
+        initial_factors=initial_factors, refresh_tolerance=refresh_tolerance, vectors_diagonal=True,
+        warmup_refresh=False, refresh_after_step=True)
 
 
 #: Arguments fixed when the transformation is built (``static_args`` of ``optax.inject_hyperparams``).

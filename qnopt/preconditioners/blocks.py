@@ -34,7 +34,9 @@ mode contractions ``Ĝ^{(i)}`` — the same for every tensor method, so kept by 
 
 * ``init(layout, dtype) -> (factors, moments)``: identity factors, and the block's own per-step
   state (``None`` for most);
-* ``refresh(stats, layout) -> (factors, error)`` from the ``k`` statistics;
+* ``refresh(stats, factors, moments, layout, count) -> (factors, moments, error)`` from the ``k``
+  statistics (and, for SOAP, the previous factors: a power step from them, and its moments
+  permuted with the basis);
 * ``apply(factors, moments, m, g, count) -> (direction, moments)``: the direction from the
   momentum ``m`` (and the gradient ``g``, the 0-based step ``count``), both in the tensor view.
 
@@ -58,6 +60,8 @@ from qnopt.linalg.modes import ModeLayout, mode_products
 from qnopt.linalg.roots import inverse_pth_root
 from qnopt.preconditioners.kronecker import (damped_cholesky, damped_inverse, factor_eigh, factored_damping,
                                              kron_eigen_rotate, kron_factor_solve, kron_precondition)
+
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 __all__ = ["EkfacBlockState", "KfacBlockState", "KroneckerBlock", "TensorBlock", "ekfac_block", "kfac_block",
            "shampoo_block", "soap_block", "tnt_block"]
@@ -214,7 +218,7 @@ class TensorBlock(NamedTuple):
     """The three functions of a tensor block (module docstring for their signatures)."""
 
     init: Callable[[ModeLayout, Any], tuple]
-    refresh: Callable[[tuple, ModeLayout], tuple]
+    refresh: Callable[..., tuple]
     apply: Callable[..., tuple]
 
 
@@ -225,12 +229,12 @@ def _symmetric_factors_block(factor: Callable[[jax.Array, int], tuple]) -> Tenso
         eye = tuple(jnp.ones(s, dtype) if len(s) == 1 else jnp.eye(s[0], dtype=dtype) for s in layout.factor_shapes)
         return eye, None
 
-    def refresh(stats: tuple, layout: ModeLayout) -> tuple:
+    def refresh(stats: tuple, factors: tuple, moments: Any, layout: ModeLayout, count: Any) -> tuple:
         out = [factor(s, len(stats)) for s in stats]
         # Exactly symmetric: the transpose hands XLA the row-major layout (cuSOLVER/LAPACK results
         # are column-major), so the state needs no transpose kernel on the steps that do not refresh.
-        factors = tuple(f.T if f.ndim == 2 else f for f, _ in out)
-        return factors, jnp.max(jnp.stack([e for _, e in out]))
+        new = tuple(f.T if f.ndim == 2 else f for f, _ in out)
+        return new, moments, jnp.max(jnp.stack([e for _, e in out]))
 
     def apply(factors: tuple, moments: Any, m: jax.Array, g: jax.Array, count: jax.Array) -> tuple:
         return mode_products(m, factors, symmetric=True), moments
@@ -247,8 +251,8 @@ def tnt_block(damping: ArrayLike, *, inverse: str = "cholesky") -> TensorBlock:
       >>> from qnopt.linalg.modes import ModeLayout
       >>> lay = ModeLayout((2, 3), (False, False))
       >>> blk = tnt_block(1.0)
-      >>> (P_1, P_2), err = blk.refresh((2 * jnp.eye(2), 3 * jnp.eye(3)), lay)   # Ũ_i = I
-      >>> blk.apply((P_1, P_2), None, jnp.ones((2, 3)), None, 0)[0].tolist()
+      >>> (P_1, P_2), _, err = blk.refresh((3 * jnp.eye(2), 2 * jnp.eye(3)), None, None, lay, 0)  # Ũ_i = I
+      >>> blk.apply((P_1, P_2), None, jnp.ones((2, 3)), None, 0)[0].round(6).tolist()
       [[0.25, 0.25, 0.25], [0.25, 0.25, 0.25]]
     """
     _check_choice("inverse", inverse, ("cholesky", "eigh"))
@@ -258,8 +262,8 @@ def tnt_block(damping: ArrayLike, *, inverse: str = "cholesky") -> TensorBlock:
 
     block = _symmetric_factors_block(factor)
 
-    def refresh(stats: tuple, layout: ModeLayout) -> tuple:
-        return block.refresh(trace_normalize(stats), layout)
+    def refresh(stats: tuple, *args) -> tuple:
+        return block.refresh(trace_normalize(stats), *args)
 
     return block._replace(refresh=refresh)
 
@@ -274,7 +278,7 @@ def shampoo_block(damping: ArrayLike, *, root: str = "newton", max_iters: int = 
       >>> import jax.numpy as jnp
       >>> from qnopt.linalg.modes import ModeLayout
       >>> blk = shampoo_block(0.0, root="eigh")
-      >>> (P,), err = blk.refresh((4 * jnp.eye(2),), ModeLayout((2,), (False,)))   # 4^(-1/2)
+      >>> (P,), _, err = blk.refresh((4 * jnp.eye(2),), None, None, ModeLayout((2,), (False,)), 0)  # 4^(-1/2)
       >>> P.tolist()
       [[0.5, 0.0], [0.0, 0.5]]
     """
@@ -293,23 +297,29 @@ def soap_block(damping: ArrayLike = 1e-8, *, second_moment_decay: ArrayLike = 0.
     Improving and Stabilizing Shampoo using Adam" (arXiv:2409.11321, 2024), Algorithm 3.
 
     Adam in the eigenbasis of Shampoo's statistics: the factors are the statistics' eigenvectors
-    ``Q_i`` (``eigh``; a diagonal mode keeps the identity, a vector of ones), and per step, with
+    ``Q_i`` (a diagonal mode keeps the identity, a vector of ones), by ``eigh`` at the first
+    refresh and afterwards, as the paper (§4, Algorithm 4), by one power step from the previous
+    basis and a QR decomposition, ``Q_i = QR(L_i Q_i^{old})``, its columns ordered by the estimated
+    eigenvalues ``diag(Q_i^{oldᵀ} L_i Q_i^{old})`` (descending) and ``V`` permuted with them — so
+    that each entry of ``V`` stays with the direction it was accumulated for. Per step, with
     ``G' = G ×_1 Q_1ᵀ ⋯ ×_k Q_kᵀ`` the rotated gradient::
 
         V ← β₂ V + (1 − β₂) G' ⊙ G'                      (the second moment, in the rotated basis)
         M = (1 − β₁) m                                   (m = β₁ m + g, the engine's momentum)
         N' = (M' / (1 − β₁^t)) / (√(V / (1 − β₂^t)) + ε),   direction = N' ×_1 Q_1 ⋯ ×_k Q_k
 
-    ``V`` is kept across a refresh (not rotated, as the paper). ``momentum`` is ``β₁`` (the engine's
-    momentum must be the same), ``second_moment_decay`` is ``β₂``, ``damping`` is Adam's ``ε``.
+    ``V`` is kept across a refresh (not rotated, as the paper; only permuted). ``momentum`` is ``β₁``
+    (the engine's momentum must be the same), ``second_moment_decay`` is ``β₂``, ``damping`` is
+    Adam's ``ε``. The refresh error is the first ``eigh``'s backward error (a QR of a finite
+    matrix does not fail short of non-finite values).
 
     Example (one mode, identity statistics: plain Adam's first step, ``sign(g)``):
       >>> import jax.numpy as jnp
       >>> from qnopt.linalg.modes import ModeLayout
       >>> blk = soap_block()
       >>> lay = ModeLayout((2,), (False,))
-      >>> (Q,), err = blk.refresh((jnp.eye(2),), lay)
-      >>> _, V = blk.init(lay, jnp.float32)
+      >>> (Q,), V = blk.init(lay, jnp.float32)
+      >>> (Q,), V, err = blk.refresh((jnp.eye(2),), (Q,), V, lay, 0)
       >>> g = jnp.array([3.0, -0.5])
       >>> d, V = blk.apply((Q,), V, g, g, 0)
       >>> d.round(4).tolist()
@@ -319,15 +329,32 @@ def soap_block(damping: ArrayLike = 1e-8, *, second_moment_decay: ArrayLike = 0.
         eye = tuple(jnp.ones(s, dtype) if len(s) == 1 else jnp.eye(s[0], dtype=dtype) for s in layout.factor_shapes)
         return eye, jnp.zeros(layout.shape, dtype)
 
-    def refresh(stats: tuple, layout: ModeLayout) -> tuple:
-        out = [factor_eigh(s, with_error=True) if s.ndim == 2 else (None, jnp.ones_like(s), jnp.zeros((), s.dtype))
-               for s in stats]
-        return tuple(Q for _, Q, _ in out), jnp.max(jnp.stack([e for _, _, e in out]))
+    def refresh(stats: tuple, factors: tuple, V: jax.Array, layout: ModeLayout, count: Any) -> tuple:
+        new, errors = [], [jnp.zeros((), V.dtype)]
+        for mode, (L, Q_old) in enumerate(zip(stats, factors)):
+            if L.ndim == 1:                                   # a diagonal mode: Adam along it
+                new.append(Q_old)
+                continue
+
+            def first(_, L=L):
+                _, Q, err = factor_eigh(L, with_error=True)
+                return Q[:, ::-1], jnp.arange(L.shape[0]), err      # descending eigenvalues
+
+            def power_qr(_, L=L, Q_old=Q_old):
+                P = jnp.matmul(L, Q_old, precision=_HIGHEST)
+                order = jnp.argsort(-jnp.sum(Q_old * P, axis=0))     # diag(Q_oldᵀ L Q_old), descending
+                return jnp.linalg.qr(P[:, order])[0], order, jnp.zeros((), L.dtype)
+
+            Q, order, err = jax.lax.cond(jnp.asarray(count) == 0, first, power_qr, None)
+            new.append(Q)
+            V = jnp.take(V, order, axis=mode)
+            errors.append(err)
+        return tuple(new), V, jnp.max(jnp.stack(errors))
 
     def apply(factors: tuple, V: jax.Array, m: jax.Array, g: jax.Array, count: jax.Array) -> tuple:
         transposed = tuple(Q.T if Q.ndim == 2 else Q for Q in factors)
         V = ema_update(V, jnp.square(mode_products(g, transposed)), second_moment_decay)
-        t = (count + 1).astype(V.dtype)
+        t = jnp.asarray(count + 1, V.dtype)
         m_hat = (1 - momentum) * m / (1 - momentum ** t)
         v_hat = V / (1 - second_moment_decay ** t)
         N = mode_products(m_hat, transposed) / (jnp.sqrt(v_hat) + damping)

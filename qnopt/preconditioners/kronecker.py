@@ -29,7 +29,7 @@ from jax.scipy.linalg import cho_solve
 from jax.typing import ArrayLike
 
 from qnopt.curvature.kronecker import kron_matvec
-from qnopt.linalg.roots import decomposition_error
+from qnopt.linalg.roots import decomposition_error, eigh_rebuilt
 
 __all__ = [
     "layer_matrix",
@@ -235,7 +235,8 @@ def damped_cholesky(F: ArrayLike, eps: ArrayLike, *, with_error: bool = False
     L = jnp.linalg.cholesky(damped)
     if not with_error:
         return L
-    return L, decomposition_error(damped, jnp.matmul(L, L.T, precision=_HIGHEST))
+    return L, decomposition_error(damped, lambda V: jnp.matmul(L, jnp.matmul(L.T, V, precision=_HIGHEST),
+                                                              precision=_HIGHEST))
 
 
 def factor_eigh(F: ArrayLike, *, with_error: bool = False) -> tuple:
@@ -255,7 +256,7 @@ def factor_eigh(F: ArrayLike, *, with_error: bool = False) -> tuple:
     w, Q = jnp.linalg.eigh(0.5 * (F + F.T))
     if not with_error:
         return jnp.maximum(w, 0.0), Q
-    return jnp.maximum(w, 0.0), Q, decomposition_error(F, jnp.matmul(Q * w, Q.T, precision=_HIGHEST))
+    return jnp.maximum(w, 0.0), Q, decomposition_error(F, eigh_rebuilt(w, Q))
 
 
 def kron_eigen_rotate(Q_A: ArrayLike, Q_G: ArrayLike, X: ArrayLike, *, inverse: bool = False) -> jax.Array:

@@ -55,9 +55,9 @@ def test_stacked_factor_work_is_split_over_the_mesh():
     """K-FAC with ``factor_axis`` and :func:`qnopt.sharding.shard_stacks` on 8 devices: the stack
     of 16 equal hidden layers is stored ``1/8`` per device and each device refreshes two of its
     layers (read from the compiled program: the decomposition loop runs over two layers, and no
-    collective gathers the stack's factors or inverses); the 1-layer output stack is replicated
-    and its refresh padded to 8. The numbers are the unsharded run's (batch sharded over the same
-    axis)."""
+    collective gathers the stack's factors or inverses); the 1-layer output stack is padded to 8
+    (``init`` under the mesh), one copy per device. The numbers are the unsharded run's (batch
+    sharded over the same axis)."""
     n = len(jax.devices())
     assert n == 8
     mesh = jax.make_mesh((n,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -79,16 +79,16 @@ def test_stacked_factor_work_is_split_over_the_mesh():
 
     opt = make("x")
     p_shard = jax.tree.map(lambda p: NamedSharding(mesh, P()), params)
-    s_shard = qnopt.sharding.state_shardings(opt, params, p_shard, rule=qnopt.sharding.shard_stacks("x"))
     batch_shard = NamedSharding(mesh, P("x"))
     with jax.set_mesh(mesh):
+        s_shard = qnopt.sharding.state_shardings(opt, params, p_shard, rule=qnopt.sharding.shard_stacks("x"))
         state = jax.jit(opt.init, out_shardings=s_shard)(params)
-        assert [len(keys) for keys in state.layers.groups] == [2 * n, 1]
+        assert [len(keys) for keys in state.layers.groups] == [2 * n, 1] and state.layers.sizes == (2 * n, n)
         hidden, out = state.layers.stacks
         for leaf in jax.tree.leaves(hidden):       # A, G, inverses, momentum: two layers per device
             assert leaf.addressable_shards[0].data.shape[0] == 2 and leaf.sharding.spec[0] == "x"
         for leaf in jax.tree.leaves(out):
-            assert leaf.sharding.is_fully_replicated
+            assert leaf.addressable_shards[0].data.shape[0] == 1 and leaf.sharding.spec[0] == "x"
         sharded = jax.jit(stepper(opt), in_shardings=(p_shard, s_shard, batch_shard),
                           out_shardings=(p_shard, s_shard))
         batch = jax.device_put((x, y), batch_shard)
@@ -100,11 +100,67 @@ def test_stacked_factor_work_is_split_over_the_mesh():
     p2, s2 = params, make(None).init(params)
     for _ in range(5):
         p2, s2 = plain(p2, s2, (x, y))
-    for a, b in zip(jax.tree.leaves((p1, s1)), jax.tree.leaves((p2, s2))):
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+    for key in s2.layers:
+        for a, b in zip(jax.tree.leaves(s1.layers[key]), jax.tree.leaves(s2.layers[key])):
+            np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5, err_msg=key)
     # The compiled program: each device's decomposition loop runs over its two layers' factors,
     # and no all-gather produces the hidden stack's (16, 17, 17) A's or (16, 16, 16) G's.
     gathered = [line for line in hlo.splitlines() if "all-gather" in line and ("[16,17,17]" in line or "[16,16,16]" in line)]
     assert not gathered, gathered[:3]
     loops = [line for line in hlo.splitlines() if " while(" in line]
     assert any("f32[2,17,17]" in line for line in loops) and any("f32[2,16,16]" in line for line in loops), loops
+
+
+def test_stacks_of_any_depth_are_padded_to_split_evenly():
+    """12 hidden layers and an output layer on 8 devices: initialised under the mesh with
+    ``factor_axis``, K-FAC pads the hidden stack to 16 and the output stack to 8 (copies of their
+    last layer, ``state.layers.padding`` = 11), so :func:`qnopt.sharding.shard_stacks` splits both
+    (2 and 1 layers per device) where it would have replicated them; the parameters and every
+    real layer's state are the unpadded, unsharded run's."""
+    n = len(jax.devices())
+    mesh = jax.make_mesh((n,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+    model = nn.Sequential([layer for _ in range(12) for layer in (nn.Dense(16), nn.tanh)] + [nn.Dense(8)])
+    x = jax.random.normal(jax.random.key(0), (64, 16))
+    y = jnp.argmax(x[:, :8], axis=1)
+    params = model.init(jax.random.key(1), x)["params"]
+    capture = qnopt.capture.linen(model, loss="softmax_cross_entropy")
+
+    def make(axis):
+        return qnopt.kfac(0.1, damping=0.1, inverse_every=2, factor_axis=axis)
+
+    def stepper(opt):
+        def step(params, state, batch, key):
+            oracle = capture.oracle(params, batch, key)
+            updates, state = opt.update(oracle.grads, state, params, curvature=oracle)
+            return optax.apply_updates(params, updates), state
+        return step
+
+    opt = make("x")
+    p_shard = jax.tree.map(lambda p: NamedSharding(mesh, P()), params)
+    batch_shard = NamedSharding(mesh, P("x"))
+    with jax.set_mesh(mesh):                     # the state's shapes, padded, are the mesh's
+        s_shard = qnopt.sharding.state_shardings(opt, params, p_shard, rule=qnopt.sharding.shard_stacks("x"))
+        state = jax.jit(opt.init, out_shardings=s_shard)(params)
+        assert state.layers.sizes == (16, 8) and state.layers.padding == 11
+        for stack, per_device in zip(state.layers.stacks, (2, 1)):
+            for leaf in jax.tree.leaves(stack):
+                assert leaf.sharding.spec[0] == "x" and leaf.addressable_shards[0].data.shape[0] == per_device
+        sharded = jax.jit(stepper(opt), in_shardings=(p_shard, s_shard, batch_shard, None),
+                          out_shardings=(p_shard, s_shard))
+        batch = jax.device_put((x, y), batch_shard)
+        p1, s1 = params, state
+        for i in range(5):
+            p1, s1 = sharded(p1, s1, batch, jax.random.key(i))
+    plain_opt = make(None)
+    plain = jax.jit(stepper(plain_opt))
+    p2, s2 = params, plain_opt.init(params)
+    assert s2.layers.padding == 0
+    for i in range(5):
+        p2, s2 = plain(p2, s2, (x, y), jax.random.key(i))
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+    for key in s2.layers:
+        for a, b in zip(jax.tree.leaves(s1.layers[key]), jax.tree.leaves(s2.layers[key])):
+            np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5, err_msg=key)

@@ -177,8 +177,11 @@ def test_refresh_error_flags_a_failed_decomposition():
     bad = F.at[0, 0].set(jnp.nan)
     _, err = ekfac_block(0.1).refresh(ekfac_block(0.1).init(6, 6, bad, F))
     assert not float(err) <= 1e-2
-    assert float(decomposition_error(F, 2 * F)) == pytest.approx(1.0)
-    assert float(decomposition_error(jnp.zeros((2, 2)), jnp.zeros((2, 2)))) == 0.0
+    assert float(decomposition_error(F, lambda V: 2 * F @ V)) == pytest.approx(1.0)
+    assert float(decomposition_error(jnp.zeros((2, 2)), lambda V: 0 * V)) == 0.0
+    # The probes see an error in any direction: a wrong eigenvalue.
+    w, Q = jnp.linalg.eigh(F)
+    assert float(decomposition_error(F, lambda V: Q @ (w.at[-1].set(0.5)[:, None] * (Q.T @ V)))) > 0.1
 
 
 def test_unknown_choices_raise():
