@@ -5,22 +5,25 @@ Stabilizing Shampoo using Adam" (arXiv:2409.11321, 2024), Algorithm 3. Shampoo w
 ``1/2`` power is Adafactor in the eigenbasis of its statistics (their §3); SOAP runs Adam there
 instead, so the second moment keeps adapting between the (infrequent) eigendecompositions. Per
 parameter tensor with ``k`` modes (the tensor view and diagonal modes of TNT / Shampoo), step
-``t`` (1-based; the tensor engine of :mod:`qnopt.methods._modes`)::
+``t`` (counted from the step after the first; the tensor engine of :mod:`qnopt.methods._modes`)::
 
     m ← β₁ m + g                                          (the engine's momentum; M = (1 − β₁) m)
-    every T1 steps:  L_i ← β L_i + (1 − β) g^{(i)}          (Shampoo's statistics, mode contractions)
-    every T2 steps:  Q_i = eigenvectors(L_i)                  (a diagonal mode: Q_i = I)
     G' = g ×_1 Q_1ᵀ ⋯ ×_k Q_kᵀ,   V ← β₂ V + (1 − β₂) G' ⊙ G'
     N' = (M' / (1 − β₁ᵗ)) / (√(V / (1 − β₂ᵗ)) + ε),   p = N' ×_1 Q_1 ⋯ ×_k Q_k + γ W
+    every T1 steps:  L_i ← β L_i + (1 − β) g^{(i)}          (Shampoo's statistics, mode contractions)
+    every T2 steps:  Q_i ← QR(L_i Q_i), ordered by diag(Q_iᵀ L_i Q_i)   (a diagonal mode: Q_i = I)
 
-Differences from the authors' code, each a choice of this engine: the eigenbasis is refreshed at
-the *start* of a step from statistics that include that step's gradient (their code refreshes at
-the end of a step, after using the gradient), and by ``eigh`` every time (their code follows
-the first ``eigh`` with one power iteration and QR per refresh); the first step is taken (their
-code only initialises on it). Their ``precondition_1d=False`` default is ours: 1-D parameters
-(biases, norm scales) get plain Adam. ``optax`` (0.2.8, the newest on PyPI as of 2026-12-07)
-has no ``contrib.soap`` to compare with; ``tests/methods/test_soap.py`` checks the trajectory
-against an independent float64 NumPy implementation of the steps above.
+As the authors' code orders it, the basis used at step ``t`` comes from statistics without
+``g_t``: it is refreshed at the end of a step, by ``eigh`` the first time and afterwards by one
+power step from the previous basis and a QR (the paper's §4), columns ordered by the estimated
+eigenvalues and ``V`` permuted with them (a basis built from ``g_t`` itself leaves ``g_t``'s
+rotated entries zero but for round-off, which Adam's normalisation turns into ±1 steps). One
+departure: step 1, which builds the first basis, is Adam's first step ``g / (|g| + ε)`` with
+nothing kept (the authors' code takes no step; the optax contract asks for a descending first
+update); the moments start at step 2. Their ``precondition_1d=False`` default is ours: 1-D
+parameters (biases, norm scales) get plain Adam. ``optax`` (0.2.8, the newest on PyPI as of
+2026-12-07) has no ``contrib.soap`` to compare with; ``tests/methods/test_soap.py`` checks the
+trajectory against an independent float64 NumPy implementation of these steps.
 """
 
 from __future__ import annotations
