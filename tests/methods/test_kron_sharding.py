@@ -47,6 +47,31 @@ def test_split_factors_match_replicated(make):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
 
 
+def _deep_mlp(hidden: int):
+    """``hidden`` equal 16-wide tanh layers and an 8-way head, its params, capture and a batch."""
+    model = nn.Sequential([layer for _ in range(hidden) for layer in (nn.Dense(16), nn.tanh)] + [nn.Dense(8)])
+    x = jax.random.normal(jax.random.key(0), (64, 16))
+    params = model.init(jax.random.key(1), x)["params"]
+    return params, qnopt.capture.linen(model, loss="softmax_cross_entropy"), (x, jnp.argmax(x[:, :8], axis=1))
+
+
+def _stepper(capture, opt):
+    def step(params, state, batch, key):
+        oracle = capture.oracle(params, batch, key)
+        updates, state = opt.update(oracle.grads, state, params, curvature=oracle)
+        return optax.apply_updates(params, updates), state
+    return step
+
+
+def _assert_same_run(p1, s1, p2, s2):
+    """Same parameters, and the same state for every real layer (padding aside)."""
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
+    for key in s2.layers:
+        for a, b in zip(jax.tree.leaves(s1.layers[key]), jax.tree.leaves(s2.layers[key])):
+            np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5, err_msg=key)
+
+
 def test_sharding_docstrings():
     assert doctest.testmod(qnopt.sharding).failed == 0
 
@@ -61,21 +86,11 @@ def test_stacked_factor_work_is_split_over_the_mesh():
     n = len(jax.devices())
     assert n == 8
     mesh = jax.make_mesh((n,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
-    model = nn.Sequential([layer for _ in range(2 * n) for layer in (nn.Dense(16), nn.tanh)] + [nn.Dense(8)])
-    x = jax.random.normal(jax.random.key(0), (64, 16))
-    y = jnp.argmax(x[:, :8], axis=1)
-    params = model.init(jax.random.key(1), x)["params"]
-    capture = qnopt.capture.linen(model, loss="softmax_cross_entropy")
+    params, capture, (x, y) = _deep_mlp(2 * n)
+    key = jax.random.key(2)
 
     def make(axis):
         return qnopt.kfac(0.1, damping=0.1, inverse_every=2, fisher="empirical", factor_axis=axis)
-
-    def stepper(opt):
-        def step(params, state, batch):
-            oracle = capture.oracle(params, batch, jax.random.key(2))
-            updates, state = opt.update(oracle.grads, state, params, curvature=oracle)
-            return optax.apply_updates(params, updates), state
-        return step
 
     opt = make("x")
     p_shard = jax.tree.map(lambda p: NamedSharding(mesh, P()), params)
@@ -89,22 +104,18 @@ def test_stacked_factor_work_is_split_over_the_mesh():
             assert leaf.addressable_shards[0].data.shape[0] == 2 and leaf.sharding.spec[0] == "x"
         for leaf in jax.tree.leaves(out):
             assert leaf.addressable_shards[0].data.shape[0] == 1 and leaf.sharding.spec[0] == "x"
-        sharded = jax.jit(stepper(opt), in_shardings=(p_shard, s_shard, batch_shard),
+        sharded = jax.jit(_stepper(capture, opt), in_shardings=(p_shard, s_shard, batch_shard, None),
                           out_shardings=(p_shard, s_shard))
         batch = jax.device_put((x, y), batch_shard)
-        hlo = sharded.lower(params, state, batch).compile().as_text()
+        hlo = sharded.lower(params, state, batch, key).compile().as_text()
         p1, s1 = params, state
         for _ in range(5):
-            p1, s1 = sharded(p1, s1, batch)
-    plain = jax.jit(stepper(make(None)))
+            p1, s1 = sharded(p1, s1, batch, key)
+    plain = jax.jit(_stepper(capture, make(None)))
     p2, s2 = params, make(None).init(params)
     for _ in range(5):
-        p2, s2 = plain(p2, s2, (x, y))
-    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
-        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
-    for key in s2.layers:
-        for a, b in zip(jax.tree.leaves(s1.layers[key]), jax.tree.leaves(s2.layers[key])):
-            np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5, err_msg=key)
+        p2, s2 = plain(p2, s2, (x, y), key)
+    _assert_same_run(p1, s1, p2, s2)
     # The compiled program: each device's decomposition loop runs over its two layers' factors,
     # and no all-gather produces the hidden stack's (16, 17, 17) A's or (16, 16, 16) G's.
     gathered = [line for line in hlo.splitlines() if "all-gather" in line and ("[16,17,17]" in line or "[16,16,16]" in line)]
@@ -121,21 +132,10 @@ def test_stacks_of_any_depth_are_padded_to_split_evenly():
     real layer's state are the unpadded, unsharded run's."""
     n = len(jax.devices())
     mesh = jax.make_mesh((n,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
-    model = nn.Sequential([layer for _ in range(12) for layer in (nn.Dense(16), nn.tanh)] + [nn.Dense(8)])
-    x = jax.random.normal(jax.random.key(0), (64, 16))
-    y = jnp.argmax(x[:, :8], axis=1)
-    params = model.init(jax.random.key(1), x)["params"]
-    capture = qnopt.capture.linen(model, loss="softmax_cross_entropy")
+    params, capture, (x, y) = _deep_mlp(12)
 
     def make(axis):
         return qnopt.kfac(0.1, damping=0.1, inverse_every=2, factor_axis=axis)
-
-    def stepper(opt):
-        def step(params, state, batch, key):
-            oracle = capture.oracle(params, batch, key)
-            updates, state = opt.update(oracle.grads, state, params, curvature=oracle)
-            return optax.apply_updates(params, updates), state
-        return step
 
     opt = make("x")
     p_shard = jax.tree.map(lambda p: NamedSharding(mesh, P()), params)
@@ -147,20 +147,16 @@ def test_stacks_of_any_depth_are_padded_to_split_evenly():
         for stack, per_device in zip(state.layers.stacks, (2, 1)):
             for leaf in jax.tree.leaves(stack):
                 assert leaf.sharding.spec[0] == "x" and leaf.addressable_shards[0].data.shape[0] == per_device
-        sharded = jax.jit(stepper(opt), in_shardings=(p_shard, s_shard, batch_shard, None),
+        sharded = jax.jit(_stepper(capture, opt), in_shardings=(p_shard, s_shard, batch_shard, None),
                           out_shardings=(p_shard, s_shard))
         batch = jax.device_put((x, y), batch_shard)
         p1, s1 = params, state
         for i in range(5):
             p1, s1 = sharded(p1, s1, batch, jax.random.key(i))
     plain_opt = make(None)
-    plain = jax.jit(stepper(plain_opt))
+    plain = jax.jit(_stepper(capture, plain_opt))
     p2, s2 = params, plain_opt.init(params)
     assert s2.layers.padding == 0
     for i in range(5):
         p2, s2 = plain(p2, s2, (x, y), jax.random.key(i))
-    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
-        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5)
-    for key in s2.layers:
-        for a, b in zip(jax.tree.leaves(s1.layers[key]), jax.tree.leaves(s2.layers[key])):
-            np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5, err_msg=key)
+    _assert_same_run(p1, s1, p2, s2)
