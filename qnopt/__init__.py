@@ -8,7 +8,7 @@ learning rate. The primitives they are built from live in ``qnopt.linalg`` and `
 __version__ = "0.1.0"
 
 from qnopt import base, capture, contract, curvature, damping, data, linalg, losses, preconditioners, sharding, testing, trust_region
-from qnopt.alias import soap, ekfac, kbfgs, kbfgs_l, kfac, lssr1_tr, mb_lsr1, s2qn, s4qn, shampoo, skqn, skqn_b1, skqn_b2, skqn_l, slimqn, smw_gn, smw_ng, smw_ng_bd, tnt
+from qnopt.alias import ekfac, kbfgs, kbfgs_l, kfac, lssr1_tr, mb_lsr1, s2qn, s4qn, shampoo, skqn, skqn_b1, skqn_b2, skqn_l, slimqn, smw_gn, smw_ng, smw_ng_bd, soap, tnt
 from qnopt.training import make_train_step
 from qnopt.methods import (KbfgsLayerState, KfacLayerState, LayerBlockState, ScaleByLayerBlocksState, scale_by_ekfac, scale_by_soap, ScaleBySoapState, ScaleByKbfgsState, ScaleByKfacState,
                            ScaleByMbLsr1State, ScaleByS2qnState, ScaleBySkqnState, SkqnLayerState,

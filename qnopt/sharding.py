@@ -159,10 +159,10 @@ def shard_stacks(axis: Optional[str] = None) -> Rule:
     over ``axis`` (default: the mesh's first axis), so that each device stores ``L/n`` layers;
     a stack whose ``L`` is not a multiple of ``n`` stays replicated (K-FAC and EKFAC with
     ``factor_axis`` pad their stacks to a multiple of ``n`` when ``init`` runs under the mesh:
-    call :func:`state_shardings` under ``jax.set_mesh(mesh)`` too, so that it sees those shapes). Pair it with the method's
-    ``factor_axis=`` (the same axis), which has each device refresh its ``L/n`` layers: the
-    refreshed inverses then never leave their device; the preconditioned gradients are
-    gathered where the update needs them (Anil et al., arXiv:2002.09018, §5: preconditioner
+    call :func:`state_shardings` under ``jax.set_mesh(mesh)`` too, so that it sees those
+    shapes). Pair it with the method's ``factor_axis=`` (the same axis), which has each device
+    refresh its ``L/n`` layers: the refreshed inverses then never leave their device; the
+    preconditioned gradients are gathered where the update needs them (Anil et al., arXiv:2002.09018, §5: preconditioner
     blocks stacked and split over devices).
 
     Args:

@@ -28,7 +28,7 @@ import optax
 
 from qnopt.base import check_range
 from qnopt.curvature.ema import statistics_decay
-from qnopt.linalg.stacks import LayerStacks, map_decompositions, pad_layers, vmap_layers, vmap_stacked
+from qnopt.linalg.stacks import LayerStacks, map_decompositions, pad_layers, stack_size, vmap_layers, vmap_stacked
 from qnopt.linalg.tree import tree_all_finite
 from qnopt.methods import _kron as K
 from qnopt.methods._step import SampledLabels, SecondPass, commit
@@ -116,7 +116,7 @@ def scale_by_layer_blocks(block: KroneckerBlock, *, method: str, learning_rate: 
 
         def fold(keys, st):
             bias = specs[keys[0]].has_bias          # one bias flag per stack
-            rows = pad_layers([(a_src[k].a_rows(), g_src[k].dh_rows()) for k in keys], size=_size(st))
+            rows = pad_layers([(a_src[k].a_rows(), g_src[k].dh_rows()) for k in keys], size=stack_size(st))
             curvature = vmap_stacked(lambda c, a, dh: block.statistics(c, a, dh, decay, bias), rows, (st.curvature,))
             return st._replace(curvature=curvature)
 
@@ -162,8 +162,8 @@ def scale_by_layer_blocks(block: KroneckerBlock, *, method: str, learning_rate: 
 
         # Lines 7-9: momentum and the preconditioned step, one batched call per stack of layers.
         X = K.layer_grads(grads, specs)
-        stepped = [vmap_layers(step_layer, in_axes=(0, 0, None))(st, _padded_stack([X[key] for key in keys], _size(st)),
-                                                                 alpha)
+        stepped = [vmap_layers(step_layer, in_axes=(0, 0, None))(
+                       st, jnp.stack(pad_layers([X[key] for key in keys], size=stack_size(st))), alpha)
                    for keys, st in zip(layer_states.groups, layer_states.stacks)]
         directions = {key: d[i] for keys, (d, _) in zip(layer_states.groups, stepped) for i, key in enumerate(keys)}
         new_states = LayerStacks(layer_states.groups, tuple(st._replace(momentum=mom) for st, (_, mom)
@@ -189,15 +189,3 @@ def _axis_size(axis: Optional[str]) -> int:
         return 1
     mesh = jax.sharding.get_abstract_mesh()
     return 1 if mesh.empty or axis not in mesh.axis_names else mesh.shape[axis]
-
-
-def _size(stack: Any) -> int:
-    return jnp.shape(jax.tree.leaves(stack)[0])[0]
-
-
-def _padded_stack(matrices: list, size: int) -> jax.Array:
-    """The layers' gradients stacked, zeros for the padding (their steps are dropped)."""
-    X = jnp.stack(matrices)
-    if size == len(matrices):
-        return X
-    return jnp.concatenate([X, jnp.zeros((size - len(matrices),) + X.shape[1:], X.dtype)])

@@ -19,8 +19,8 @@ SOAP). A refresh that is not finite, or whose error exceeds ``refresh_tolerance`
 
 Schedule (0-based step ``t``, as the authors' code): statistics when ``t ≡ 0 (mod T1)``;
 factors when ``t ≡ 0 (mod T2)`` and (TNT, Shampoo) also at every statistics step of the first
-``T2`` steps, so the first step is already preconditioned. Without a warm start the statistics start at zero
-with a zero-debiased EMA (:func:`qnopt.curvature.debiased_decay`); with one, the plain EMA.
+``T2`` steps, so the first step is already preconditioned. Without a warm start the statistics
+start at zero with a zero-debiased EMA (:func:`qnopt.curvature.debiased_decay`); with one, the plain EMA.
 """
 
 from __future__ import annotations
@@ -154,7 +154,6 @@ def scale_by_mode_preconditioner(*, method: str, block: TensorBlock, fisher: str
 
         # Line 10 / 7: gradient momentum.
         mom = jax.tree.map(lambda m, g: momentum * m + g.astype(m.dtype), state.momentum, updates)
-        first = (t == 0) if refresh_after_step else False
 
         # Lines 11-13 / 8-10: statistics of the sampled (TNT) or empirical gradient.
         def new_statistics(stats):
@@ -224,7 +223,7 @@ def scale_by_mode_preconditioner(*, method: str, block: TensorBlock, fisher: str
                 d, moments = directions_of(state.precond, state.moments, mom, t - 1)
                 return d, moments, mom
 
-            direction, moments, mom = jax.lax.cond(first, first_step, later_step, None)
+            direction, moments, mom = jax.lax.cond(t == 0, first_step, later_step, None)
             precond, failures, moments = refresh(state.precond, state.failures, moments)
         else:
             precond, failures, moments = refresh(state.precond, state.failures, state.moments)

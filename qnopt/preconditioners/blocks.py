@@ -222,12 +222,16 @@ class TensorBlock(NamedTuple):
     apply: Callable[..., tuple]
 
 
+def _identity_factors(layout: ModeLayout, dtype: Any) -> tuple:
+    """One identity factor per mode: ``I`` for a full mode, a vector of ones for a diagonal one."""
+    return tuple(jnp.ones(s, dtype) if len(s) == 1 else jnp.eye(s[0], dtype=dtype) for s in layout.factor_shapes)
+
+
 def _symmetric_factors_block(factor: Callable[[jax.Array, int], tuple]) -> TensorBlock:
     """A block whose factors are symmetric matrices (or diagonals) ``P_i = factor(Ĝ, k)`` and whose
     direction is ``m ×_1 P_1 ⋯ ×_k P_k`` (Ren thesis eq. 4.8): TNT and Shampoo."""
     def init(layout: ModeLayout, dtype: Any) -> tuple:
-        eye = tuple(jnp.ones(s, dtype) if len(s) == 1 else jnp.eye(s[0], dtype=dtype) for s in layout.factor_shapes)
-        return eye, None
+        return _identity_factors(layout, dtype), None
 
     def refresh(stats: tuple, factors: tuple, moments: Any, layout: ModeLayout, count: Any) -> tuple:
         out = [factor(s, len(stats)) for s in stats]
@@ -326,8 +330,7 @@ def soap_block(damping: ArrayLike = 1e-8, *, second_moment_decay: ArrayLike = 0.
       [1.0, -1.0]
     """
     def init(layout: ModeLayout, dtype: Any) -> tuple:
-        eye = tuple(jnp.ones(s, dtype) if len(s) == 1 else jnp.eye(s[0], dtype=dtype) for s in layout.factor_shapes)
-        return eye, jnp.zeros(layout.shape, dtype)
+        return _identity_factors(layout, dtype), jnp.zeros(layout.shape, dtype)
 
     def refresh(stats: tuple, factors: tuple, V: jax.Array, layout: ModeLayout, count: Any) -> tuple:
         new, errors = [], [jnp.zeros((), V.dtype)]
