@@ -306,8 +306,8 @@ def warm_start_factors(
     if ws.kind == "factors":
         options = {"fisher": ws.fisher}
     else:
-        kw = spec.kwargs_for(problem)
-        options = {"fisher": ws.fisher, **{k: kw[k] for k in ("reshape", "max_dim") if k in kw}}
+        kw = {**getattr(spec.make, "defaults", {}), **spec.kwargs_for(problem)}
+        options = {"fisher": ws.fisher, **{k: kw[k] for k in ("reshape", "max_dim", "block_size") if k in kw}}
     capture = problem.capture() if model_state is None else _StartingState(problem.capture(), model_state)
     t0 = time.perf_counter()
     bs = [jax.device_put(b) for b in _epoch_batches(problem, batch_size, seed, 0, cap)]

@@ -88,8 +88,17 @@ def _rows(x: ArrayLike, trailing: int) -> tuple[jax.Array, int]:
     return x.reshape(-1, x.shape[-1]), n
 
 
-def _gram(x: jax.Array, bias: bool) -> jax.Array:
-    """``x̄ᵀ x̄`` for ``x̄ = [x, 1]`` without materialising ``x̄`` (a copy of the patch matrix)."""
+def _gram(x: jax.Array, bias: bool, block: int = 0) -> jax.Array:
+    """``x̄ᵀ x̄`` for ``x̄ = [x, 1]`` without materialising ``x̄`` (a copy of the patch matrix); with
+    ``block > 0`` only its diagonal ``block × block`` blocks, ``(⌈d/b⌉, b, b)`` (the last padded
+    with zeros; :mod:`qnopt.linalg.modes`), never forming the whole matrix."""
+    if block:
+        if bias:
+            x = jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1)
+        d = x.shape[1]
+        n = -(-d // block)
+        x = jnp.pad(x, ((0, 0), (0, n * block - d))).reshape(x.shape[0], n, block)
+        return jnp.einsum("mni,mnj->nij", x, x, precision=_HIGHEST)
     s = jnp.matmul(x.T, x, precision=_HIGHEST)
     if not bias:
         return s
@@ -272,7 +281,7 @@ def dense_A_matvec(a: ArrayLike, s: ArrayLike, *, bias: bool = True) -> jax.Arra
     return _matvec(x, s, bias) / n
 
 
-def conv_A(patches: ArrayLike, *, bias: bool = True, spatial: Spatial = "sum") -> jax.Array:
+def conv_A(patches: ArrayLike, *, bias: bool = True, spatial: Spatial = "sum", block: int = 0) -> jax.Array:
     r"""Input factor of a convolution from its patches (K-FAC for convolutions).
 
     .. math::
@@ -292,9 +301,11 @@ def conv_A(patches: ArrayLike, *, bias: bool = True, spatial: Spatial = "sum") -
       patches: conv input patches ``(..., T, d)`` with ``d = prod(kernel_size) * c_in``.
       bias: append the homogeneous coordinate.
       spatial: ``"sum"`` (thesis, default), ``"mean"`` or ``"sqrt"``.
+      block: ``0``, or only the diagonal ``block × block`` blocks of ``A`` (a block-partitioned
+        layer: ``(⌈(d + bias)/block⌉, block, block)``, the last zero-padded).
 
     Returns:
-      Symmetric PSD matrix ``(d + bias, d + bias)`` in the accumulation dtype.
+      Symmetric PSD matrix ``(d + bias, d + bias)`` in the accumulation dtype (or its blocks).
 
     Example:
       >>> import jax.numpy as jnp
@@ -309,11 +320,11 @@ def conv_A(patches: ArrayLike, *, bias: bool = True, spatial: Spatial = "sum") -
     """
     x, n = _rows(patches, 2)
     num_pos = jnp.shape(patches)[-2]
-    return _gram(x, bias) * (_spatial_factor(num_pos, spatial) / n)
+    return _gram(x, bias, block) * (_spatial_factor(num_pos, spatial) / n)
 
 
 def conv_G(g: ArrayLike, *, batch_mean: bool, scale: ArrayLike = 1.0,
-           spatial: Spatial = "mean") -> jax.Array:
+           spatial: Spatial = "mean", block: int = 0) -> jax.Array:
     r"""Output factor of a convolution from per-position pre-activation gradients.
 
     .. math::
@@ -334,9 +345,10 @@ def conv_G(g: ArrayLike, *, batch_mean: bool, scale: ArrayLike = 1.0,
       batch_mean: ``g`` is the gradient of the batch-mean loss (multiply by ``N``).
       scale: further constant factor on the per-example gradients.
       spatial: ``"mean"`` (thesis, default), ``"sum"`` or ``"sqrt"``.
+      block: ``0``, or only the diagonal blocks of ``G``, as :func:`conv_A`'s.
 
     Returns:
-      Symmetric PSD matrix ``(c_out, c_out)`` in the accumulation dtype.
+      Symmetric PSD matrix ``(c_out, c_out)`` in the accumulation dtype (or its blocks).
 
     Example:
       >>> import jax.numpy as jnp
@@ -350,7 +362,7 @@ def conv_G(g: ArrayLike, *, batch_mean: bool, scale: ArrayLike = 1.0,
     x, n = _rows(g, 2)
     num_pos = jnp.shape(g)[-2]
     c2 = jnp.asarray(scale, x.dtype) ** 2 * (n if batch_mean else 1.0 / n)
-    return (c2 * _spatial_factor(num_pos, spatial)) * jnp.matmul(x.T, x, precision=_HIGHEST)
+    return (c2 * _spatial_factor(num_pos, spatial)) * _gram(x, False, block)
 
 
 def conv_A_matvec(patches: ArrayLike, s: ArrayLike, *, bias: bool = True,

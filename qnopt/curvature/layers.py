@@ -115,8 +115,9 @@ def layer_A(stats: Any, positions: str = "expand") -> jax.Array:
     return rows_A(stats.a_rows(), stats.info.has_bias, positions)
 
 
-def rows_A(a_rows: jax.Array, bias: bool, positions: str = "expand") -> jax.Array:
-    """:func:`layer_A` from the rows ``(N, T, d_in)`` themselves (for ``jax.vmap`` over layers).
+def rows_A(a_rows: jax.Array, bias: bool, positions: str = "expand", block: int = 0) -> jax.Array:
+    """:func:`layer_A` from the rows ``(N, T, d_in)`` themselves (for ``jax.vmap`` over layers);
+    ``block > 0``: only ``A``'s diagonal blocks (:func:`qnopt.curvature.conv_A`).
 
     Example:
       >>> import jax.numpy as jnp
@@ -126,7 +127,7 @@ def rows_A(a_rows: jax.Array, bias: bool, positions: str = "expand") -> jax.Arra
     _check_positions(positions)
     if positions == "reduce":
         a_rows = jnp.mean(a_rows.astype(accumulation_dtype(a_rows.dtype)), axis=1, keepdims=True)
-    return conv_A(a_rows, bias=bias, spatial="sum")
+    return conv_A(a_rows, bias=bias, spatial="sum", block=block)
 
 
 def layer_G(stats: Any, positions: str = "expand") -> jax.Array:
@@ -149,8 +150,9 @@ def layer_G(stats: Any, positions: str = "expand") -> jax.Array:
     return rows_G(stats.dh_rows(), positions)
 
 
-def rows_G(dh_rows: jax.Array, positions: str = "expand") -> jax.Array:
-    """:func:`layer_G` from the rows ``(N, T, d_out)`` of ``dh`` themselves (for ``jax.vmap``).
+def rows_G(dh_rows: jax.Array, positions: str = "expand", block: int = 0) -> jax.Array:
+    """:func:`layer_G` from the rows ``(N, T, d_out)`` of ``dh`` themselves (for ``jax.vmap``);
+    ``block > 0``: only ``G``'s diagonal blocks.
 
     Example:
       >>> import jax.numpy as jnp
@@ -160,7 +162,7 @@ def rows_G(dh_rows: jax.Array, positions: str = "expand") -> jax.Array:
     _check_positions(positions)
     if positions == "reduce":
         dh_rows = jnp.sum(dh_rows.astype(accumulation_dtype(dh_rows.dtype)), axis=1, keepdims=True)
-    return conv_G(dh_rows, batch_mean=True, spatial="mean")
+    return conv_G(dh_rows, batch_mean=True, spatial="mean", block=block)
 
 
 def rows_eigen_scaling(a_rows: jax.Array, dh_rows: jax.Array, Q_A: ArrayLike, Q_G: ArrayLike,

@@ -37,21 +37,24 @@ __all__ = ["estimate_mode_statistics", "factor_trace", "mode_statistics", "trace
 
 
 def factor_trace(F: jax.Array) -> jax.Array:
-    """``tr(F)`` for a matrix, ``Σ F`` for a diagonal given as a vector.
+    """``tr(F)`` for a matrix, ``Σ F`` for a diagonal given as a vector, the sum of the blocks'
+    traces for a stack of diagonal blocks ``(n, b, b)`` (a blocked mode).
 
     Example:
       >>> import jax.numpy as jnp
       >>> float(factor_trace(jnp.eye(3))), float(factor_trace(jnp.array([1.0, 2.0])))
       (3.0, 3.0)
     """
-    return jnp.sum(F) if F.ndim == 1 else jnp.trace(F)
+    return jnp.sum(F) if F.ndim == 1 else jnp.sum(jnp.trace(F, axis1=-2, axis2=-1))
 
 
-def trace_normalize(stats: Sequence[jax.Array]) -> tuple:
+def trace_normalize(stats: Sequence[jax.Array], dims: Optional[Sequence[int]] = None) -> tuple:
     """Eq. (4.10): ``Ũ_i = S_i / (c_0^{k−1} ∏_{j≠i} d_j)``, ``c_0 = (tr S_1 / ∏_j d_j)^{1/k}``.
 
     ``stats`` are the statistics ``S_i ≈ E[G^{(i)}]`` of the ``k`` modes (matrices, or vectors
-    for diagonal modes). All-zero statistics (``c_0 = 0``) give zero factors.
+    for diagonal modes, stacks of diagonal blocks for blocked ones: then pass the tensor's
+    ``dims``, which default to the matrices' sizes). All-zero statistics (``c_0 = 0``) give zero
+    factors.
 
     Example:
       >>> import jax.numpy as jnp
@@ -63,7 +66,7 @@ def trace_normalize(stats: Sequence[jax.Array]) -> tuple:
       True
     """
     k = len(stats)
-    dims = [F.shape[0] for F in stats]
+    dims = [F.shape[0] for F in stats] if dims is None else list(dims)
     total = math.prod(dims)
     c0 = (jnp.maximum(factor_trace(stats[0]), 0.0) / total) ** (1.0 / k)
     out = []
@@ -89,19 +92,19 @@ def mode_statistics(grads: PyTree, layouts: PyTree) -> list:
     out = []
     for g, lay in zip(jax.tree.leaves(grads), treedef.flatten_up_to(layouts)):
         g = g.astype(jnp.promote_types(g.dtype, jnp.float32)).reshape(lay.shape)
-        out.append(mode_contractions(g, lay.diagonal))
+        out.append(mode_contractions(g, lay.diagonal, blocks=lay.blocks))
     return out
 
 
 @functools.lru_cache(maxsize=32)
-def _statistics_pass(capture: Any, fisher: str, reshape: Any, max_dim: int) -> Callable:
+def _statistics_pass(capture: Any, fisher: str, reshape: Any, max_dim: int, block_size: Optional[int]) -> Callable:
     """The jitted per-batch contraction pass, cached per capture, Fisher kind and layout."""
 
     @jax.jit
     def one(params, batch, k):
         oracle = capture.oracle(params, batch, k)
         grads = oracle.grads if fisher == "empirical" else oracle.fisher_grads(k)
-        return mode_statistics(grads, mode_layout(params, reshape, max_dim))
+        return mode_statistics(grads, mode_layout(params, reshape, max_dim, block_size))
 
     return one
 
@@ -109,7 +112,8 @@ def _statistics_pass(capture: Any, fisher: str, reshape: Any, max_dim: int) -> C
 @renamed(estimator="fisher")
 def estimate_mode_statistics(capture: Any, params: PyTree, batches: Iterable[Any], *,
                              fisher: str = "sampled", key: Optional[jax.Array] = None,
-                             reshape: Any = "filter", max_dim: int = 4096) -> PyTree:
+                             reshape: Any = "filter", max_dim: int = 4096,
+                             block_size: Optional[int] = None) -> PyTree:
     r"""Warm start of TNT / Shampoo (Alg. 15 and 16, line 2): ``E[G^{(i)}]`` of every parameter
     averaged over a data iterator at the initial parameters.
 
@@ -121,8 +125,8 @@ def estimate_mode_statistics(capture: Any, params: PyTree, batches: Iterable[Any
         ``key``) or ``"empirical"`` (the batch's labels: Shampoo, TNT-EF); formerly
         ``estimator``, as in :func:`qnopt.curvature.estimate_factors`.
       key: PRNG key for ``"sampled"``; folded with the batch index.
-      reshape, max_dim: the tensor views (:func:`qnopt.preconditioners.mode_layout`); they
-        must be those of the optimizer.
+      reshape, max_dim, block_size: the tensor views (:func:`qnopt.preconditioners.mode_layout`);
+        they must be those of the optimizer.
 
     Returns:
       A tree like ``params`` whose leaves are tuples of per-mode statistics; pass it as
@@ -144,6 +148,6 @@ def estimate_mode_statistics(capture: Any, params: PyTree, batches: Iterable[Any
     if fisher == "sampled" and key is None:
         raise ValueError("estimate_mode_statistics(fisher='sampled') needs a PRNG key: "
                          "key=jax.random.key(0).")
-    one = _statistics_pass(capture, fisher, reshape, max_dim)
+    one = _statistics_pass(capture, fisher, reshape, max_dim, block_size)
     mean = batch_average(one, params, batches, key, "estimate_mode_statistics")
     return jax.tree.structure(params).unflatten([tuple(s) for s in mean])

@@ -28,8 +28,8 @@ from qnopt.linalg.lsr1 import (
     lsr1_psi_combine,
     lsr1_psi_dot,
 )
-from qnopt.linalg.modes import (ModeLayout, mode_contraction, mode_contractions, mode_layout, mode_product,
-                                mode_products, tensor_view)
+from qnopt.linalg.modes import (ModeLayout, block_diagonal, diagonal_blocks, fill_padding, mode_contraction,
+                                mode_contractions, mode_layout, mode_product, mode_products, permute_mode, tensor_view)
 from qnopt.linalg.roots import decomposition_error, inverse_pth_root, power_iteration
 from qnopt.linalg.stacks import LayerStacks, map_decompositions, vmap_layers, vmap_stacked
 from qnopt.linalg.smw import smw_gram_matrix, smw_gram_weights, smw_solve
@@ -63,6 +63,10 @@ from qnopt.linalg.tree import (
 
 __all__ = [
     "ModeLayout",
+    "block_diagonal",
+    "diagonal_blocks",
+    "fill_padding",
+    "permute_mode",
     "mode_contraction",
     "mode_contractions",
     "mode_layout",

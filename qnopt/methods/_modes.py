@@ -83,14 +83,14 @@ def _check_initial(initial: PyTree, params: PyTree, layouts: list, dtypes: list,
         if tuple(s.shape for s in stats) != lay.factor_shapes:
             raise ValueError(f"{method}: initial statistics of shapes {[s.shape for s in stats]}, "
                              f"expected {list(lay.factor_shapes)}: estimate them with the same "
-                             f"reshape= and max_dim= as the optimizer.")
+                             f"reshape=, max_dim= and block_size= as the optimizer.")
         out.append(stats)
     return out
 
 
 def scale_by_mode_preconditioner(*, method: str, block: TensorBlock, fisher: str, damping: Any,
                                  momentum: Any, beta: Any, stats_every: int, inverse_every: int,
-                                 weight_decay: Any, reshape: Any, max_dim: int,
+                                 weight_decay: Any, reshape: Any, max_dim: int, block_size: Optional[int],
                                  initial_factors: Optional[PyTree], refresh_tolerance: Optional[float],
                                  vectors_diagonal: bool = False, warmup_refresh: bool = True,
                                  refresh_after_step: bool = False) -> optax.GradientTransformationExtraArgs:
@@ -110,12 +110,14 @@ def scale_by_mode_preconditioner(*, method: str, block: TensorBlock, fisher: str
     check_statistics_hyperparams(damping=damping, momentum=momentum, beta=beta, stats_every=stats_every,
                                  inverse_every=inverse_every, weight_decay=weight_decay)
     check_range("max_dim", max_dim, 1)
+    if block_size is not None:
+        check_range("block_size", block_size, 1)
     if refresh_tolerance is not None:
         check_range("refresh_tolerance", refresh_tolerance, 0.0, low_open=True)
     warm = initial_factors is not None
 
     def layouts_of(tree: PyTree) -> list:
-        layouts = jax.tree.structure(tree).flatten_up_to(mode_layout(tree, reshape, max_dim))
+        layouts = jax.tree.structure(tree).flatten_up_to(mode_layout(tree, reshape, max_dim, block_size))
         if vectors_diagonal:
             layouts = [ModeLayout(lay.shape, (True,)) if len(lay.shape) == 1 else lay for lay in layouts]
         return layouts

@@ -74,6 +74,7 @@ def scale_by_kfac(
     fallback: Optional[optax.GradientTransformation] = None,
     factor_axis: Optional[str] = None,
     refresh_tolerance: Optional[float] = 1e-2,
+    block_size: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""K-FAC (see the module docstring for the algorithm and the options).
 
@@ -103,6 +104,10 @@ def scale_by_kfac(
         (:func:`qnopt.preconditioners.decomposition_error`, ~1e-6 when it succeeds) exceeds this,
         or that is not finite, is discarded: the layer keeps its last inverses and counts the
         failure in ``state.layers[key].failures``. ``None``: only non-finite ones.
+      block_size: ``None``, or ``b``: factors of dimensions larger than ``b`` keep only their
+        diagonal ``b × b`` blocks (a grid of sub-layers sharing ``A_jj``, ``G_ii``; memory
+        ``O(d b)`` and work ``O(d b²)`` per factor instead of ``d²``, ``d³``;
+        :func:`qnopt.preconditioners.kfac_block`). Warm-start factors are given whole.
 
     Example:
       >>> import jax, jax.numpy as jnp, flax.linen as nn, qnopt
@@ -122,7 +127,7 @@ def scale_by_kfac(
     check_statistics_hyperparams(damping=damping, momentum=momentum, beta=beta, stats_every=stats_every,
                                  inverse_every=inverse_every, weight_decay=weight_decay)
     return scale_by_layer_blocks(
-        kfac_block(damping, inverse=inverse, positions=positions), method="qnopt.kfac",
+        kfac_block(damping, inverse=inverse, positions=positions, block_size=block_size), method="qnopt.kfac",
         learning_rate=learning_rate, momentum=momentum, beta=beta, stats_every=stats_every,
         inverse_every=inverse_every, fisher=fisher, stats_at=stats_at, momentum_on=momentum_on,
         initial_factors=initial_factors, weight_decay=weight_decay, layers=layers, fallback=fallback,
@@ -131,7 +136,7 @@ def scale_by_kfac(
 
 #: Arguments fixed when the transformation is built (``static_args`` of ``optax.inject_hyperparams``).
 STATIC = ("inverse_every", "fisher", "stats_at", "momentum_on", "inverse", "positions", "initial_factors",
-          "layers", "fallback", "factor_axis", "refresh_tolerance")
+          "layers", "fallback", "factor_axis", "refresh_tolerance", "block_size")
 
 
 @alias(Composition(scale_by_kfac, "step", static=STATIC))

@@ -49,6 +49,7 @@ def scale_by_shampoo(
     weight_decay: float = 0.0,
     reshape: Any = "filter",
     max_dim: int = 4096,
+    block_size: Optional[int] = None,
     initial_factors: Optional[PyTree] = None,
     refresh_tolerance: Optional[float] = 1e-2,
 ) -> optax.GradientTransformationExtraArgs:
@@ -64,7 +65,7 @@ def scale_by_shampoo(
       root: ``"newton"`` (coupled Newton) or ``"eigh"``.
       max_iters, tol: the coupled Newton iteration's cap and tolerance (100, 1e-6).
       weight_decay: ``γ`` (added after preconditioning, line 15).
-      reshape, max_dim, initial_factors: as :func:`qnopt.scale_by_tnt` (warm start with
+      reshape, max_dim, block_size, initial_factors: as :func:`qnopt.scale_by_tnt` (warm start with
         ``estimate_mode_statistics(..., fisher="empirical")``; formerly ``initial_statistics``).
       refresh_tolerance: a root whose final Newton error ``max|X^p (Ĝ + εI) − I|`` (``root="eigh"``:
         the eigendecomposition's backward error) exceeds this, or that is not finite, is
@@ -76,12 +77,12 @@ def scale_by_shampoo(
         method="qnopt.shampoo", block=shampoo_block(damping, root=root, max_iters=max_iters, tol=tol),
         fisher="empirical", damping=damping, momentum=momentum, beta=beta, stats_every=stats_every,
         inverse_every=inverse_every, weight_decay=weight_decay, reshape=reshape, max_dim=max_dim,
-        initial_factors=initial_factors, refresh_tolerance=refresh_tolerance)
+        block_size=block_size, initial_factors=initial_factors, refresh_tolerance=refresh_tolerance)
 
 
 #: Arguments fixed when the transformation is built (``static_args`` of ``optax.inject_hyperparams``).
-STATIC = ("stats_every", "inverse_every", "root", "max_iters", "tol", "reshape", "max_dim", "initial_factors",
-          "refresh_tolerance")
+STATIC = ("stats_every", "inverse_every", "root", "max_iters", "tol", "reshape", "max_dim", "block_size",
+          "initial_factors", "refresh_tolerance")
 
 
 @alias(Composition(scale_by_shampoo, "direction", static=STATIC))

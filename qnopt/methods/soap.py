@@ -55,6 +55,7 @@ def scale_by_soap(
     weight_decay: float = 0.0,
     reshape: Any = "filter",
     max_dim: int = 10000,
+    block_size: Optional[int] = None,
     initial_factors: Optional[PyTree] = None,
     refresh_tolerance: Optional[float] = 1e-2,
 ) -> optax.GradientTransformationExtraArgs:
@@ -68,8 +69,8 @@ def scale_by_soap(
       stats_every: ``T1``.  inverse_every: ``T2``, steps between eigenbases (the paper's
         preconditioning frequency, 10).
       weight_decay: ``γ``, decoupled (added to the direction, as AdamW and the paper).
-      reshape, max_dim: the tensor view and the largest full mode (the paper's 10000), as
-        :func:`qnopt.scale_by_tnt`'s.
+      reshape, max_dim, block_size: the tensor view, the largest full mode (the paper's 10000)
+        and the blocks of the larger ones, as :func:`qnopt.scale_by_tnt`'s.
       initial_factors: warm-start statistics (:func:`qnopt.curvature.estimate_mode_statistics`,
         ``fisher="empirical"``; not in the paper).
       refresh_tolerance: an eigendecomposition whose backward error exceeds this (or that is not
@@ -94,12 +95,13 @@ def scale_by_soap(
         method="qnopt.soap", block=soap_block(damping, second_moment_decay=second_moment_decay, momentum=momentum),
         fisher="empirical", damping=damping, momentum=momentum, beta=beta, stats_every=stats_every,
         inverse_every=inverse_every, weight_decay=weight_decay, reshape=reshape, max_dim=max_dim,
-        initial_factors=initial_factors, refresh_tolerance=refresh_tolerance, vectors_diagonal=True,
+        block_size=block_size, initial_factors=initial_factors, refresh_tolerance=refresh_tolerance, vectors_diagonal=True,
         warmup_refresh=False, refresh_after_step=True)
 
 
 #: Arguments fixed when the transformation is built (``static_args`` of ``optax.inject_hyperparams``).
-STATIC = ("stats_every", "inverse_every", "reshape", "max_dim", "initial_factors", "refresh_tolerance")
+STATIC = ("stats_every", "inverse_every", "reshape", "max_dim", "block_size", "initial_factors",
+          "refresh_tolerance")
 
 
 @alias(Composition(scale_by_soap, "direction", static=STATIC))

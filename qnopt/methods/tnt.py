@@ -50,6 +50,7 @@ def scale_by_tnt(
     weight_decay: float = 0.0,
     reshape: Any = "filter",
     max_dim: int = 4096,
+    block_size: Optional[int] = None,
     initial_factors: Optional[PyTree] = None,
     refresh_tolerance: Optional[float] = 1e-2,
 ) -> optax.GradientTransformationExtraArgs:
@@ -75,8 +76,13 @@ def scale_by_tnt(
         (:func:`qnopt.preconditioners.tensor_view`).
       max_dim: modes larger than this keep diagonal statistics (embeddings, very wide layers:
         memory ``O(d)`` and no ``O(d³)`` inverse for that mode).
+      block_size: ``None``, or a size ``b``: the (non-diagonal) modes larger than it keep only
+        the diagonal ``b × b`` blocks of their statistics, refreshed as one batched stack (memory
+        ``O(d b)``, work ``O(d b²)``; the correlations between blocks are dropped;
+        :mod:`qnopt.linalg.modes`). Distributed Shampoo's ``block_size`` (Anil et al. 2020, §3).
       initial_factors: warm-start factors (Alg. 15 line 2), the per-mode statistics of
-        :func:`qnopt.curvature.estimate_mode_statistics` with the same ``reshape``/``max_dim``.
+        :func:`qnopt.curvature.estimate_mode_statistics` with the same ``reshape``,
+        ``max_dim`` and ``block_size``.
         Formerly ``initial_statistics``.
       refresh_tolerance: an inverse whose decomposition's relative backward error exceeds this,
         or that is not finite, is discarded: the parameter keeps its factors and
@@ -87,13 +93,14 @@ def scale_by_tnt(
     return scale_by_mode_preconditioner(
         method="qnopt.tnt", block=tnt_block(damping, inverse=inverse), fisher=fisher, damping=damping,
         momentum=momentum, beta=beta, stats_every=stats_every, inverse_every=inverse_every,
-        weight_decay=weight_decay, reshape=reshape, max_dim=max_dim, initial_factors=initial_factors,
+        weight_decay=weight_decay, reshape=reshape, max_dim=max_dim, block_size=block_size,
+        initial_factors=initial_factors,
         refresh_tolerance=refresh_tolerance)
 
 
 #: Arguments fixed when the transformation is built (``static_args`` of ``optax.inject_hyperparams``).
-STATIC = ("stats_every", "inverse_every", "fisher", "inverse", "reshape", "max_dim", "initial_factors",
-          "refresh_tolerance")
+STATIC = ("stats_every", "inverse_every", "fisher", "inverse", "reshape", "max_dim", "block_size",
+          "initial_factors", "refresh_tolerance")
 
 
 @alias(Composition(scale_by_tnt, "direction", static=STATIC))

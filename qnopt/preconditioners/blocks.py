@@ -40,6 +40,11 @@ mode contractions ``Ĝ^{(i)}`` — the same for every tensor method, so kept by 
 * ``apply(factors, moments, m, g, count) -> (direction, moments)``: the direction from the
   momentum ``m`` (and the gradient ``g``, the 0-based step ``count``), both in the tensor view.
 
+A blocked mode (``block_size``, :class:`qnopt.preconditioners.ModeLayout`) has statistics and
+factors stacked as ``(n, b, b)`` diagonal blocks; every tensor block refreshes them block by
+block (one batched decomposition, ``vmap`` over the stack) — exactly the method applied to the
+block-diagonal statistics, whose inverse, root or eigenbasis is block-diagonal.
+
 * :func:`tnt_block`: TNT's trace-normalised damped inverses (Ren thesis Alg. 15 lines 14–19).
 * :func:`shampoo_block`: Shampoo's inverse ``2k``-th roots (Alg. 16 lines 11–15).
 * :func:`soap_block`: SOAP — Adam in the statistics' eigenbasis (Vyas et al., 2024).
@@ -47,17 +52,19 @@ mode contractions ``Ĝ^{(i)}`` — the same for every tensor method, so kept by 
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from qnopt.base import check_range
 from qnopt.curvature.ema import ema_update
 from qnopt.curvature.layers import POSITIONS, rows_A, rows_eigen_scaling, rows_G
 from qnopt.curvature.tensor_normal import trace_normalize
-from qnopt.linalg.modes import ModeLayout, mode_products
+from qnopt.linalg.modes import ModeLayout, diagonal_blocks, fill_padding, mode_products, permute_mode
 from qnopt.linalg.roots import inverse_pth_root
+from qnopt.linalg.stacks import map_decompositions
 from qnopt.preconditioners.kronecker import (damped_cholesky, damped_inverse, factor_eigh, factored_damping,
                                              kron_eigen_rotate, kron_factor_solve, kron_precondition)
 
@@ -85,22 +92,28 @@ def _check_choice(name: str, value: str, choices: tuple) -> None:
 
 
 def _factor_statistics(A, G, a_rows, dh_rows, decay, bias: bool, positions: str) -> tuple:
-    """K-FAC's EMA of ``A`` and ``G`` from one pass's rows (Ren thesis Alg. 12 lines 14–15)."""
-    return ema_update(A, rows_A(a_rows, bias, positions), decay), ema_update(G, rows_G(dh_rows, positions), decay)
+    """K-FAC's EMA of ``A`` and ``G`` from one pass's rows (Ren thesis Alg. 12 lines 14–15); of
+    their diagonal blocks only for factors stored as blocks."""
+    return (ema_update(A, rows_A(a_rows, bias, positions, _block_of(A)), decay),
+            ema_update(G, rows_G(dh_rows, positions, _block_of(G)), decay))
 
 
 class KfacBlockState(NamedTuple):
     """K-FAC block: the factors ``A`` (Ω) ``(da, da)``, ``G`` (Γ) ``(d_out, d_out)`` and their
     π-damped inverses ``inv_A``, ``inv_G`` (or the damped factors' lower Cholesky factors,
-    ``inverse="cholesky_solve"``)."""
+    ``inverse="cholesky_solve"``). With ``block_size``, a factor larger than it is the stack of
+    its diagonal blocks ``(⌈d/b⌉, b, b)`` and ``sizes`` holds ``(da, d_out)`` (int32; a stack of
+    layers may mix sizes that pad to the same blocks); else ``sizes`` is ``None``."""
 
     A: jax.Array
     G: jax.Array
     inv_A: jax.Array
     inv_G: jax.Array
+    sizes: Optional[jax.Array] = None
 
 
-def kfac_block(damping: ArrayLike, *, inverse: str = "eigh", positions: str = "expand") -> KroneckerBlock:
+def kfac_block(damping: ArrayLike, *, inverse: str = "eigh", positions: str = "expand",
+               block_size: Optional[int] = None) -> KroneckerBlock:
     r"""K-FAC's block (Ren thesis Alg. 12; Martens & Grosse 2015; Grosse & Martens 2016).
 
     * statistics (lines 14–15): ``A ← βA + (1−β) E_n[Σ_t ā_t ā_tᵀ]``, ``G ← βG + (1−β)
@@ -110,6 +123,13 @@ def kfac_block(damping: ArrayLike, *, inverse: str = "eigh", positions: str = "e
       (:func:`factored_damping`), by ``inverse`` = ``"eigh"``, ``"cholesky"`` or
       ``"cholesky_solve"`` (Cholesky factors kept, triangular solves in ``apply``);
     * apply (line 8): ``H_G X H_A``.
+
+    ``block_size``: a factor of a dimension larger than it keeps only its diagonal blocks —
+    ``A ≈ ⊕_j A_jj``, ``G ≈ ⊕_i G_ii`` — so the layer is a grid of sub-layers ``X_ij`` each
+    preconditioned by ``H_{G,ii} X_ij H_{A,jj}``, the blocks shared along the grid's rows and
+    columns; statistics, π (with the true sizes) and inverses are otherwise K-FAC's, the
+    inverses taken block by block (memory ``O(d b)``, work ``O(d b²)`` per factor).
+    ``inverse="cholesky_solve"`` has no blocked form.
 
     Example:
       >>> import jax.numpy as jnp
@@ -121,27 +141,47 @@ def kfac_block(damping: ArrayLike, *, inverse: str = "eigh", positions: str = "e
     """
     _check_choice("inverse", inverse, INVERSES)
     _check_choice("positions", positions, POSITIONS)
+    if block_size is not None:
+        check_range("block_size", block_size, 1)
+        if inverse == "cholesky_solve":
+            raise ValueError("inverse='cholesky_solve' has no block-partitioned form: with block_size= use "
+                             "inverse='eigh' or 'cholesky'.")
+
+    def blocks_of(d: int) -> int:
+        return block_size if block_size and d > block_size else 0
 
     def init(d_out: int, da: int, A: jax.Array, G: jax.Array) -> KfacBlockState:
-        return KfacBlockState(A, G, jnp.eye(da, dtype=A.dtype), jnp.eye(d_out, dtype=G.dtype))
+        A, G = diagonal_blocks(A, blocks_of(da)), diagonal_blocks(G, blocks_of(d_out))
+        sizes = jnp.array([da, d_out], jnp.int32) if A.ndim == 3 or G.ndim == 3 else None
+        return KfacBlockState(A, G, _identity_like(A), _identity_like(G), sizes)
 
     def statistics(st: KfacBlockState, a_rows, dh_rows, decay, bias: bool) -> KfacBlockState:
         A, G = _factor_statistics(st.A, st.G, a_rows, dh_rows, decay, bias, positions)
         return st._replace(A=A, G=G)
 
     def refresh(st: KfacBlockState) -> tuple[KfacBlockState, jax.Array]:
-        eps_a, eps_g = factored_damping(st.A, st.G, damping)
+        eps_a, eps_g = factored_damping(st.A, st.G, damping, st.sizes)
         if inverse == "cholesky_solve":
             (inv_A, err_a), (inv_G, err_g) = (damped_cholesky(st.A, eps_a, with_error=True),
                                               damped_cholesky(st.G, eps_g, with_error=True))
         else:
-            (inv_A, err_a), (inv_G, err_g) = (damped_inverse(st.A, eps_a, inverse, with_error=True),
-                                              damped_inverse(st.G, eps_g, inverse, with_error=True))
+            def inv(F, eps, d):
+                if F.ndim == 2:
+                    return damped_inverse(F, eps, inverse, with_error=True)
+                # The padding of a last block (a separate block: no effect on the real
+                # coordinates) at the mean real eigenvalue, as the tensor blocks do.
+                F = fill_padding(F, d, jnp.sum(jnp.trace(F, axis1=1, axis2=2)) / d)
+                out, err = _per_block(lambda f: damped_inverse(f, eps, inverse, with_error=True), F)
+                return out, jnp.max(err)
+            d_A, d_G = (None, None) if st.sizes is None else (st.sizes[0], st.sizes[1])
+            (inv_A, err_a), (inv_G, err_g) = inv(st.A, eps_a, d_A), inv(st.G, eps_g, d_G)
         return st._replace(inv_A=inv_A, inv_G=inv_G), jnp.maximum(err_a, err_g)
 
     def apply(st: KfacBlockState, X: jax.Array) -> jax.Array:
         if inverse == "cholesky_solve":
             return kron_factor_solve(st.inv_G, X, st.inv_A)
+        if st.sizes is not None:                      # blocked: H_G X H_A block by block
+            return mode_products(X, (st.inv_G, st.inv_A), symmetric=True)
         return kron_precondition(st.inv_G, X, st.inv_A)
 
     return KroneckerBlock(init, statistics, refresh, apply)
@@ -222,9 +262,34 @@ class TensorBlock(NamedTuple):
     apply: Callable[..., tuple]
 
 
+def _block_of(F: jax.Array) -> int:
+    """The block size of a factor stored as a stack of diagonal blocks, ``0`` for a whole one."""
+    return F.shape[-1] if F.ndim == 3 else 0
+
+
+def _identity_like(F: jax.Array) -> jax.Array:
+    """``I`` shaped as the factor ``F``: a matrix, or a stack of identity blocks."""
+    return jnp.broadcast_to(jnp.eye(F.shape[-1], dtype=F.dtype), F.shape)
+
+
 def _identity_factors(layout: ModeLayout, dtype: Any) -> tuple:
-    """One identity factor per mode: ``I`` for a full mode, a vector of ones for a diagonal one."""
-    return tuple(jnp.ones(s, dtype) if len(s) == 1 else jnp.eye(s[0], dtype=dtype) for s in layout.factor_shapes)
+    """One identity factor per mode: ``I`` for a full mode, a vector of ones for a diagonal one,
+    a stack of ``I`` for a blocked one."""
+    return tuple(jnp.ones(s, dtype) if len(s) == 1 else jnp.broadcast_to(jnp.eye(s[-1], dtype=dtype), s)
+                 for s in layout.factor_shapes)
+
+
+def _per_block(fn: Callable, S: jax.Array, *args: jax.Array) -> Any:
+    """``fn`` on one factor's statistics ``S``, or on each block of a blocked mode's stack (by
+    :func:`qnopt.linalg.map_decompositions`: batched on accelerators, a loop on CPU, where two
+    batched LAPACK calls in one step can deadlock XLA's thread pool)."""
+    if S.ndim == 3:
+        return map_decompositions(lambda xs: fn(*xs), (S,) + args)
+    return fn(S, *args)
+
+
+def _transpose(F: jax.Array) -> jax.Array:
+    return F if F.ndim == 1 else jnp.swapaxes(F, -1, -2)
 
 
 def _symmetric_factors_block(factor: Callable[[jax.Array, int], tuple]) -> TensorBlock:
@@ -234,11 +299,17 @@ def _symmetric_factors_block(factor: Callable[[jax.Array, int], tuple]) -> Tenso
         return _identity_factors(layout, dtype), None
 
     def refresh(stats: tuple, factors: tuple, moments: Any, layout: ModeLayout, count: Any) -> tuple:
-        out = [factor(s, len(stats)) for s in stats]
+        k = len(stats)
+        # A blocked mode's padded coordinates get the mean real eigenvalue: a separate block, so
+        # the real coordinates' factor is unchanged, and the block's condition number (Newton's
+        # iteration count) that of its real part rather than ε's.
+        stats = [fill_padding(s, d, jnp.sum(jnp.trace(s, axis1=1, axis2=2)) / d) if s.ndim == 3 else s
+                 for s, d in zip(stats, layout.shape)]
+        out = [_per_block(lambda u: factor(u, k), s) for s in stats]
         # Exactly symmetric: the transpose hands XLA the row-major layout (cuSOLVER/LAPACK results
         # are column-major), so the state needs no transpose kernel on the steps that do not refresh.
-        new = tuple(f.T if f.ndim == 2 else f for f, _ in out)
-        return new, moments, jnp.max(jnp.stack([e for _, e in out]))
+        new = tuple(_transpose(f) for f, _ in out)
+        return new, moments, jnp.max(jnp.concatenate([jnp.ravel(e) for _, e in out]))
 
     def apply(factors: tuple, moments: Any, m: jax.Array, g: jax.Array, count: jax.Array) -> tuple:
         return mode_products(m, factors, symmetric=True), moments
@@ -266,8 +337,8 @@ def tnt_block(damping: ArrayLike, *, inverse: str = "cholesky") -> TensorBlock:
 
     block = _symmetric_factors_block(factor)
 
-    def refresh(stats: tuple, *args) -> tuple:
-        return block.refresh(trace_normalize(stats), *args)
+    def refresh(stats: tuple, factors: tuple, moments: Any, layout: ModeLayout, count: Any) -> tuple:
+        return block.refresh(trace_normalize(stats, layout.shape), factors, moments, layout, count)
 
     return block._replace(refresh=refresh)
 
@@ -332,30 +403,38 @@ def soap_block(damping: ArrayLike = 1e-8, *, second_moment_decay: ArrayLike = 0.
     def init(layout: ModeLayout, dtype: Any) -> tuple:
         return _identity_factors(layout, dtype), jnp.zeros(layout.shape, dtype)
 
+    def first(L: jax.Array) -> tuple:
+        _, Q, err = factor_eigh(L, with_error=True)
+        return Q[:, ::-1], jnp.arange(L.shape[0]), err               # descending eigenvalues
+
+    def power_qr(L: jax.Array, Q_old: jax.Array) -> tuple:
+        P = jnp.matmul(L, Q_old, precision=_HIGHEST)
+        order = jnp.argsort(-jnp.sum(Q_old * P, axis=0))             # diag(Q_oldᵀ L Q_old), descending
+        return jnp.linalg.qr(P[:, order])[0], order, jnp.zeros((), L.dtype)
+
     def refresh(stats: tuple, factors: tuple, V: jax.Array, layout: ModeLayout, count: Any) -> tuple:
         new, errors = [], [jnp.zeros((), V.dtype)]
-        for mode, (L, Q_old) in enumerate(zip(stats, factors)):
+        for mode, (L, Q_old, d) in enumerate(zip(stats, factors, layout.shape)):
             if L.ndim == 1:                                   # a diagonal mode: Adam along it
                 new.append(Q_old)
                 continue
-
-            def first(_, L=L):
-                _, Q, err = factor_eigh(L, with_error=True)
-                return Q[:, ::-1], jnp.arange(L.shape[0]), err      # descending eigenvalues
-
-            def power_qr(_, L=L, Q_old=Q_old):
-                P = jnp.matmul(L, Q_old, precision=_HIGHEST)
-                order = jnp.argsort(-jnp.sum(Q_old * P, axis=0))     # diag(Q_oldᵀ L Q_old), descending
-                return jnp.linalg.qr(P[:, order])[0], order, jnp.zeros((), L.dtype)
-
-            Q, order, err = jax.lax.cond(jnp.asarray(count) == 0, first, power_qr, None)
+            if L.ndim == 3:
+                # A blocked mode's padded coordinates below every real eigenvalue: their
+                # eigenvectors stay apart from the real ones, and come last.
+                L = fill_padding(L, d, -1 - jnp.sum(jnp.trace(L, axis1=1, axis2=2)))
+            Q, order, err = jax.lax.cond(jnp.asarray(count) == 0, lambda _, L=L: _per_block(first, L),
+                                         lambda _, L=L, Q_old=Q_old: _per_block(power_qr, L, Q_old), None)
+            if L.ndim == 3:                                   # exactly the identity on the padding
+                real = (jnp.arange(L.shape[0] * L.shape[1]) < d).reshape(L.shape[:2]).astype(Q.dtype)
+                eye = jnp.eye(L.shape[1], dtype=Q.dtype)
+                Q = Q * real[:, :, None] * real[:, None, :] + (1 - real)[:, :, None] * eye
             new.append(Q)
-            V = jnp.take(V, order, axis=mode)
-            errors.append(err)
+            V = permute_mode(V, order, mode)
+            errors.append(jnp.max(err))
         return tuple(new), V, jnp.max(jnp.stack(errors))
 
     def apply(factors: tuple, V: jax.Array, m: jax.Array, g: jax.Array, count: jax.Array) -> tuple:
-        transposed = tuple(Q.T if Q.ndim == 2 else Q for Q in factors)
+        transposed = tuple(_transpose(Q) for Q in factors)
         V = ema_update(V, jnp.square(mode_products(g, transposed)), second_moment_decay)
         t = jnp.asarray(count + 1, V.dtype)
         m_hat = (1 - momentum) * m / (1 - momentum ** t)

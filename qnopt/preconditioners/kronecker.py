@@ -150,7 +150,8 @@ def kron_factor_solve(chol_G: ArrayLike, X: ArrayLike, chol_A: ArrayLike) -> jax
     return cho_solve((jnp.asarray(chol_A), True), left.T).T
 
 
-def factored_damping(A: ArrayLike, G: ArrayLike, damping: ArrayLike) -> tuple[jax.Array, jax.Array]:
+def factored_damping(A: ArrayLike, G: ArrayLike, damping: ArrayLike, sizes: Optional[ArrayLike] = None
+                     ) -> tuple[jax.Array, jax.Array]:
     r"""K-FAC's factored Tikhonov damping: ``(π √λ, √λ / π)`` for ``A`` and ``G``.
 
     Thesis Alg. 12 line 19 (Martens & Grosse 2015 §6.3):
@@ -163,9 +164,12 @@ def factored_damping(A: ArrayLike, G: ArrayLike, damping: ArrayLike) -> tuple[ja
     factors. A zero trace (e.g. factors not yet estimated) gives ``π = 1``.
 
     Args:
-      A: ``(d_A, d_A)`` factor.
-      G: ``(d_G, d_G)`` factor.
+      A: ``(d_A, d_A)`` factor, or the stack ``(n, b, b)`` of its diagonal blocks (a block-
+        partitioned layer: ``tr`` is then the blocks' total).
+      G: ``(d_G, d_G)`` factor, or its diagonal blocks.
       damping: ``λ > 0``.
+      sizes: ``(d_A, d_G)`` (may be traced), needed for stacks of blocks whose last block is
+        padded; default: the matrices' sizes.
 
     Returns:
       ``(eps_A, eps_G)`` with ``eps_A · eps_G = λ``.
@@ -177,8 +181,9 @@ def factored_damping(A: ArrayLike, G: ArrayLike, damping: ArrayLike) -> tuple[ja
       (2.0, 0.5)
     """
     A, G = jnp.asarray(A), jnp.asarray(G)
-    ta = jnp.trace(A) / A.shape[0]
-    tg = jnp.trace(G) / G.shape[0]
+    d_A, d_G = (A.shape[0], G.shape[0]) if sizes is None else (sizes[0], sizes[1])
+    ta = jnp.sum(jnp.trace(A, axis1=-2, axis2=-1)) / d_A
+    tg = jnp.sum(jnp.trace(G, axis1=-2, axis2=-1)) / d_G
     ok = (ta > 0) & (tg > 0) & jnp.isfinite(ta) & jnp.isfinite(tg)
     pi = jnp.where(ok, jnp.sqrt(jnp.where(ok, ta, 1.0) / jnp.where(ok, tg, 1.0)), 1.0)
     root = jnp.sqrt(jnp.asarray(damping, A.dtype))

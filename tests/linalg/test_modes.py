@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from qnopt.linalg.modes import (ModeLayout, mode_contraction, mode_contractions, mode_layout,
-                                   mode_product, mode_products, tensor_view)
+from qnopt.linalg.modes import (ModeLayout, block_diagonal, diagonal_blocks, fill_padding, mode_contraction,
+                                mode_contractions, mode_layout, mode_product, mode_products, permute_mode,
+                                tensor_view)
 
 shapes = st.lists(st.integers(1, 4), min_size=1, max_size=4).map(tuple)
 
@@ -118,3 +119,65 @@ def test_symmetric_fast_path_matches_general(shape, seed, diag_mask):
         fast = mode_products(jnp.asarray(G), Us, symmetric=True)
         slow = mode_products(jnp.asarray(G), Us)
     np.testing.assert_allclose(np.asarray(fast), np.asarray(slow), rtol=1e-10, atol=1e-10)
+
+
+blocked_shapes = st.lists(st.integers(1, 7), min_size=1, max_size=3).map(tuple)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=blocked_shapes, block=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_blocked_modes_are_the_block_diagonal_kronecker_product(shape, block, seed):
+    """A blocked mode: its contraction is the diagonal blocks of ``mat_i(G) mat_i(G)ᵀ`` (the
+    rest zero), and the mode products with stacks of blocks equal the materialised Kronecker
+    product of the block-diagonal matrices; the padding of a last partial block changes nothing."""
+    rng = np.random.default_rng(seed)
+    G = rng.normal(size=shape)
+    lay = ModeLayout(shape, (False,) * len(shape), block)
+    stacks, dense = [], []
+    for i, d in enumerate(shape):
+        ids = np.arange(d) // block
+        mask = ids[:, None] == ids[None, :]
+        got = mode_contraction(jnp.asarray(G), i, block=lay.blocks[i])
+        full = _mat(G, i) @ _mat(G, i).T
+        if lay.blocks[i]:
+            assert got.shape == lay.factor_shapes[i] == (-(-d // block), block, block)
+            np.testing.assert_allclose(block_diagonal(got, d), full * mask, rtol=1e-5, atol=1e-5)
+            U = rng.normal(size=got.shape)
+            stacks.append(jnp.asarray(U, jnp.float32))
+            dense.append(np.asarray(block_diagonal(jnp.asarray(U), d)))
+            np.testing.assert_array_equal(dense[-1] * ~mask, 0)
+        else:                                     # a mode no larger than the block: whole
+            assert got.shape == (d, d)
+            U = rng.normal(size=(d, d))
+            stacks.append(jnp.asarray(U, jnp.float32))
+            dense.append(U)
+    got = mode_products(jnp.asarray(G, jnp.float32), stacks)
+    want = (_kron_all(dense) @ G.reshape(-1)).reshape(shape)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    sym = [(S + jnp.swapaxes(S, -1, -2)) / 2 for S in stacks]
+    np.testing.assert_allclose(mode_products(jnp.asarray(G, jnp.float32), sym, symmetric=True),
+                               mode_products(jnp.asarray(G, jnp.float32), sym), rtol=1e-5, atol=1e-5)
+
+
+def test_mode_layout_blocks_and_padding_helpers():
+    lay = mode_layout({"w": jnp.zeros((10, 3)), "e": jnp.zeros((50, 8))}, max_dim=20, block_size=4)
+    assert lay["w"].blocks == (4, 0) and lay["w"].factor_shapes == ((3, 4, 4), (3, 3))
+    assert lay["e"].blocks == (0, 4) and lay["e"].factor_shapes == ((50,), (2, 4, 4))   # 50 > max_dim
+    assert mode_layout({"w": jnp.zeros((10, 3))})["w"].blocks == (0, 0)
+    # fill_padding: only the padded coordinates' diagonal; a divisible size is left alone.
+    S = jnp.ones((2, 3, 3))
+    F = np.asarray(fill_padding(S, 5, 7.0))
+    np.testing.assert_array_equal(F[0], 1)
+    np.testing.assert_array_equal(F[1], [[1, 1, 1], [1, 1, 1], [1, 1, 8]])
+    assert fill_padding(S, 6, 7.0) is S
+    # diagonal_blocks cuts what block_diagonal assembles; a traced size pads the same.
+    F = jnp.arange(25.0).reshape(5, 5)
+    ids = np.arange(5) // 2
+    np.testing.assert_array_equal(block_diagonal(diagonal_blocks(F, 2), 5), F * (ids[:, None] == ids[None, :]))
+    assert diagonal_blocks(F, 0) is F
+    np.testing.assert_array_equal(jax.jit(fill_padding)(S, jnp.int32(5), 7.0), fill_padding(S, 5, 7.0))
+    # permute_mode: a permutation within each block of the mode, the padding in place.
+    X = jnp.arange(10.0).reshape(5, 2)
+    order = jnp.array([[2, 0, 1], [1, 0, 2]])
+    np.testing.assert_array_equal(permute_mode(X, order, 0), X[jnp.array([2, 0, 1, 4, 3])])
+    np.testing.assert_array_equal(permute_mode(X, jnp.array([1, 0]), 1), X[:, ::-1])

@@ -16,6 +16,7 @@ import pytest
 
 import qnopt
 from qnopt.curvature import KronFactors
+from qnopt.linalg.modes import diagonal_blocks
 
 REF = pathlib.Path(__file__).parent.parent / "data" / "kfac_jax_ref.npz"
 
@@ -87,16 +88,31 @@ def test_first_step_factors_match_kfac_jax():
         np.testing.assert_allclose(st.G, B * ref[f"factors/{layer}/G"], rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("inverse", ["eigh", "cholesky", "cholesky_solve"])
-def test_direction_equals_dense_kronecker_solve(inverse):
-    """p = ((A + π√λ I) ⊗ (G + √λ/π I))⁻¹ vec(ĝ) with materialised Kronecker products."""
-    rng = np.random.default_rng(0)
-    model = TwoLayer(hidden=4, out=3)
-    x = jnp.asarray(rng.normal(size=(16, 5)), jnp.float32)
+def _two_layer_problem(seed, hidden, d_in):
+    """TwoLayer(hidden, 3) on 16 random examples with ``d_in`` features: params, batch, capture."""
+    rng = np.random.default_rng(seed)
+    model = TwoLayer(hidden=hidden, out=3)
+    x = jnp.asarray(rng.normal(size=(16, d_in)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 3, size=16))
     params = model.init(jax.random.key(0), x)["params"]
-    capture = qnopt.capture.linen(model, loss="softmax_cross_entropy")
-    oracle = capture.oracle(params, (x, y), jax.random.key(1))
+    return params, (x, y), qnopt.capture.linen(model, loss="softmax_cross_entropy"), rng
+
+
+def _block_mask(d, block):
+    """Ones on the diagonal ``block × block`` blocks of ``d × d`` (all ones without blocks)."""
+    ids = np.arange(d) // (block or d)
+    return (ids[:, None] == ids[None, :]).astype(float)
+
+
+@pytest.mark.parametrize("inverse,block", [("eigh", None), ("cholesky", None), ("cholesky_solve", None),
+                                           ("eigh", 2), ("cholesky", 4)])
+def test_direction_equals_dense_kronecker_solve(inverse, block):
+    """p = ((A + π√λ I) ⊗ (G + √λ/π I))⁻¹ vec(ĝ) with materialised Kronecker products; with
+    ``block_size``, of the block-diagonal factors ``⊕ A_jj``, ``⊕ G_ii`` (π from their traces
+    and the true sizes; the layers' 6-, 5-, 4- and 3-wide factors cut into 2-blocks, the odd
+    ones padded; with 4-blocks only the 6- and 5-wide ``A``)."""
+    params, batch, capture, rng = _two_layer_problem(0, hidden=4, d_in=5)
+    oracle = capture.oracle(params, batch, jax.random.key(1))
     factors = {}
     for layer, d_in, d_out in (("Dense_0", 5, 4), ("Dense_1", 4, 3)):
         M = rng.normal(size=(d_in + 1, d_in + 1))
@@ -105,11 +121,12 @@ def test_direction_equals_dense_kronecker_solve(inverse):
                                                  jnp.asarray(N @ N.T / 3, jnp.float32))
     lam, lr = 0.3, 0.5
     opt = qnopt.kfac(lr, damping=lam, momentum=0.0, initial_factors=factors, inverse=inverse,
-                     stats_every=1000)
-    updates, _ = opt.update(oracle.grads, opt.init(params), params, curvature=oracle)
+                     stats_every=1000, block_size=block)
+    updates, state = opt.update(oracle.grads, opt.init(params), params, curvature=oracle)
     for layer in ("Dense_0", "Dense_1"):
         A = np.asarray(factors[f"{layer}/kernel"].A, np.float64)
         G = np.asarray(factors[f"{layer}/kernel"].G, np.float64)
+        A, G = A * _block_mask(len(A), block), G * _block_mask(len(G), block)
         pi = np.sqrt((np.trace(A) / len(A)) / (np.trace(G) / len(G)))
         F = np.kron(A + pi * np.sqrt(lam) * np.eye(len(A)), G + np.sqrt(lam) / pi * np.eye(len(G)))
         g = oracle.grads[layer]
@@ -118,6 +135,32 @@ def test_direction_equals_dense_kronecker_solve(inverse):
         got = np.concatenate([np.asarray(updates[layer]["kernel"]).T,
                               np.asarray(updates[layer]["bias"])[:, None]], axis=1)
         np.testing.assert_allclose(got, -lr * p, rtol=2e-4, atol=1e-6)
+    if block == 2:
+        st = state.layers["Dense_1/kernel"].curvature
+        assert st.A.shape == (3, 2, 2) and st.G.shape == (2, 2, 2) and st.sizes.tolist() == [5, 3]
+
+
+def test_block_size_statistics_are_the_diagonal_blocks():
+    """Blocked statistics (rows cut into blocks, never the whole matrix) = the diagonal blocks of
+    the whole ones, for inputs with a bias coordinate and a padded last block (after the first
+    step, whose direction is the same with and without blocks: zero factors, inverses ``1/√λ``;
+    the statistics are taken at the updated weights); ``cholesky_solve`` with blocks is refused
+    with the alternatives named."""
+    params, batch, capture, _ = _two_layer_problem(1, hidden=5, d_in=6)
+    states = {}
+    for block in (None, 2):
+        opt = qnopt.kfac(0.1, damping=0.3, block_size=block)
+        step = jax.jit(qnopt.make_train_step(capture, opt, donate=False))
+        p, st = params, opt.init(params)
+        p, st, _ = step(p, st, batch, jax.random.key(0))
+        states[block] = st
+    for layer, (da, d_out) in (("Dense_0/kernel", (7, 5)), ("Dense_1/kernel", (6, 3))):
+        whole, blocked = states[None].layers[layer].curvature, states[2].layers[layer].curvature
+        np.testing.assert_allclose(blocked.A, diagonal_blocks(whole.A, 2), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(blocked.G, diagonal_blocks(whole.G, 2), rtol=1e-5, atol=1e-6)
+        assert blocked.sizes.tolist() == [da, d_out]
+    with pytest.raises(ValueError, match="cholesky_solve.*'eigh' or 'cholesky'"):
+        qnopt.kfac(0.1, inverse="cholesky_solve", block_size=2)
 
 
 def test_missing_oracle_and_key_errors():

@@ -124,18 +124,21 @@ def test_stacked_factor_work_is_split_over_the_mesh():
     assert any("f32[2,17,17]" in line for line in loops) and any("f32[2,16,16]" in line for line in loops), loops
 
 
-def test_stacks_of_any_depth_are_padded_to_split_evenly():
+@pytest.mark.parametrize("block_size", [None, 8], ids=["whole", "blocked"])
+def test_stacks_of_any_depth_are_padded_to_split_evenly(block_size):
     """12 hidden layers and an output layer on 8 devices: initialised under the mesh with
     ``factor_axis``, K-FAC pads the hidden stack to 16 and the output stack to 8 (copies of their
     last layer, ``state.layers.padding`` = 11), so :func:`qnopt.sharding.shard_stacks` splits both
     (2 and 1 layers per device) where it would have replicated them; the parameters and every
-    real layer's state are the unpadded, unsharded run's."""
+    real layer's state are the unpadded, unsharded run's. ``blocked``: factors cut into 8-blocks
+    (``A`` 17 → 3 blocks, the last padded; ``G`` 16 → 2), the stacks ``(L, n, 8, 8)`` split the
+    same way."""
     n = len(jax.devices())
     mesh = jax.make_mesh((n,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
     params, capture, (x, y) = _deep_mlp(12)
 
     def make(axis):
-        return qnopt.kfac(0.1, damping=0.1, inverse_every=2, factor_axis=axis)
+        return qnopt.kfac(0.1, damping=0.1, inverse_every=2, factor_axis=axis, block_size=block_size)
 
     opt = make("x")
     p_shard = jax.tree.map(lambda p: NamedSharding(mesh, P()), params)
@@ -144,6 +147,9 @@ def test_stacks_of_any_depth_are_padded_to_split_evenly():
         s_shard = qnopt.sharding.state_shardings(opt, params, p_shard, rule=qnopt.sharding.shard_stacks("x"))
         state = jax.jit(opt.init, out_shardings=s_shard)(params)
         assert state.layers.sizes == (16, 8) and state.layers.padding == 11
+        if block_size:
+            hidden = state.layers.stacks[0].curvature
+            assert hidden.A.shape == (16, 3, 8, 8) and hidden.G.shape == (16, 2, 8, 8)
         for stack, per_device in zip(state.layers.stacks, (2, 1)):
             for leaf in jax.tree.leaves(stack):
                 assert leaf.sharding.spec[0] == "x" and leaf.addressable_shards[0].data.shape[0] == per_device
