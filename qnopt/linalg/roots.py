@@ -23,8 +23,9 @@ r"""Inverse ``p``-th roots of symmetric positive definite matrices (Shampoo, the
   eigenvalues from 1 to 36 it rose 1.20× on the first step (while ``‖M − I‖_F`` fell
   from 2.34 to 1.48), and testing it stopped the
   iteration before it began (relative error 0.36).
-* ``method="eigh"``: ``Q diag(λ)^{-1/p} Qᵀ`` from ``A + εI = Q diag(λ) Qᵀ`` (``λ`` clipped
-  at the smallest positive float).
+* ``method="eigh"``: ``Q diag(max(λ, 0) + ε)^{-1/p} Qᵀ`` from ``A = Q diag(λ) Qᵀ`` (negative
+  round-off eigenvalues clipped at zero before the damping, as
+  :func:`qnopt.preconditioners.damped_inverse`).
 
 A 1-D ``A`` is a diagonal matrix given by its diagonal (the result is elementwise).
 All functions are pure and jit-compatible.
@@ -168,12 +169,15 @@ def inverse_pth_root(A: ArrayLike, p: int, *, damping: ArrayLike = 0.0, method: 
         return (root, err) if with_error else root
     if A.ndim != 2 or A.shape[0] != A.shape[1]:
         raise ValueError(f"inverse_pth_root: A must be square or a diagonal vector, got shape {A.shape}.")
-    A = (A + A.T) / 2 + damping * jnp.eye(A.shape[0], dtype=A.dtype)
+    A = (A + A.T) / 2
     if method == "eigh":
+        # Eigenvalues of A clipped at zero before the damping: in float32 eigh's round-off
+        # (~1e-7 λ_max) can exceed a small damping, and a negative damped eigenvalue clipped at
+        # `tiny` gave roots of 1e9 (Shampoo diverged on the autoencoder, damping 3e-4).
         w, Q = jnp.linalg.eigh(A)
         err = decomposition_error(A, eigh_rebuilt(w, Q))
-        w = jnp.maximum(w, jnp.finfo(A.dtype).tiny)
+        w = jnp.maximum(jnp.maximum(w, 0) + damping, jnp.finfo(A.dtype).tiny)
         root = jnp.matmul(Q * w ** (-1.0 / p), Q.T, precision=_HIGHEST)
     else:
-        root, err = _coupled_newton(A, p, max_iters, tol)
+        root, err = _coupled_newton(A + damping * jnp.eye(A.shape[0], dtype=A.dtype), p, max_iters, tol)
     return (root, err) if with_error else root

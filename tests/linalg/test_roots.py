@@ -72,3 +72,21 @@ def test_errors():
         inverse_pth_root(jnp.eye(2), 2, method="svd")
     with pytest.raises(ValueError, match="square"):
         inverse_pth_root(jnp.ones((2, 3)), 2)
+
+
+def test_eigh_root_clips_round_off_below_the_damping():
+    """A rank-deficient float32 ``A`` with ``λ_max = 1e4`` and damping ``1e-4``: ``eigh``'s
+    round-off (~``1e-3`` absolute) exceeds the damping, so the eigenvalues of ``A`` are clipped
+    at zero before the damping is added, as :func:`qnopt.preconditioners.damped_inverse`
+    does (clipping the damped eigenvalues at ``tiny`` gave roots of ~``1e9`` and diverged
+    Shampoo on the autoencoder). The root stays within ``damping^(-1/p)``, and on ``A``'s range
+    (eigenvalues far above round-off) it is float64's; on the null space float32 cannot resolve
+    the damping (its eigenvalues there are round-off plus ``1e-4``)."""
+    rng = np.random.default_rng(0)
+    V = rng.normal(size=(64, 8))
+    A = 1e4 * V @ V.T / np.linalg.norm(V @ V.T, 2)           # rank 8 of 64
+    got = np.asarray(inverse_pth_root(jnp.asarray(A, jnp.float32), 4, damping=1e-4, method="eigh"), np.float64)
+    w, Q = np.linalg.eigh(A)
+    assert np.linalg.norm(got, 2) <= 1.001 * 1e-4 ** -0.25
+    top = Q[:, -8:]                                           # A's range
+    np.testing.assert_allclose(top.T @ got @ top, np.diag((w[-8:] + 1e-4) ** -0.25), rtol=1e-3, atol=1e-4)
