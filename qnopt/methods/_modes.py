@@ -36,6 +36,7 @@ from qnopt.curvature.ema import ema_update, statistics_decay
 from qnopt.curvature.tensor_normal import mode_statistics
 from qnopt.linalg.tree import accumulation_dtype, accumulation_zeros, tree_all_finite
 from qnopt.linalg.modes import ModeLayout, mode_layout
+from qnopt.linalg.stacks import map_decompositions
 from qnopt.methods._step import SampledGradients, commit, require_oracle
 from qnopt.preconditioners.blocks import TensorBlock
 
@@ -86,6 +87,17 @@ def _check_initial(initial: PyTree, params: PyTree, layouts: list, dtypes: list,
                              f"reshape=, max_dim= and block_size= as the optimizer.")
         out.append(stats)
     return out
+
+
+def stack_groups(layouts: list, leaves: list) -> list:
+    """Indices of the parameters that share a layout and the shapes and dtypes of their state
+    (refreshed as one stack), in first-appearance order."""
+    groups: dict = {}
+    for i, (lay, leaf) in enumerate(zip(layouts, leaves)):
+        shapes = tuple((jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(leaf))
+        signature = (lay, jax.tree.structure(leaf), shapes)
+        groups.setdefault(signature, []).append(i)
+    return list(groups.values())
 
 
 def scale_by_mode_preconditioner(*, method: str, block: TensorBlock, fisher: str, damping: Any,
@@ -179,21 +191,35 @@ def scale_by_mode_preconditioner(*, method: str, block: TensorBlock, fisher: str
         def per_leaf(tree):
             return treedef.flatten_up_to(tree) if tree is not None else [None] * len(layouts)
 
-        def new_factors(carry):
-            precond, failures, moments = carry
-            out, counts, kept = [], [], []
-            for st, old, lay, n, mo in zip(treedef.flatten_up_to(stats), treedef.flatten_up_to(precond), layouts,
-                                           treedef.flatten_up_to(failures), per_leaf(moments)):
+        def refresh_one(lay: ModeLayout):
+            """One parameter's refresh, kept only if finite and within ``refresh_tolerance``."""
+            def one(args):
+                st, old, n, mo = args
                 fac, new_mo, error = block.refresh(st, old, mo, lay, t)
                 fac = tuple(f.astype(o.dtype) for f, o in zip(fac, old))
                 fine = tree_all_finite(fac)
                 if refresh_tolerance is not None:
                     fine &= error <= refresh_tolerance
-                out.append(tuple(jnp.where(fine, f, o) for f, o in zip(fac, old)))
-                kept.append(None if mo is None else jnp.where(fine, new_mo, mo))
-                counts.append(n + (~fine).astype(jnp.int32))
-            return (treedef.unflatten(out), treedef.unflatten(counts),
-                    None if moments is None else treedef.unflatten(kept))
+                return (tuple(jnp.where(fine, f, o) for f, o in zip(fac, old)), n + (~fine).astype(jnp.int32),
+                        None if mo is None else jnp.where(fine, new_mo, mo))
+            return one
+
+        def new_factors(carry):
+            """The refresh of every parameter, stacked by layout: the parameters viewed with the
+            same modes (a deep network's equal hidden layers) are refreshed by one batched
+            decomposition (``map_decompositions``), so the program's decompositions do not grow
+            with depth."""
+            precond, failures, moments = carry
+            leaves = list(zip(treedef.flatten_up_to(stats), treedef.flatten_up_to(precond),
+                              treedef.flatten_up_to(failures), per_leaf(moments)))
+            out = [None] * len(leaves)
+            for group in stack_groups(layouts, leaves):
+                refreshed = map_decompositions(refresh_one(layouts[group[0]]),
+                                               jax.tree.map(lambda *xs: jnp.stack(xs), *[leaves[i] for i in group]))
+                for j, i in enumerate(group):
+                    out[i] = jax.tree.map(lambda x, j=j: x[j], refreshed)
+            return (treedef.unflatten([o[0] for o in out]), treedef.unflatten([o[1] for o in out]),
+                    None if moments is None else treedef.unflatten([o[2] for o in out]))
 
         warmup = ((t < inverse_every) & (t % stats_every == 0)) if warmup_refresh else False
         refresh_step = ok & ((t % inverse_every == 0) | warmup)
