@@ -48,6 +48,7 @@ __all__ = [
     "check_dtype",
     "check_sharding",
     "check_sharding_one_step",
+    "check_checkpoint",
     "check_nonfinite_skip",
     "check_bad_input",
     "assert_equal_to_roundoff",
@@ -544,6 +545,55 @@ def check_sharding_one_step(case: MethodCase, problem: Problem, warm_steps: int 
     out = sharded_step(jax.device_put(params, p_shard), jax.device_put(state, s_shard))
     _check_placed(case, out[1], s_shard)
     assert_trees_equal(out, ref, f"{case.name}: one sharded step differs", rtol=2e-4, atol=2e-5)
+
+
+def check_checkpoint(case: MethodCase, problem: Problem, runs: Optional[Runs] = None, *, sharded: bool = False,
+                     resume_at: int = 5, steps: int = 10) -> None:
+    """Checkpoints resume exactly: the parameters and optimizer state after ``resume_at`` steps,
+    saved with orbax (``orbax.checkpoint.StandardCheckpointer``, the test extra
+    ``orbax-checkpoint``) and restored onto the shapes, dtypes and shardings of the saved state
+    (the recipe in ``docs/checkpointing.md``), then stepped on to ``steps``, equal the
+    uninterrupted run bit for bit — parameters and every state leaf (counters, flags, PRNG
+    keys, memories). ``sharded``: the state placed by :func:`qnopt.sharding.state_shardings` on
+    a 1-D mesh over all devices, restored onto the same shardings."""
+    import tempfile
+
+    import orbax.checkpoint as ocp
+
+    runs = Runs() if runs is None else runs
+    if sharded:
+        opt, p_shard, s_shard, step = runs.sharded(case, problem)
+        params = jax.device_put(problem.params, p_shard)
+        points = [(params, jax.jit(opt.init, out_shardings=s_shard)(params))]
+        for _ in range(steps):
+            points.append(step(*points[-1]))
+    else:
+        trajectory = runs.trajectory(case, problem)
+        trajectory.run(steps)
+        points, step, opt = trajectory.points, lambda p, s: trajectory.step(p, s)[:2], trajectory.opt
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        p_shard, s_shard = (jax.tree.map(lambda _: one, tree)
+                            for tree in (problem.params, jax.eval_shape(opt.init, problem.params)))
+    saved = {"params": points[resume_at][0], "opt_state": points[resume_at][1]}
+    # The restore target from what a resuming job has: the optimizer, the parameters' shapes
+    # and the shardings it would place them with (not the saved arrays).
+    target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                          {"params": jax.eval_shape(lambda: problem.params),
+                           "opt_state": jax.eval_shape(opt.init, problem.params)},
+                          {"params": p_shard, "opt_state": s_shard})
+    with tempfile.TemporaryDirectory() as tmp, ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(f"{tmp}/step_{resume_at}", saved)
+        checkpointer.wait_until_finished()
+        restored = checkpointer.restore(f"{tmp}/step_{resume_at}", target)
+    assert jax.tree.structure(restored) == jax.tree.structure(saved), f"{case.name}: restored a different tree"
+    for leaf, want in zip(jax.tree.leaves(restored), jax.tree.leaves(saved)):
+        assert leaf.dtype == want.dtype and leaf.sharding.is_equivalent_to(want.sharding, leaf.ndim), \
+            f"{case.name}: a restored leaf is not the saved one's dtype or placement"
+    params, state = restored["params"], restored["opt_state"]
+    for _ in range(steps - resume_at):
+        params, state = step(params, state)
+    assert_trees_equal(params, points[steps][0], f"{case.name}: resumed parameters differ")
+    assert_trees_equal(state, points[steps][1], f"{case.name}: resumed state differs")
 
 
 def check_nonfinite_skip(case: MethodCase, problem: Problem, warm_steps: int = 12,

@@ -189,6 +189,21 @@ def test_sharding_one_step(case, problem):
 
 
 @pytest.mark.parametrize("case", ROWS)
+def test_checkpoint(case, problem):
+    T.check_checkpoint(case, problem, runs=RUNS)
+
+
+# Sharded state restored onto its shardings: one method per state layout (stacked layers and
+# their factor splits, a tensor engine, L-BFGS-style pair memories, an SMW sub-batch).
+SHARDED_CHECKPOINT = ("kfac", "kbfgs_l", "tnt", "slimqn", "smw_ng")
+
+
+@pytest.mark.parametrize("case", [r for r in ROWS if r.id in SHARDED_CHECKPOINT])
+def test_checkpoint_sharded(case, problem):
+    T.check_checkpoint(case, problem, runs=RUNS, sharded=True)
+
+
+@pytest.mark.parametrize("case", ROWS)
 def test_nonfinite_skip(case, problem):
     T.check_nonfinite_skip(case, problem, runs=RUNS)
 
