@@ -8,8 +8,9 @@ Checks: converges faster than SGD-momentum at an equal step budget; one trace un
 ``jax.jit`` across calls; unknown extra arguments accepted; works inside ``optax.chain``
 with clipping and weight decay; works under ``optax.inject_hyperparams``; float32 and
 bfloat16 parameters; state sharded on a device mesh gives the numbers of an unsharded
-run; NaN/Inf gradients skip the update and leave the state intact; bad input raises a
-clear error.
+run; NaN/Inf gradients skip the update and leave the state intact; zero and underflowing
+gradients mid-run keep update and state finite and the run recovers; an orbax checkpoint
+resumes bit-identically; bad input raises a clear error.
 
 Most checks run the same optimizer, ``case.make(case.lrs[0])``, from the same start; a
 :class:`Runs` passed as ``runs=`` lets them share that compiled step and its trajectory
@@ -50,6 +51,7 @@ __all__ = [
     "check_sharding_one_step",
     "check_checkpoint",
     "check_nonfinite_skip",
+    "check_degenerate_gradients",
     "check_bad_input",
     "assert_equal_to_roundoff",
     "memory_map_headroom",
@@ -610,6 +612,29 @@ def check_nonfinite_skip(case: MethodCase, problem: Problem, warm_steps: int = 1
         for u in jax.tree.leaves(updates):
             assert bool(jnp.all(u == 0)), f"{case.name}: non-finite gradient ({bad}) produced a non-zero update"
         assert_trees_equal(new_state, state, f"{case.name}: non-finite gradient ({bad}) changed the state")
+
+
+def check_degenerate_gradients(case: MethodCase, problem: Problem, warm_steps: int = 12, after: int = 5,
+                               runs: Optional[Runs] = None) -> None:
+    """Mid-run, an all-zero gradient and one scaled by ``1e-30`` (squares and products underflow
+    to zero: ratios ``0/0``) give a finite update and a finite state, and ``after`` ordinary steps
+    from there leave the loss finite and below the starting loss (the run recovers)."""
+    runs = Runs() if runs is None else runs
+    params, state, losses = runs.trajectory(case, problem).run(warm_steps)
+    grad, update = runs.grad(problem), runs.update(case, problem)
+    for name, scale in (("zero", 0.0), ("1e-30-scaled", 1e-30)):
+        updates, new_state = update(jax.tree.map(lambda g: g * scale, grad(params)), state, params)
+        for label, tree in (("update", updates), ("state", new_state)):
+            bad = [jax.tree_util.keystr(kp) for kp, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+                   if not bool(jnp.all(jnp.isfinite(x)))]
+            assert not bad, f"{case.name}: a {name} gradient made the {label} non-finite at {bad}"
+        p = optax.apply_updates(params, updates)
+        for _ in range(after):
+            updates, new_state = update(grad(p), new_state, p)
+            p = optax.apply_updates(p, updates)
+        loss = float(problem.loss(p))
+        assert np.isfinite(loss) and loss < losses[0], \
+            f"{case.name}: after a {name} gradient the loss is {loss} (start {losses[0]})"
 
 
 def check_bad_input(case: MethodCase, problem: Problem, runs: Optional[Runs] = None) -> None:

@@ -304,8 +304,9 @@ def scale_by_mb_lsr1(
             radius, rho_hat, rho_count = progressive_radius(delta, snorm, rho, state.zeta, state.rho_hat,
                                                             state.rho_count)
         else:
-            radius, rho_hat, rho_count = (classic_radius(delta, jnp.sqrt(tree_vdot(p_star, p_star)), rho), rho,
-                                          state.rho_count + 1)
+            # ρ̂ is the last finite ratio (a zero or underflowing gradient makes ρ = 0/0).
+            radius, rho_hat, rho_count = (classic_radius(delta, jnp.sqrt(tree_vdot(p_star, p_star)), rho),
+                                          jnp.where(jnp.isfinite(rho), rho, state.rho_hat), state.rho_count + 1)
 
         # updateSY (Alg. 3).
         failed = ~(rho >= tau_)
