@@ -43,15 +43,15 @@ def check_range(name: str, value: Any, low: float | None = None, high: float | N
     e.g. under ``optax.inject_hyperparams``)."""
     if not isinstance(value, (int, float)):
         return
+    lo = "(" if low_open else "["
+    hi = ")" if high_open else "]"
+    expected = f"{lo}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}{hi}"
+    if value != value:
+        raise ValueError(f"{name}=nan is not a number: expected a value in {expected}.")
     bad_low = low is not None and (value <= low if low_open else value < low)
     bad_high = high is not None and (value >= high if high_open else value > high)
     if bad_low or bad_high:
-        lo = "(" if low_open else "["
-        hi = ")" if high_open else "]"
-        raise ValueError(
-            f"{name}={value} is out of range: expected {lo}{low if low is not None else '-inf'}, "
-            f"{high if high is not None else 'inf'}{hi}."
-        )
+        raise ValueError(f"{name}={value} is out of range: expected {expected}.")
 
 
 def check_like(tree: PyTree, ref: PyTree, what: str, method: str) -> None:

@@ -13,6 +13,11 @@
 own step is already a full step (a trust-region or regularised Newton-type step: MB-LSR1,
 L-SSR1-TR, S2QN, S4QN, SKQN), where it defaults to 1.0 and multiplies that step.
 
+Every alias rejects a learning rate that is NaN or infinite, and its ``update`` checks (when it
+is traced) that the state has the structure its ``init`` builds for the parameters given, so a
+state from another optimizer or model is a clear ``ValueError`` rather than an
+``AttributeError`` from deep inside.
+
 Each method module declares its aliases next to its transformation with :func:`alias`
 (optax-contrib style); :data:`qnopt.alias.COMPOSITION` collects them.
 """
@@ -20,9 +25,12 @@ Each method module declares its aliases next to its transformation with :func:`a
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 from typing import Any, Callable, NamedTuple, Optional
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from qnopt.base import translate_renamed
@@ -93,6 +101,32 @@ class Composition(NamedTuple):
         return inspect.Signature(params, return_annotation="optax.GradientTransformationExtraArgs")
 
 
+def _checked_state(method: str, opt: optax.GradientTransformationExtraArgs) -> optax.GradientTransformationExtraArgs:
+    """``opt`` whose ``update`` first checks that the state has the structure ``opt.init`` builds
+    for gradients like the ones given (a state from another optimizer otherwise fails deep inside
+    with an ``AttributeError``). Checked when the update is traced (once under ``jax.jit``); the
+    expected structure is cached per gradient structure, shapes and dtypes."""
+    expected: dict = {}
+
+    def update(updates, state, params=None, **extra_args):
+        like = updates if params is None else params
+        key = (jax.tree.structure(like), tuple((jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(like)))
+        if key not in expected:
+            try:
+                expected[key] = jax.tree.structure(jax.eval_shape(opt.init, like))
+            except Exception:           # init cannot run on these (wrong) inputs: update's own checks say why
+                expected[key] = None
+        want, got = expected[key], jax.tree.structure(state)
+        if want is not None and got != want:
+            raise ValueError(f"{method}: the optimizer state does not come from this optimizer's init for these "
+                             f"parameters (it has structure {got}; init builds {want}). Call opt.init(params) with "
+                             f"this optimizer and the params you pass gradients for: a state from another "
+                             f"optimizer or model cannot be used.")
+        return opt.update(updates, state, params, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(opt.init, update)
+
+
 def alias(composition: Composition) -> Callable:
     """Decorator: the alias of ``composition``, with the stub's name and docstring (written next
     to the method's ``scale_by``, the one place the method is registered). The alias carries
@@ -119,7 +153,10 @@ def alias(composition: Composition) -> Callable:
                                   f"release; chain the transformation yourself (see qnopt.{name}'s docstring).",
                                   DeprecationWarning, stacklevel=2)
                     extra.append(make_transform(value))
-            return composition.reference(learning_rate, *extra, **kw)
+            if isinstance(learning_rate, (int, float)) and not math.isfinite(learning_rate):
+                raise ValueError(f"qnopt.{name}: learning_rate={learning_rate} is not finite: pass a finite number "
+                                 f"or an optax schedule.")
+            return _checked_state(f"qnopt.{name}", composition.reference(learning_rate, *extra, **kw))
 
         method_alias.__name__ = method_alias.__qualname__ = name
         static = tuple(a for a in composition.static if a not in composition.locked)

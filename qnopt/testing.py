@@ -638,7 +638,9 @@ def check_degenerate_gradients(case: MethodCase, problem: Problem, warm_steps: i
 
 
 def check_bad_input(case: MethodCase, problem: Problem, runs: Optional[Runs] = None) -> None:
-    """Missing params and gradients of the wrong shape raise ``ValueError`` saying what to do."""
+    """Missing params, gradients of the wrong shape, a state from another optimizer and NaN
+    hyper-parameters (the learning rate, every float argument of the case) raise a clear error
+    naming what to do."""
     _, opt, params, state, grads = _start(case, problem, runs)
     try:
         opt.update(grads, state, None, **_extra(case, params, problem.loss))
@@ -653,6 +655,22 @@ def check_bad_input(case: MethodCase, problem: Problem, runs: Optional[Runs] = N
         assert "shape" in str(err), f"{case.name}: unclear error for wrong gradient shape: {err}"
     else:
         raise AssertionError(f"{case.name}: gradients of the wrong shape did not raise")
+    try:                                               # a state from another optimizer
+        opt.update(grads, optax.adam(1e-3).init(params), params, **_extra(case, params, problem.loss))
+    except (TypeError, ValueError) as err:
+        assert "init" in str(err), f"{case.name}: unclear error for another optimizer's state: {err}"
+    else:
+        raise AssertionError(f"{case.name}: another optimizer's state did not raise")
+    nan = float("nan")
+    floats = [k for k, v in case.kwargs.items() if isinstance(v, float)]
+    for what, build in [("learning_rate", lambda: case.factory(nan, **case.kwargs))] + [
+            (k, lambda k=k: case.factory(case.lrs[0], **{**case.kwargs, k: nan})) for k in floats]:
+        try:
+            build()
+        except ValueError as err:
+            assert what in str(err), f"{case.name}: unclear error for {what}=nan: {err}"
+        else:
+            raise AssertionError(f"{case.name}: {what}=nan did not raise")
 
 
 # ------------------------------------------------------------ long-lived test processes

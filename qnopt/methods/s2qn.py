@@ -217,6 +217,7 @@ def scale_by_s2qn(
         raise ValueError(f"memory_size must be a positive int (static), got {memory_size!r}.")
     if sub_batch_size is not None:
         check_range("sub_batch_size", sub_batch_size, 1)
+    check_range("alpha", alpha, 0.0, low_open=True)
     check_range("r1", r1, 0.0)
     if isinstance(r1, (int, float)) and isinstance(r2, (int, float)) and not r1 < r2:
         raise ValueError(f"eq. 8 needs r1 < r2, got r1={r1}, r2={r2}.")

@@ -200,6 +200,7 @@ def scale_by_skqn(
                              ("inverse_every", inverse_every, 1), ("sketch_size", sketch_size, 1)):
         if value is not None and (not isinstance(value, int) or value < low):
             raise ValueError(f"{name} must be a positive int (static), got {value!r}.")
+    check_range("alpha", alpha, 0.0, low_open=True)
     check_range("beta", beta, 0.0, 1.0, high_open=True)
     check_range("r1", r1, 0.0)
     if isinstance(r1, (int, float)) and isinstance(r2, (int, float)) and not r1 < r2:
