@@ -8,7 +8,8 @@ Checks: converges faster than SGD-momentum at an equal step budget; one trace un
 ``jax.jit`` across calls; unknown extra arguments accepted; works inside ``optax.chain``
 with clipping and weight decay; works under ``optax.inject_hyperparams``; float32 and
 bfloat16 parameters; state sharded on a device mesh gives the numbers of an unsharded
-run; NaN/Inf gradients skip the update and leave the state intact; zero and underflowing
+run; NaN/Inf gradients skip the update and leave the state intact (at a warm state, and
+injected during a run: it ends bit for bit where the run without them ends); zero and underflowing
 gradients mid-run keep update and state finite and the run recovers; an orbax checkpoint
 resumes bit-identically; bad input raises a clear error.
 
@@ -52,6 +53,7 @@ __all__ = [
     "check_checkpoint",
     "check_nonfinite_skip",
     "check_degenerate_gradients",
+    "check_nonfinite_midrun",
     "check_bad_input",
     "assert_equal_to_roundoff",
     "memory_map_headroom",
@@ -612,6 +614,34 @@ def check_nonfinite_skip(case: MethodCase, problem: Problem, warm_steps: int = 1
         for u in jax.tree.leaves(updates):
             assert bool(jnp.all(u == 0)), f"{case.name}: non-finite gradient ({bad}) produced a non-zero update"
         assert_trees_equal(new_state, state, f"{case.name}: non-finite gradient ({bad}) changed the state")
+
+
+def check_nonfinite_midrun(case: MethodCase, problem: Problem, steps: int = 6, faults: Sequence[int] = (1, 4),
+                           runs: Optional[Runs] = None) -> None:
+    """NaN and Inf gradients injected during a run (before steps ``faults``, alternating) are
+    skipped without a trace: the run ends bit for bit where the run without them ends —
+    parameters and state (step counters, schedules, PRNG keys and memories included)."""
+    runs = Runs() if runs is None else runs
+    grad, update = runs.grad(problem), runs.update(case, problem)
+    opt = runs.trajectory(case, problem).opt
+
+    def run(with_faults: bool):
+        params = problem.params
+        state = opt.init(params)
+        for k in range(steps):
+            if with_faults and k in faults:
+                bad = jnp.nan if list(faults).index(k) % 2 == 0 else jnp.inf
+                leaves, tree = jax.tree.flatten(grad(params))
+                leaves[-1] = leaves[-1].at[(0,) * leaves[-1].ndim].set(bad)
+                updates, state = update(jax.tree.unflatten(tree, leaves), state, params)
+                params = optax.apply_updates(params, updates)
+            updates, state = update(grad(params), state, params)
+            params = optax.apply_updates(params, updates)
+        return params, state
+
+    (p1, s1), (p2, s2) = run(False), run(True)
+    assert_trees_equal(p2, p1, f"{case.name}: non-finite gradients mid-run changed the parameters")
+    assert_trees_equal(s2, s1, f"{case.name}: non-finite gradients mid-run changed the state")
 
 
 def check_degenerate_gradients(case: MethodCase, problem: Problem, warm_steps: int = 12, after: int = 5,

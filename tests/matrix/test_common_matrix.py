@@ -209,6 +209,11 @@ def test_nonfinite_skip(case, problem):
 
 
 @pytest.mark.parametrize("case", ROWS)
+def test_nonfinite_midrun(case, problem):
+    T.check_nonfinite_midrun(case, problem, runs=RUNS)
+
+
+@pytest.mark.parametrize("case", ROWS)
 def test_degenerate_gradients(case, problem):
     T.check_degenerate_gradients(case, problem, runs=RUNS)
 
