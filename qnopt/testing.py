@@ -602,14 +602,19 @@ def check_checkpoint(case: MethodCase, problem: Problem, runs: Optional[Runs] = 
 
 def check_nonfinite_skip(case: MethodCase, problem: Problem, warm_steps: int = 12,
                          runs: Optional[Runs] = None) -> None:
-    """A NaN or Inf gradient gives a zero update and leaves the state exactly as it was."""
+    """A NaN or Inf gradient, or a finite one whose squared norm overflows float32 (the gradient
+    scaled by 1e30: a blow-up, :func:`qnopt.linalg.gradient_usable`), gives a zero update and
+    leaves the state exactly as it was."""
     runs = Runs() if runs is None else runs
     params, state, _ = runs.trajectory(case, problem).run(warm_steps)
     grads = runs.grad(problem)(params)
     update = runs.update(case, problem)
-    for bad in (jnp.nan, jnp.inf):
+    for bad in (jnp.nan, jnp.inf, 1e30):
         leaves, tree = jax.tree.flatten(grads)
-        leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(bad)
+        if bad == 1e30:
+            leaves = [x * jnp.asarray(1e30, x.dtype) for x in leaves]
+        else:
+            leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(bad)
         updates, new_state = update(jax.tree.unflatten(tree, leaves), state, params)
         for u in jax.tree.leaves(updates):
             assert bool(jnp.all(u == 0)), f"{case.name}: non-finite gradient ({bad}) produced a non-zero update"

@@ -18,6 +18,7 @@ PyTree = Any
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 __all__ = [
+    "gradient_usable",
     "accumulation_dtype",
     "accumulation_zeros",
     "tree_vdot",
@@ -138,6 +139,29 @@ def tree_stack_set(stack: PyTree, index: jax.Array, v: PyTree) -> PyTree:
 
 #: Trees with at most this many entries are checked by one reduction over their concatenation.
 _CONCAT_LIMIT = 1 << 26
+
+
+def gradient_usable(grads: PyTree) -> jax.Array:
+    """True iff the gradient can be used for a step: every entry finite and ``‖g‖²`` finite in
+    float32 or wider (a scalar bool array). A gradient of norm above ~1.8e19, whose squares
+    overflow, is a blow-up, not a direction: every method skips it as it skips NaN and Inf, where
+    it would otherwise fill its statistics, second moments or curvature pairs with ``inf``.
+    One reduction (the sum of squares is not finite iff an entry is not, or the sum overflows).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> [bool(gradient_usable({"w": jnp.array([1.0, x])})) for x in (2.0, jnp.nan, 1e30)]
+      [True, False, False]
+    """
+    leaves = jax.tree.leaves(grads)
+    if not leaves:
+        return jnp.asarray(True)
+    dtype = jnp.result_type(*[jnp.asarray(x).dtype for x in leaves], jnp.float32)
+    if len(leaves) > 1 and sum(jnp.size(x) for x in leaves) <= _CONCAT_LIMIT:   # one reduction, as tree_all_finite
+        flat = jnp.concatenate([jnp.ravel(x).astype(dtype) for x in leaves])
+        return jnp.isfinite(jnp.sum(jnp.square(flat)))
+    squares = [jnp.sum(jnp.square(jnp.asarray(x).astype(dtype))) for x in leaves]
+    return jnp.isfinite(sum(squares[1:], squares[0]))
 
 
 def tree_all_finite(tree: PyTree) -> jax.Array:

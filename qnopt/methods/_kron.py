@@ -28,7 +28,7 @@ import optax
 
 from qnopt.base import check_update_args
 from qnopt.curvature.layers import layer_key
-from qnopt.linalg.tree import accumulation_dtype, named_leaves, path_key, tree_all_finite
+from qnopt.linalg.tree import accumulation_dtype, gradient_usable, named_leaves, path_key
 from qnopt.methods._step import LayerStatistics, require_oracle, schedule_value
 from qnopt.preconditioners import layer_matrix, split_layer_matrix
 
@@ -236,7 +236,7 @@ def begin_update(updates: PyTree, state: Any, params: Optional[PyTree], curvatur
     check_state(state.layers, specs, method, shape_of)
     stats = check_oracle(curvature, specs, method, needs)
     grads = jax.tree.map(lambda g, p: g + weight_decay * p.astype(g.dtype), updates, params)
-    return StepContext(params, specs, stats, tree_all_finite(updates), state.count + 1,
+    return StepContext(params, specs, stats, gradient_usable(updates), state.count + 1,
                        schedule_value(learning_rate, state.count), grads)
 
 

@@ -33,8 +33,8 @@ import optax
 
 from qnopt.base import check_like, check_range, check_statistics_hyperparams, check_update_args
 from qnopt.curvature.ema import ema_update, statistics_decay
-from qnopt.curvature.tensor_normal import mode_statistics
-from qnopt.linalg.tree import accumulation_dtype, accumulation_zeros, tree_all_finite
+from qnopt.curvature.tensor_normal import factor_trace, mode_statistics
+from qnopt.linalg.tree import accumulation_dtype, accumulation_zeros, gradient_usable, tree_all_finite
 from qnopt.linalg.modes import ModeLayout, mode_layout
 from qnopt.linalg.stacks import map_decompositions
 from qnopt.methods._step import SampledGradients, commit, require_oracle
@@ -163,7 +163,7 @@ def scale_by_mode_preconditioner(*, method: str, block: TensorBlock, fisher: str
                 curvature.outputs  # the forward pass, outside the cond below (shared, cached)
         treedef = jax.tree.structure(updates)
         layouts = layouts_of(updates)
-        ok = tree_all_finite(updates)
+        ok = gradient_usable(updates)
         t = state.count
 
         # Line 10 / 7: gradient momentum.
@@ -177,7 +177,10 @@ def scale_by_mode_preconditioner(*, method: str, block: TensorBlock, fisher: str
             decay = statistics_decay(state.stats_count + 1, beta, warm=warm)
             new = treedef.unflatten([ema_update(o, f, decay)
                                      for o, f in zip(treedef.flatten_up_to(stats), fresh)])
-            s_ok = tree_all_finite(source)
+            # Also skipped: a finite gradient whose squares overflow (e.g. scaled by 1e30). PSD
+            # contractions are finite when their traces are (|S_ij| ≤ √(S_ii S_jj)): O(d) to test.
+            s_ok = tree_all_finite(source) & jnp.all(jnp.isfinite(jnp.stack(
+                [factor_trace(f) for leaf in fresh for f in leaf])))
             return optax.tree.where(s_ok, new, stats), s_ok.astype(jnp.int32)
 
         stats_step = ok & (t % stats_every == 0)

@@ -48,7 +48,7 @@ import optax
 from qnopt.base import check_range, check_update_args
 from qnopt.contract import Composition, alias
 from qnopt.linalg import (Lsr1Memory, accumulation_dtype, accumulation_zeros, lsr1_accept, lsr1_gamma, lsr1_memory_init,
-                          lsr1_memory_push, lsr1_memory_reset, tree_all_finite, tree_axpy, tree_scale,
+                          lsr1_memory_push, lsr1_memory_reset, gradient_usable, tree_all_finite, tree_axpy, tree_scale,
                           tree_vdot)
 from qnopt.methods._step import HessianProducts, TrialValues, commit, require_oracle, schedule_value
 from qnopt.trust_region import (BatchSizeState, armijo_backtracking, batch_size_init, classic_radius, obs,
@@ -251,7 +251,7 @@ def scale_by_mb_lsr1(
         eta_, mu, alpha_s, xi_, tau_, g1, g2, c1, beta, r = map(
             f32, (eta, momentum, sgd_learning_rate, xi, restart_tolerance, gamma1, gamma2, armijo, backtrack,
                   sr1_tol))
-        ok = tree_all_finite(updates)
+        ok = gradient_usable(updates)
         g = jax.tree.map(lambda u, r: jnp.where(ok, u.astype(r.dtype), 0), updates, state.velocity)
         delta = state.radius
         gnorm = jnp.sqrt(tree_vdot(g, g))

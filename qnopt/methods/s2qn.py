@@ -69,9 +69,9 @@ from qnopt.base import check_range, check_update_args
 from qnopt.contract import Composition, alias
 from qnopt.damping import gradient_norm_lambda
 from qnopt.curvature import structured_refine
-from qnopt.linalg import (Lsr1Memory, accumulation_zeros, cg_solve, lowrank_structured_solve, lsr1_memory_init,
-                          named_leaves, path_key, structured_solve, tree_all_finite, tree_axpy, tree_scale,
-                          tree_stack_combine, tree_stack_dot, tree_vdot)
+from qnopt.linalg import (Lsr1Memory, accumulation_zeros, cg_solve, gradient_usable, lowrank_structured_solve,
+                          lsr1_memory_init, named_leaves, path_key, structured_solve, tree_all_finite, tree_axpy,
+                          tree_scale, tree_stack_combine, tree_stack_dot, tree_vdot)
 from qnopt.methods._kron import find_layers
 from qnopt.methods._step import (GaussNewtonProducts, HessianProducts, PerExampleGradients, SecondPass, SubBatches,
                                  commit, require_oracle, schedule_value)
@@ -299,7 +299,7 @@ def scale_by_s2qn(
         params = check_update_args(updates, params, state.step, method)
         require_oracle(curvature, method, SecondPass, SubBatches, _BASE_NEEDS[base])
         dt = state.lam.dtype
-        ok = tree_all_finite(updates)
+        ok = gradient_usable(updates)
         g = jax.tree.map(lambda u, r: jnp.where(ok, u.astype(r.dtype), 0), updates, state.step)
         cast = lambda tree: jax.tree.map(lambda x, p: x.astype(jnp.asarray(p).dtype), tree, params)
 

@@ -35,6 +35,7 @@ from qnopt.linalg import (
     lbfgs_memory_init,
     lbfgs_memory_push,
     lbfgs_two_loop,
+    gradient_usable,
     tree_all_finite,
     tree_vdot,
 )
@@ -163,7 +164,7 @@ def scale_by_slimqn(
         params = check_update_args(updates, params, state.mtheta, "qnopt.slimqn")
         L = update_every
         t = state.count + 1
-        ok = tree_all_finite(updates)
+        ok = gradient_usable(updates)
         cast = lambda tree: jax.tree.map(lambda x, r: x.astype(r.dtype), tree, state.mtheta)
         theta = cast(params)
         g = jax.tree.map(lambda gi, th: gi + weight_decay * th, cast(updates), theta)  # line 4

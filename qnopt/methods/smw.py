@@ -60,7 +60,7 @@ from qnopt.curvature.products import (layer_gram, layer_jacobian_gram, layer_jvp
                                       output_hessian_blocks)
 from qnopt.damping.lm import levenberg_marquardt, lm_model_decrease, lm_rho, lm_total_damping
 from qnopt.linalg.smw import smw_gram_weights
-from qnopt.linalg.tree import accumulation_dtype, tree_all_finite, tree_vdot
+from qnopt.linalg.tree import accumulation_dtype, gradient_usable, tree_all_finite, tree_vdot
 from qnopt.methods import _kron as K
 from qnopt.methods._step import ModelOutputs, SubBatches, TrialValues, commit
 
@@ -220,7 +220,7 @@ def _smw(kind: str, sub_batch_size: Optional[int], initial_damping: float, tau: 
         model_decrease = lm_model_decrease(-tree_vdot(g, u), uBu)
         trial = jax.tree.map(lambda p, d: (p - d.astype(p.dtype)).astype(p.dtype), params, u)
         rho = lm_rho(curvature.loss, curvature.value(trial), model_decrease)
-        ok = tree_all_finite(updates) & tree_all_finite(u)
+        ok = gradient_usable(updates) & tree_all_finite(u)
         lambda_lm = levenberg_marquardt(state.lambda_lm, rho, boost=boost, drop=drop, eps=lm_threshold)
 
         # Line 7 (the alias scales by −α); Theorem 6's variant takes the step only if ρ ≥ η.
