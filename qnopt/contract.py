@@ -30,10 +30,10 @@ import warnings
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from qnopt.base import translate_renamed
+from qnopt.linalg.tree import tree_signature
 
 __all__ = ["Composition", "alias"]
 
@@ -110,7 +110,7 @@ def _checked_state(method: str, opt: optax.GradientTransformationExtraArgs) -> o
 
     def update(updates, state, params=None, **extra_args):
         like = updates if params is None else params
-        key = (jax.tree.structure(like), tuple((jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(like)))
+        key = tree_signature(like)
         if key not in expected:
             try:
                 expected[key] = jax.tree.structure(jax.eval_shape(opt.init, like))

@@ -555,8 +555,8 @@ def check_checkpoint(case: MethodCase, problem: Problem, runs: Optional[Runs] = 
                      resume_at: int = 5, steps: int = 10) -> None:
     """Checkpoints resume exactly: the parameters and optimizer state after ``resume_at`` steps,
     saved with orbax (``orbax.checkpoint.StandardCheckpointer``, the test extra
-    ``orbax-checkpoint``) and restored onto the shapes, dtypes and shardings of the saved state
-    (the recipe in ``docs/checkpointing.md``), then stepped on to ``steps``, equal the
+    ``orbax-checkpoint``) and restored onto a target built from the optimizer, the parameters'
+    shapes and their shardings (the recipe in ``docs/checkpointing.md``), then stepped on to ``steps``, equal the
     uninterrupted run bit for bit — parameters and every state leaf (counters, flags, PRNG
     keys, memories). ``sharded``: the state placed by :func:`qnopt.sharding.state_shardings` on
     a 1-D mesh over all devices, restored onto the same shardings."""
@@ -575,16 +575,16 @@ def check_checkpoint(case: MethodCase, problem: Problem, runs: Optional[Runs] = 
         trajectory = runs.trajectory(case, problem)
         trajectory.run(steps)
         points, step, opt = trajectory.points, lambda p, s: trajectory.step(p, s)[:2], trajectory.opt
-        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        p_shard, s_shard = (jax.tree.map(lambda _: one, tree)
-                            for tree in (problem.params, jax.eval_shape(opt.init, problem.params)))
     saved = {"params": points[resume_at][0], "opt_state": points[resume_at][1]}
     # The restore target from what a resuming job has: the optimizer, the parameters' shapes
     # and the shardings it would place them with (not the saved arrays).
-    target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                          {"params": jax.eval_shape(lambda: problem.params),
-                           "opt_state": jax.eval_shape(opt.init, problem.params)},
-                          {"params": p_shard, "opt_state": s_shard})
+    shapes = {"params": jax.eval_shape(lambda: problem.params), "opt_state": jax.eval_shape(opt.init, problem.params)}
+    if sharded:
+        shardings = {"params": p_shard, "opt_state": s_shard}
+    else:
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: one, shapes)
+    target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), shapes, shardings)
     with tempfile.TemporaryDirectory() as tmp, ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(f"{tmp}/step_{resume_at}", saved)
         checkpointer.wait_until_finished()

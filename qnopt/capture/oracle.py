@@ -35,7 +35,7 @@ import numpy as np
 from qnopt.curvature.kronecker import append_ones
 from qnopt.curvature.patches import conv_patches
 from qnopt.curvature.products import ggn_vp, hvp, layer_gram
-from qnopt.linalg.tree import key_name, named_leaves, path_key
+from qnopt.linalg.tree import key_name, named_leaves, path_key, tree_signature
 from qnopt.losses import get_loss
 
 __all__ = ["CaptureEngine", "Discovery", "LayerInfo", "LayerStats", "ModelCall", "Oracle", "check_flax_conv",
@@ -298,8 +298,7 @@ def _abstract(tree):
 
 
 def _signature(*trees):
-    leaves, treedef = jax.tree.flatten(trees)
-    return treedef, tuple((tuple(jnp.shape(l)), str(jnp.result_type(l))) for l in leaves)
+    return tree_signature(trees)
 
 
 @jax.tree_util.register_pytree_node_class

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
+from qnopt.linalg.modes import mode_contraction
 from qnopt.linalg.tree import accumulation_dtype
 
 __all__ = [
@@ -93,12 +94,7 @@ def _gram(x: jax.Array, bias: bool, block: int = 0) -> jax.Array:
     ``block > 0`` only its diagonal ``block × block`` blocks, ``(⌈d/b⌉, b, b)`` (the last padded
     with zeros; :mod:`qnopt.linalg.modes`), never forming the whole matrix."""
     if block:
-        if bias:
-            x = jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1)
-        d = x.shape[1]
-        n = -(-d // block)
-        x = jnp.pad(x, ((0, 0), (0, n * block - d))).reshape(x.shape[0], n, block)
-        return jnp.einsum("mni,mnj->nij", x, x, precision=_HIGHEST)
+        return mode_contraction(append_ones(x) if bias else x, 1, precision=_HIGHEST, block=block)
     s = jnp.matmul(x.T, x, precision=_HIGHEST)
     if not bias:
         return s

@@ -28,8 +28,9 @@ from qnopt.linalg.lsr1 import (
     lsr1_psi_combine,
     lsr1_psi_dot,
 )
-from qnopt.linalg.modes import (ModeLayout, block_diagonal, diagonal_blocks, fill_padding, mode_contraction,
-                                mode_contractions, mode_layout, mode_product, mode_products, permute_mode, tensor_view)
+from qnopt.linalg.modes import (ModeLayout, block_diagonal, block_padding, diagonal_blocks, fill_padding,
+                                mode_contraction, mode_contractions, mode_layout, mode_product, mode_products,
+                                permute_mode, tensor_view)
 from qnopt.linalg.roots import decomposition_error, inverse_pth_root, power_iteration
 from qnopt.linalg.stacks import LayerStacks, map_decompositions, vmap_layers, vmap_stacked
 from qnopt.linalg.smw import smw_gram_matrix, smw_gram_weights, smw_solve
@@ -52,6 +53,7 @@ from qnopt.linalg.tree import (
     path_key,
     gradient_usable,
     tree_all_finite,
+    tree_signature,
     tree_axpy,
     tree_lerp,
     tree_scale,
@@ -65,6 +67,7 @@ from qnopt.linalg.tree import (
 __all__ = [
     "ModeLayout",
     "block_diagonal",
+    "block_padding",
     "diagonal_blocks",
     "fill_padding",
     "permute_mode",
@@ -110,6 +113,7 @@ __all__ = [
     "accumulation_zeros",
     "gradient_usable",
     "tree_all_finite",
+    "tree_signature",
     "tree_axpy",
     "tree_lerp",
     "tree_scale",

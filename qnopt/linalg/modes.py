@@ -47,7 +47,7 @@ PyTree = Any
 Reshape = Union[str, Callable[[tuple, tuple], tuple]]
 Precision = Optional[jax.lax.Precision]
 
-__all__ = ["ModeLayout", "block_diagonal", "diagonal_blocks", "fill_padding", "mode_contraction",
+__all__ = ["ModeLayout", "block_diagonal", "block_padding", "diagonal_blocks", "fill_padding", "mode_contraction",
            "mode_contractions", "mode_layout", "mode_product", "mode_products", "permute_mode", "tensor_view"]
 
 
@@ -96,6 +96,17 @@ def diagonal_blocks(F: jax.Array, block: int) -> jax.Array:
     return jnp.moveaxis(jnp.diagonal(P, axis1=0, axis2=2), -1, 0)
 
 
+def block_padding(n: int, b: int, d: Any) -> jax.Array:
+    """``(n, b)`` booleans: which coordinates of ``n`` blocks of ``b`` are the padding of a mode of
+    size ``d`` (an int, or traced).
+
+    Example:
+      >>> block_padding(2, 2, 3).tolist()
+      [[False, False], [False, True]]
+    """
+    return (jnp.arange(n * b) >= d).reshape(n, b)
+
+
 def fill_padding(S: jax.Array, d: Any, value: Any) -> jax.Array:
     """A stack of diagonal blocks ``(n, b, b)`` of a mode of size ``d`` (an int, or traced) with
     ``value`` on the padded coordinates' diagonal (they are zero rows and columns). Any value gives the same
@@ -111,7 +122,7 @@ def fill_padding(S: jax.Array, d: Any, value: Any) -> jax.Array:
     n, b, _ = S.shape
     if isinstance(d, int) and n * b == d:
         return S
-    padded = (jnp.arange(n * b) >= d).reshape(n, b).astype(S.dtype)
+    padded = block_padding(n, b, d).astype(S.dtype)
     return S + (padded * jnp.asarray(value, S.dtype))[:, :, None] * jnp.eye(b, dtype=S.dtype)
 
 

@@ -26,14 +26,10 @@ from typing import Any, Callable, Hashable, Iterator, Optional
 import jax
 import jax.numpy as jnp
 
+from qnopt.linalg.tree import tree_signature
 from qnopt.sharding import stack_key
 
 __all__ = ["LayerStacks", "map_decompositions", "pad_layers", "stack_size", "vmap_layers", "vmap_stacked"]
-
-
-def _signature(tree: Any) -> tuple:
-    leaves, treedef = jax.tree.flatten(tree)
-    return treedef, tuple((tuple(jnp.shape(x)), jnp.result_type(x)) for x in leaves)
 
 
 @jax.tree_util.register_pytree_with_keys_class
@@ -72,7 +68,7 @@ class LayerStacks(Mapping):
         layer to a multiple of ``multiple_of``."""
         order: dict = {}
         for key, value in layers.items():
-            order.setdefault((_signature(value), None if by is None else by(key)), []).append(key)
+            order.setdefault((tree_signature(value), None if by is None else by(key)), []).append(key)
         groups = tuple(tuple(keys) for keys in order.values())
         stacks = tuple(jax.tree.map(lambda *xs: jnp.stack(xs), *pad_layers([layers[k] for k in keys], multiple_of))
                        for keys in groups)
@@ -244,7 +240,7 @@ def vmap_stacked(fn: Callable[..., Any], inputs: list, stacked: tuple = ()) -> A
     """
     if len(inputs) == 1:
         return _with_layer_axis(fn(*(_only_layer(s) for s in stacked), *inputs[0]))
-    if len({_signature(args) for args in inputs}) == 1:
+    if len({tree_signature(args) for args in inputs}) == 1:
         return jax.vmap(fn)(*stacked, *jax.tree.map(lambda *xs: jnp.stack(xs), *inputs))
     layer = [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(len(inputs))]
     return jax.tree.map(lambda *xs: jnp.stack(xs), *(fn(*st, *args) for st, args in zip(layer, inputs)))

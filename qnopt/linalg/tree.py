@@ -19,6 +19,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 __all__ = [
     "gradient_usable",
+    "tree_signature",
     "accumulation_dtype",
     "accumulation_zeros",
     "tree_vdot",
@@ -139,6 +140,19 @@ def tree_stack_set(stack: PyTree, index: jax.Array, v: PyTree) -> PyTree:
 
 #: Trees with at most this many entries are checked by one reduction over their concatenation.
 _CONCAT_LIMIT = 1 << 26
+
+
+def tree_signature(tree: PyTree) -> tuple:
+    """A hashable key of a tree's structure and its leaves' shapes and dtypes: trees with equal
+    signatures stack (and trace) alike.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> tree_signature({"w": jnp.ones(2)}) == tree_signature({"w": jnp.zeros(2)})
+      True
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((tuple(jnp.shape(x)), jnp.result_type(x)) for x in leaves)
 
 
 def gradient_usable(grads: PyTree) -> jax.Array:

@@ -33,8 +33,8 @@ import optax
 
 from qnopt.base import check_like, check_range, check_statistics_hyperparams, check_update_args
 from qnopt.curvature.ema import ema_update, statistics_decay
-from qnopt.curvature.tensor_normal import factor_trace, mode_statistics
-from qnopt.linalg.tree import accumulation_dtype, accumulation_zeros, gradient_usable, tree_all_finite
+from qnopt.curvature.tensor_normal import mode_statistics
+from qnopt.linalg.tree import accumulation_dtype, accumulation_zeros, gradient_usable, tree_all_finite, tree_signature
 from qnopt.linalg.modes import ModeLayout, mode_layout
 from qnopt.linalg.stacks import map_decompositions
 from qnopt.methods._step import SampledGradients, commit, require_oracle
@@ -94,9 +94,7 @@ def stack_groups(layouts: list, leaves: list) -> list:
     (refreshed as one stack), in first-appearance order."""
     groups: dict = {}
     for i, (lay, leaf) in enumerate(zip(layouts, leaves)):
-        shapes = tuple((jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves(leaf))
-        signature = (lay, jax.tree.structure(leaf), shapes)
-        groups.setdefault(signature, []).append(i)
+        groups.setdefault((lay, tree_signature(leaf)), []).append(i)
     return list(groups.values())
 
 
@@ -177,10 +175,9 @@ def scale_by_mode_preconditioner(*, method: str, block: TensorBlock, fisher: str
             decay = statistics_decay(state.stats_count + 1, beta, warm=warm)
             new = treedef.unflatten([ema_update(o, f, decay)
                                      for o, f in zip(treedef.flatten_up_to(stats), fresh)])
-            # Also skipped: a finite gradient whose squares overflow (e.g. scaled by 1e30). PSD
-            # contractions are finite when their traces are (|S_ij| ≤ √(S_ii S_jj)): O(d) to test.
-            s_ok = tree_all_finite(source) & jnp.all(jnp.isfinite(jnp.stack(
-                [factor_trace(f) for leaf in fresh for f in leaf])))
+            # The sampled gradient, like the gradient, is skipped when it is not usable (NaN, Inf,
+            # or squares that overflow: its contractions would be inf).
+            s_ok = gradient_usable(source)
             return optax.tree.where(s_ok, new, stats), s_ok.astype(jnp.int32)
 
         stats_step = ok & (t % stats_every == 0)

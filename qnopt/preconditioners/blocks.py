@@ -61,8 +61,9 @@ from jax.typing import ArrayLike
 from qnopt.base import check_range
 from qnopt.curvature.ema import ema_update
 from qnopt.curvature.layers import POSITIONS, rows_A, rows_eigen_scaling, rows_G
-from qnopt.curvature.tensor_normal import trace_normalize
-from qnopt.linalg.modes import ModeLayout, diagonal_blocks, fill_padding, mode_products, permute_mode
+from qnopt.curvature.tensor_normal import factor_trace, trace_normalize
+from qnopt.linalg.modes import (ModeLayout, block_padding, diagonal_blocks, fill_padding, mode_products,
+                                permute_mode)
 from qnopt.linalg.roots import inverse_pth_root
 from qnopt.linalg.stacks import map_decompositions
 from qnopt.preconditioners.kronecker import (damped_cholesky, damped_inverse, factor_eigh, factored_damping,
@@ -153,7 +154,7 @@ def kfac_block(damping: ArrayLike, *, inverse: str = "eigh", positions: str = "e
     def init(d_out: int, da: int, A: jax.Array, G: jax.Array) -> KfacBlockState:
         A, G = diagonal_blocks(A, blocks_of(da)), diagonal_blocks(G, blocks_of(d_out))
         sizes = jnp.array([da, d_out], jnp.int32) if A.ndim == 3 or G.ndim == 3 else None
-        return KfacBlockState(A, G, _identity_like(A), _identity_like(G), sizes)
+        return KfacBlockState(A, G, _identity(A.shape, A.dtype), _identity(G.shape, G.dtype), sizes)
 
     def statistics(st: KfacBlockState, a_rows, dh_rows, decay, bias: bool) -> KfacBlockState:
         A, G = _factor_statistics(st.A, st.G, a_rows, dh_rows, decay, bias, positions)
@@ -168,10 +169,8 @@ def kfac_block(damping: ArrayLike, *, inverse: str = "eigh", positions: str = "e
             def inv(F, eps, d):
                 if F.ndim == 2:
                     return damped_inverse(F, eps, inverse, with_error=True)
-                # The padding of a last block (a separate block: no effect on the real
-                # coordinates) at the mean real eigenvalue, as the tensor blocks do.
-                F = fill_padding(F, d, jnp.sum(jnp.trace(F, axis1=1, axis2=2)) / d)
-                out, err = _per_block(lambda f: damped_inverse(f, eps, inverse, with_error=True), F)
+                out, err = _per_block(lambda f: damped_inverse(f, eps, inverse, with_error=True),
+                                      _padded_at_mean(F, d))
                 return out, jnp.max(err)
             d_A, d_G = (None, None) if st.sizes is None else (st.sizes[0], st.sizes[1])
             (inv_A, err_a), (inv_G, err_g) = inv(st.A, eps_a, d_A), inv(st.G, eps_g, d_G)
@@ -267,16 +266,21 @@ def _block_of(F: jax.Array) -> int:
     return F.shape[-1] if F.ndim == 3 else 0
 
 
-def _identity_like(F: jax.Array) -> jax.Array:
-    """``I`` shaped as the factor ``F``: a matrix, or a stack of identity blocks."""
-    return jnp.broadcast_to(jnp.eye(F.shape[-1], dtype=F.dtype), F.shape)
+def _identity(shape: tuple, dtype: Any) -> jax.Array:
+    """The identity factor of ``shape``: a vector of ones (a diagonal), ``I``, or a stack of ``I``."""
+    return jnp.ones(shape, dtype) if len(shape) == 1 else jnp.broadcast_to(jnp.eye(shape[-1], dtype=dtype), shape)
 
 
 def _identity_factors(layout: ModeLayout, dtype: Any) -> tuple:
-    """One identity factor per mode: ``I`` for a full mode, a vector of ones for a diagonal one,
-    a stack of ``I`` for a blocked one."""
-    return tuple(jnp.ones(s, dtype) if len(s) == 1 else jnp.broadcast_to(jnp.eye(s[-1], dtype=dtype), s)
-                 for s in layout.factor_shapes)
+    """One identity factor per mode of ``layout``."""
+    return tuple(_identity(s, dtype) for s in layout.factor_shapes)
+
+
+def _padded_at_mean(S: jax.Array, d: Any) -> jax.Array:
+    """A blocked factor's padding filled with its mean real eigenvalue ``tr(S)/d``: a separate
+    block, so an inverse or root of the real coordinates is unchanged, and the block's condition
+    number (Newton's iteration count) that of its real part rather than ε's."""
+    return fill_padding(S, d, factor_trace(S) / d)
 
 
 def _per_block(fn: Callable, S: jax.Array, *args: jax.Array) -> Any:
@@ -300,11 +304,7 @@ def _symmetric_factors_block(factor: Callable[[jax.Array, int], tuple]) -> Tenso
 
     def refresh(stats: tuple, factors: tuple, moments: Any, layout: ModeLayout, count: Any) -> tuple:
         k = len(stats)
-        # A blocked mode's padded coordinates get the mean real eigenvalue: a separate block, so
-        # the real coordinates' factor is unchanged, and the block's condition number (Newton's
-        # iteration count) that of its real part rather than ε's.
-        stats = [fill_padding(s, d, jnp.sum(jnp.trace(s, axis1=1, axis2=2)) / d) if s.ndim == 3 else s
-                 for s, d in zip(stats, layout.shape)]
+        stats = [_padded_at_mean(s, d) if s.ndim == 3 else s for s, d in zip(stats, layout.shape)]
         out = [_per_block(lambda u: factor(u, k), s) for s in stats]
         # Exactly symmetric: the transpose hands XLA the row-major layout (cuSOLVER/LAPACK results
         # are column-major), so the state needs no transpose kernel on the steps that do not refresh.
@@ -421,11 +421,11 @@ def soap_block(damping: ArrayLike = 1e-8, *, second_moment_decay: ArrayLike = 0.
             if L.ndim == 3:
                 # A blocked mode's padded coordinates below every real eigenvalue: their
                 # eigenvectors stay apart from the real ones, and come last.
-                L = fill_padding(L, d, -1 - jnp.sum(jnp.trace(L, axis1=1, axis2=2)))
+                L = fill_padding(L, d, -1 - factor_trace(L))
             Q, order, err = jax.lax.cond(jnp.asarray(count) == 0, lambda _, L=L: _per_block(first, L),
                                          lambda _, L=L, Q_old=Q_old: _per_block(power_qr, L, Q_old), None)
             if L.ndim == 3:                                   # exactly the identity on the padding
-                real = (jnp.arange(L.shape[0] * L.shape[1]) < d).reshape(L.shape[:2]).astype(Q.dtype)
+                real = (~block_padding(L.shape[0], L.shape[1], d)).astype(Q.dtype)
                 eye = jnp.eye(L.shape[1], dtype=Q.dtype)
                 Q = Q * real[:, :, None] * real[:, None, :] + (1 - real)[:, :, None] * eye
             new.append(Q)

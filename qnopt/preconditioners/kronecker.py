@@ -29,6 +29,7 @@ from jax.scipy.linalg import cho_solve
 from jax.typing import ArrayLike
 
 from qnopt.curvature.kronecker import kron_matvec
+from qnopt.curvature.tensor_normal import factor_trace
 from qnopt.linalg.roots import decomposition_error, eigh_rebuilt
 
 __all__ = [
@@ -182,8 +183,8 @@ def factored_damping(A: ArrayLike, G: ArrayLike, damping: ArrayLike, sizes: Opti
     """
     A, G = jnp.asarray(A), jnp.asarray(G)
     d_A, d_G = (A.shape[0], G.shape[0]) if sizes is None else (sizes[0], sizes[1])
-    ta = jnp.sum(jnp.trace(A, axis1=-2, axis2=-1)) / d_A
-    tg = jnp.sum(jnp.trace(G, axis1=-2, axis2=-1)) / d_G
+    ta = factor_trace(A) / d_A
+    tg = factor_trace(G) / d_G
     ok = (ta > 0) & (tg > 0) & jnp.isfinite(ta) & jnp.isfinite(tg)
     pi = jnp.where(ok, jnp.sqrt(jnp.where(ok, ta, 1.0) / jnp.where(ok, tg, 1.0)), 1.0)
     root = jnp.sqrt(jnp.asarray(damping, A.dtype))
